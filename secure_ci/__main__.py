@@ -1,0 +1,3 @@
+from secure_ci.cli import main
+
+main()
