@@ -2,4 +2,41 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from secure_ci.testing._attestation import (
+    DEV_MRENCLAVE,
+    DEV_MRSIGNER,
+    DEV_NOW,
+    dev_pki,
+    dev_policy,
+    dev_provider,
+)
+from secure_ci.testing._edge import DevEnclave, RawDevice, dev_enclave, new_device_key
+from secure_ci.testing._ledger_world import LedgerWorld, ledger_world
+from secure_ci.testing._memory_ledger import MemoryLedger, sample_tasks
+from secure_ci.testing._protocol import connected_pair, pump, sample_events, sample_request
+from secure_ci.testing._quote_fuzz import FuzzReport, fuzz_verifier, mutate_quote, quote_regions
+
+__all__: list[str] = [
+    "DEV_MRENCLAVE",
+    "DEV_MRSIGNER",
+    "DEV_NOW",
+    "DevEnclave",
+    "FuzzReport",
+    "LedgerWorld",
+    "MemoryLedger",
+    "RawDevice",
+    "connected_pair",
+    "dev_enclave",
+    "dev_pki",
+    "dev_policy",
+    "dev_provider",
+    "fuzz_verifier",
+    "ledger_world",
+    "mutate_quote",
+    "new_device_key",
+    "pump",
+    "quote_regions",
+    "sample_events",
+    "sample_request",
+    "sample_tasks",
+]

@@ -1,0 +1,237 @@
+"""Ledger benchmark: records anchored per second per edge, gas per task, single-task audit.
+
+``records_per_s``: end to end on one edge — build the result, enclave signature, durable
+journal (group commits of ``GROUP`` records, fsync each), close batches of ``BATCH`` records,
+encode calldata, anchor on the chain (in-process py-evm and, when installed, anvil). Device
+request signatures are made beforehand (devices sign, not the edge). ``records_per_cpu_s``
+divides by this process's CPU time instead of wall time (the machine is shared).
+``gas_per_task``: gas of the anchoring transactions divided by the records they carry, under
+the chains' Prague rules (EIP-7623 calldata floor); ``gas_per_task_cancun`` measured on anvil
+with the Cancun rules (16 gas per non-zero byte), ``gas_per_task_16_per_byte`` derived from
+the calldata and the execution gas. ``audit_verify_ms``: one ``AuditIndex.verify`` (indexed
+lookup, leaf rebuilt, proof checked against the root read from the chain now, device
+signature, edge measurement) among ``records`` anchored records; ``index_only`` uses the root
+and measurement the chain held when the index was synced (no chain round trip).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from eth_abi import encode as abi_encode
+from eth_account import Account
+
+from secure_ci.ledger import find_anvil, open_ledger, run_anvil
+from secure_ci.ledger._anchor import Anchorer
+from secure_ci.ledger._audit import AuditIndex
+from secure_ci.ledger._calldata import BatchRecords, encode_batch
+from secure_ci.ledger._journal import Journal, sign_entry
+from secure_ci.ledger._records import LedgerDomain, Signer, TaskRequest, TaskResult, keccak256
+
+BATCH = 1000
+GROUP = 256
+MEASUREMENT = b"\x11" * 32
+QUOTE_ID = b"\x22" * 32
+ANCHOR_SELECTOR = keccak256(b"anchorBatch(uint64,bytes32,uint64,uint32,bytes32,bytes)")[:4]
+
+
+def _requests(
+    n: int, domain: LedgerDomain, edge: bytes, first: int = 0
+) -> list[tuple[TaskRequest, bytes]]:
+    keys = [Signer(keccak256(b"bench-device" + bytes([i]))) for i in range(16)]
+    addrs = [k.address for k in keys]
+    out = []
+    for seq in range(first, first + n):
+        d = seq % len(keys)
+        tag = seq.to_bytes(8, "big")
+        request = TaskRequest(
+            keccak256(b"task" + tag), addrs[d], seq // len(keys), keccak256(b"model"),
+            3, keccak256(b"in" + tag), edge, 1_700_000_000 + seq,
+        )  # fmt: skip
+        out.append((request, request.sign(keys[d], domain)))
+    return out
+
+
+async def _registered(ledger: Any, edge: Any) -> None:
+    admin = Account.create()
+    for who in (admin, edge):
+        await ledger.fund(who.address, 10**21)
+    party = await ledger.register_party(admin.address)
+    await ledger.allow_measurement(MEASUREMENT)
+    await ledger.register_edge(admin, party, edge.address, MEASUREMENT, QUOTE_ID, "bench:1")
+
+
+async def _edge_pipeline(
+    ledger: Any, edge: Any, journal: Journal, requests: list[tuple[TaskRequest, bytes]]
+) -> tuple[float, int]:
+    """Run the edge's record path over ``requests``; (seconds, gas used).
+
+    The anchorer runs as it does in the edge, in the same TaskGroup as the producer, so an
+    external node (anvil) executes a batch while the edge signs and journals the next ones.
+    """
+    domain, signer = ledger.domain, Signer(edge.key)
+    anchorer = Anchorer(journal, ledger, edge, max_records=BATCH, max_seconds=0.5)
+    first, stop = journal.next_seq, asyncio.Event()
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(anchorer.run(poll_seconds=0.005, stop=stop))
+        for i in range(0, len(requests), GROUP):
+            group = []
+            for j, (request, device_sig) in enumerate(requests[i : i + GROUP]):
+                result = TaskResult(
+                    request.task_id, request.struct_hash(), keccak256(request.input_commitment),
+                    MEASUREMENT, QUOTE_ID, 0, 7, first + i + j,
+                )  # fmt: skip
+                group.append(sign_entry(request, device_sig, result, signer, domain))
+            journal.append_many(group)  # durable: the group's records may be acknowledged
+            await asyncio.sleep(0)
+        stop.set()
+    seconds = time.perf_counter() - start
+    return seconds, anchorer.gas_used
+
+
+def _tokens(records: bytes) -> int:
+    """EIP-7623 calldata tokens of an anchorBatch transaction carrying ``records``."""
+    data = ANCHOR_SELECTOR + abi_encode(
+        ["uint64", "bytes32", "uint64", "uint32", "bytes32", "bytes"],
+        [1, b"\xaa" * 32, 1, 1, b"\xbb" * 32, records],
+    )
+    zeros = data.count(0)
+    return zeros + 4 * (len(data) - zeros)
+
+
+def _calldata(journal: Journal, batch_id: int) -> bytes:
+    batch = journal.batch(batch_id)
+    entries = journal.entries(batch.first_seq, batch.count)
+    return encode_batch(
+        BatchRecords(journal.edge, batch.first_seq, tuple(e.anchored() for e in entries))
+    )
+
+
+async def _throughput(backend: str, n: int, workdir: Path) -> dict[str, float]:
+    edge = Account.create()
+    async with open_ledger(backend) as ledger:
+        await _registered(ledger, edge)
+        edge_bytes = bytes.fromhex(edge.address[2:])
+        requests = _requests(n + 2, ledger.domain, edge_bytes)
+        path = workdir / f"edge-{backend.replace('/', '_').replace(':', '_')}.db"
+        with Journal.open(path, edge=edge_bytes) as journal:
+            # two one-record batches: the second gives the execution gas of anchorBatch
+            warm = Anchorer(journal, ledger, edge, max_records=1)
+            for request, device_sig in requests[:2]:
+                result = TaskResult(
+                    request.task_id, request.struct_hash(), request.input_commitment,
+                    MEASUREMENT, QUOTE_ID, 0, 7, journal.next_seq,
+                )  # fmt: skip
+                journal.append(sign_entry(request, device_sig, result, edge.key, ledger.domain))
+            small = (await warm.flush())[1].gas_used
+            execution = small - 21_000 - 4 * _tokens(_calldata(journal, 1))
+            cpu = time.process_time()
+            seconds, gas = await _edge_pipeline(ledger, edge, journal, requests[2:])
+            cpu = time.process_time() - cpu
+            tokens = _tokens(_calldata(journal, 2))
+            size = len(_calldata(journal, 2))
+    return {
+        "records_per_s": n / seconds,
+        "records_per_cpu_s": n / cpu,
+        "gas_per_task": gas / n,
+        "gas_per_task_16_per_byte": (21_000 + 4 * tokens + execution) / BATCH,
+        "calldata_bytes_per_task": size / BATCH,
+    }
+
+
+async def _audit(backend: str, records: int, samples: int, workdir: Path) -> dict[str, Any]:
+    edge = Account.create()
+    async with open_ledger(backend) as ledger:
+        await _registered(ledger, edge)
+        edge_bytes = bytes.fromhex(edge.address[2:])
+        build = time.perf_counter()
+        with Journal.open(workdir / "audit-edge.db", edge=edge_bytes) as journal:
+            for first in range(0, records, 20 * BATCH):
+                chunk = _requests(
+                    min(20 * BATCH, records - first), ledger.domain, edge_bytes, first
+                )
+                await _edge_pipeline(ledger, edge, journal, chunk)
+        anchored = time.perf_counter() - build
+        with AuditIndex(workdir / "audit.db", ledger.domain) as index:
+            start = time.perf_counter()
+            await index.sync(ledger, [edge.address])
+            index_s = time.perf_counter() - start
+            rng = random.Random(1)
+            fresh: list[float] = []
+            offline: list[float] = []
+            proof_bytes = []
+            for _ in range(samples):
+                task_id = keccak256(b"task" + rng.randrange(records).to_bytes(8, "big"))
+                for chain, times in ((ledger, fresh), (None, offline)):
+                    start = time.perf_counter()
+                    (verified,) = await index.verify(task_id, chain)
+                    times.append((time.perf_counter() - start) * 1000)
+                proof_bytes.append(32 * len(verified.proof))
+            count = index.count()
+
+    def pct(times: list[float]) -> dict[str, float]:
+        times = sorted(times)
+        return {"p50": statistics.median(times), "p95": times[int(0.95 * (len(times) - 1))]}
+
+    return {
+        "audit_verify_ms": {
+            **pct(fresh),
+            "records": count,
+            "samples": samples,
+            "backend": "anvil" if backend.startswith("http") else backend,
+            "index_only": pct(offline),
+            "index_build_s": index_s,
+            "anchor_build_s": anchored,
+        },
+        "proof_bytes": statistics.mean(proof_bytes),
+    }
+
+
+async def _cancun_gas(n: int, workdir: Path) -> float:
+    """Gas per task measured on anvil with the Cancun rules (16 gas per non-zero calldata
+    byte, before EIP-7623's calldata floor of Prague, which the project's chains run)."""
+    with run_anvil(hardfork="cancun") as node:
+        return (await _throughput(node.url, n, workdir))["gas_per_task"]
+
+
+async def _main(quick: bool) -> dict[str, Any]:
+    n = 3_000 if quick else 20_000
+    audit_records = 20_000 if quick else 1_000_000
+    out: dict[str, Any] = {
+        "batch_size": BATCH,
+        "group_commit": GROUP,
+        "cpus": os.cpu_count(),
+        "load_avg_1m_at_start": os.getloadavg()[0],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        by_backend: dict[str, dict[str, float] | None] = {"inprocess": None, "anvil": None}
+        by_backend["inprocess"] = await _throughput("inprocess", n, workdir)
+        if find_anvil() is not None:
+            with run_anvil() as node:
+                by_backend["anvil"] = await _throughput(node.url, n, workdir)
+                out.update(await _audit(node.url, audit_records, 200, workdir))
+            out["gas_per_task_cancun"] = await _cancun_gas(min(n, 5 * BATCH), workdir)
+        else:
+            out.update(await _audit("inprocess", audit_records, 200, workdir))
+    main = by_backend["anvil"] or by_backend["inprocess"]
+    assert main is not None
+    for key in ("records_per_s", "records_per_cpu_s"):
+        out[key] = {name: (v[key] if v else None) for name, v in by_backend.items()}
+    out["gas_per_task"] = main["gas_per_task"]
+    out["gas_per_task_16_per_byte"] = main["gas_per_task_16_per_byte"]
+    out["calldata_bytes_per_task"] = main["calldata_bytes_per_task"]
+    out["load_avg_1m_at_end"] = os.getloadavg()[0]
+    return out
+
+
+def run(*, quick: bool) -> dict[str, Any]:
+    return asyncio.run(_main(quick))

@@ -1,0 +1,451 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.30;
+
+import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
+
+/// @title SecureCILedger
+/// @notice Shared ledger of secure-ci: a registry of parties, devices, edges (enclave keys)
+/// and models; per-edge hash-chained batches of task records (Merkle root on chain, records
+/// in calldata); forced inclusion (challenges) and disputes between disagreeing edges.
+/// @dev Records are EIP-712 typed data (domain "secure-ci", version "1"). A Merkle leaf is
+/// keccak256(bytes.concat(keccak256(abi.encode(uint64 seq, bytes32 recordHash)))) where
+/// recordHash is the EIP-712 digest of the TaskResult; proofs follow OpenZeppelin's
+/// MerkleProof (sorted pairs). anchorBatch never parses the records: they are for auditors.
+contract SecureCILedger is EIP712, Ownable {
+    struct TaskResult {
+        bytes32 taskId;
+        bytes32 requestHash;
+        bytes32 outputCommitment;
+        bytes32 measurement;
+        bytes32 quoteId;
+        uint8 status;
+        uint32 latencyMs;
+        uint64 edgeSeq;
+    }
+
+    struct Edge {
+        uint64 partyId;
+        bool registered;
+        bool active;
+        uint64 nextBatchId;
+        uint64 nextSeq;
+        uint64 omissions;
+        bytes32 head;
+        bytes32 measurement;
+        bytes32 quoteId;
+        string endpoint;
+    }
+
+    struct Batch {
+        bytes32 root;
+        uint64 firstSeq;
+        uint32 count;
+        uint64 blockNumber;
+    }
+
+    struct Challenge {
+        address device;
+        uint64 seq;
+        uint8 state;
+        address edge;
+        uint64 deadline;
+        bytes32 recordHash;
+    }
+
+    struct Dispute {
+        bytes32 taskId;
+        bytes32 requestHash;
+        address edgeA;
+        address edgeB;
+        bytes32 outputA;
+        bytes32 outputB;
+        address reporter;
+    }
+
+    bytes32 public constant TASK_REQUEST_TYPEHASH = keccak256(
+        "TaskRequest(bytes32 taskId,address device,uint64 deviceSeq,bytes32 modelId,uint16 cut,"
+        "bytes32 inputCommitment,address edge,uint64 deadline)"
+    );
+    bytes32 public constant TASK_RESULT_TYPEHASH = keccak256(
+        "TaskResult(bytes32 taskId,bytes32 requestHash,bytes32 outputCommitment,bytes32 measurement,"
+        "bytes32 quoteId,uint8 status,uint32 latencyMs,uint64 edgeSeq)"
+    );
+
+    uint8 public constant CHALLENGE_OPEN = 1;
+    uint8 public constant CHALLENGE_RESOLVED = 2;
+    uint8 public constant CHALLENGE_OMITTED = 3;
+
+    /// @notice Seconds an edge has to answer a challenge with an inclusion proof.
+    uint64 public immutable challengeWindow;
+
+    uint64 public partyCount;
+    uint256 public challengeCount;
+    uint256 public disputeCount;
+
+    mapping(uint64 partyId => address admin) public partyAdmin;
+    mapping(bytes32 measurement => bool allowed) public allowedMeasurement;
+    mapping(address device => uint64 partyId) public deviceParty;
+    mapping(address device => bool active) public isRegisteredDevice;
+    mapping(bytes32 modelId => uint64 partyId) public modelParty;
+    mapping(address edge => Edge) private _edges;
+    mapping(address edge => mapping(uint64 batchId => Batch)) private _batches;
+    mapping(uint256 challengeId => Challenge) private _challenges;
+    mapping(bytes32 recordHash => uint256 challengeId) public challengeOf;
+    mapping(uint256 disputeId => Dispute) private _disputes;
+    mapping(bytes32 key => uint256 disputeId) public disputeOf;
+    address[] public edgeKeys;
+
+    event PartyRegistered(uint64 indexed partyId, address admin);
+    event MeasurementAllowed(bytes32 indexed measurement, bool allowed);
+    event DeviceRegistered(uint64 indexed partyId, address indexed device);
+    event DeviceRevoked(uint64 indexed partyId, address indexed device);
+    event EdgeRegistered(
+        uint64 indexed partyId, address indexed edge, bytes32 measurement, bytes32 quoteId, string endpoint
+    );
+    event EdgeRevoked(uint64 indexed partyId, address indexed edge);
+    event ModelRegistered(uint64 indexed partyId, bytes32 indexed modelId);
+    event BatchAnchored(
+        address indexed edge, uint64 indexed batchId, bytes32 root, uint64 firstSeq, uint32 count, bytes32 newHead
+    );
+    event ChallengeOpened(
+        uint256 indexed challengeId,
+        address indexed edge,
+        address indexed device,
+        bytes32 taskId,
+        bytes32 recordHash,
+        uint64 seq,
+        uint64 deadline
+    );
+    event ChallengeResolved(uint256 indexed challengeId, address indexed edge, uint64 batchId);
+    event OmissionRecorded(uint256 indexed challengeId, address indexed edge, bytes32 recordHash, uint64 seq);
+    event DisputeRecorded(
+        uint256 indexed disputeId,
+        bytes32 indexed taskId,
+        address edgeA,
+        address edgeB,
+        bytes32 outputA,
+        bytes32 outputB
+    );
+
+    error ZeroAddress();
+    error UnknownParty(uint64 partyId);
+    error NotPartyAdmin(uint64 partyId, address caller);
+    error DeviceTaken(address device, uint64 partyId);
+    error EdgeTaken(address edge, uint64 partyId);
+    error ModelTaken(bytes32 modelId, uint64 partyId);
+    error UnknownDevice(address device);
+    error UnknownEdge(address edge);
+    error MeasurementNotAllowed(bytes32 measurement);
+    error EmptyBatch();
+    error BatchGap(uint64 expected, uint64 got);
+    error BatchReplay(uint64 expected, uint64 got);
+    error FirstSeqMismatch(uint64 expected, uint64 got);
+    error PrevHeadMismatch(bytes32 expected, bytes32 got);
+    error UnknownBatch(address edge, uint64 batchId);
+    error SeqNotInBatch(uint64 seq);
+    error InvalidProof();
+    error NotRegisteredDevice(address caller);
+    error InvalidEdgeSignature();
+    error ChallengeExists(uint256 challengeId);
+    error UnknownChallenge(uint256 challengeId);
+    error ChallengeNotOpen(uint256 challengeId);
+    error ChallengeWindowClosed(uint256 challengeId);
+    error ChallengeWindowOpen(uint256 challengeId);
+    error DisputeTaskMismatch();
+    error SameOutput();
+    error SameEdge();
+    error DisputeExists(uint256 disputeId);
+
+    constructor(uint64 challengeWindow_) EIP712("secure-ci", "1") Ownable(msg.sender) {
+        challengeWindow = challengeWindow_;
+    }
+
+    modifier onlyPartyAdmin(uint64 partyId) {
+        if (partyAdmin[partyId] == address(0)) revert UnknownParty(partyId);
+        if (partyAdmin[partyId] != msg.sender) revert NotPartyAdmin(partyId, msg.sender);
+        _;
+    }
+
+    // ---------------------------------------------------------------- registry
+
+    function registerParty(address admin) external onlyOwner returns (uint64 partyId) {
+        if (admin == address(0)) revert ZeroAddress();
+        partyId = ++partyCount;
+        partyAdmin[partyId] = admin;
+        emit PartyRegistered(partyId, admin);
+    }
+
+    function allowMeasurement(bytes32 m, bool allowed) external onlyOwner {
+        allowedMeasurement[m] = allowed;
+        emit MeasurementAllowed(m, allowed);
+    }
+
+    /// @notice Register (or re-activate) a device key for a party.
+    function registerDevice(uint64 partyId, address device) external onlyPartyAdmin(partyId) {
+        if (device == address(0)) revert ZeroAddress();
+        uint64 owner_ = deviceParty[device];
+        if (owner_ != 0 && owner_ != partyId) revert DeviceTaken(device, owner_);
+        deviceParty[device] = partyId;
+        isRegisteredDevice[device] = true;
+        emit DeviceRegistered(partyId, device);
+    }
+
+    function revokeDevice(address device) external {
+        uint64 partyId = deviceParty[device];
+        if (partyId == 0) revert UnknownDevice(device);
+        if (partyAdmin[partyId] != msg.sender) revert NotPartyAdmin(partyId, msg.sender);
+        isRegisteredDevice[device] = false;
+        emit DeviceRevoked(partyId, device);
+    }
+
+    /// @notice Register an edge's enclave key, or update its attestation (the batch chain stays).
+    function registerEdge(
+        uint64 partyId,
+        address edgeKey,
+        bytes32 measurement,
+        bytes32 quoteId,
+        string calldata endpoint
+    ) external onlyPartyAdmin(partyId) {
+        if (edgeKey == address(0)) revert ZeroAddress();
+        Edge storage e = _edges[edgeKey];
+        if (e.registered && e.partyId != partyId) revert EdgeTaken(edgeKey, e.partyId);
+        if (!e.registered) {
+            e.registered = true;
+            e.partyId = partyId;
+            edgeKeys.push(edgeKey);
+        }
+        e.active = true;
+        e.measurement = measurement;
+        e.quoteId = quoteId;
+        e.endpoint = endpoint;
+        emit EdgeRegistered(partyId, edgeKey, measurement, quoteId, endpoint);
+    }
+
+    function revokeEdge(address edgeKey) external {
+        Edge storage e = _edges[edgeKey];
+        if (!e.registered) revert UnknownEdge(edgeKey);
+        if (partyAdmin[e.partyId] != msg.sender) revert NotPartyAdmin(e.partyId, msg.sender);
+        e.active = false;
+        emit EdgeRevoked(e.partyId, edgeKey);
+    }
+
+    function registerModel(uint64 partyId, bytes32 modelId) external onlyPartyAdmin(partyId) {
+        uint64 owner_ = modelParty[modelId];
+        if (owner_ != 0 && owner_ != partyId) revert ModelTaken(modelId, owner_);
+        modelParty[modelId] = partyId;
+        emit ModelRegistered(partyId, modelId);
+    }
+
+    // ---------------------------------------------------------------- batches
+
+    /// @notice Anchor the next batch of the sender's (an active edge key's) batch chain.
+    /// @dev `records` is deliberately not read: it is in calldata for auditors.
+    function anchorBatch(
+        uint64 batchId,
+        bytes32 root,
+        uint64 firstSeq,
+        uint32 count,
+        bytes32 prevHead,
+        bytes calldata records
+    ) external {
+        records;
+        Edge storage e = _edges[msg.sender];
+        if (!e.active) revert UnknownEdge(msg.sender);
+        if (!allowedMeasurement[e.measurement]) revert MeasurementNotAllowed(e.measurement);
+        if (count == 0) revert EmptyBatch();
+        uint64 expected = e.nextBatchId;
+        if (batchId > expected) revert BatchGap(expected, batchId);
+        if (batchId < expected) revert BatchReplay(expected, batchId);
+        if (firstSeq != e.nextSeq) revert FirstSeqMismatch(e.nextSeq, firstSeq);
+        if (prevHead != e.head) revert PrevHeadMismatch(e.head, prevHead);
+        bytes32 newHead = keccak256(abi.encode(prevHead, root, firstSeq, count));
+        _batches[msg.sender][batchId] = Batch(root, firstSeq, count, uint64(block.number));
+        e.nextBatchId = expected + 1;
+        e.nextSeq = firstSeq + count;
+        e.head = newHead;
+        emit BatchAnchored(msg.sender, batchId, root, firstSeq, count, newHead);
+    }
+
+    /// @notice True when `recordHash` at `seq` is provably in the edge's anchored batch.
+    function verifyTask(
+        address edge,
+        uint64 batchId,
+        uint64 seq,
+        bytes32 recordHash,
+        bytes32[] calldata proof
+    ) public view returns (bool) {
+        if (batchId >= _edges[edge].nextBatchId) return false;
+        Batch storage b = _batches[edge][batchId];
+        if (seq < b.firstSeq || seq - b.firstSeq >= b.count) return false;
+        return MerkleProof.verifyCalldata(proof, b.root, leaf(seq, recordHash));
+    }
+
+    // ---------------------------------------------------------------- challenges
+
+    /// @notice A registered device forces an edge-signed result onto the chain; the edge
+    /// must prove its inclusion within `challengeWindow` or the omission is recorded.
+    function challenge(TaskResult calldata res, bytes calldata edgeSig) external returns (uint256 challengeId) {
+        if (!isRegisteredDevice[msg.sender]) revert NotRegisteredDevice(msg.sender);
+        bytes32 recordHash = hashTaskResult(res);
+        address edge = _recoverEdge(recordHash, edgeSig);
+        uint256 existing = challengeOf[recordHash];
+        if (existing != 0) revert ChallengeExists(existing);
+        challengeId = ++challengeCount;
+        uint64 deadline = uint64(block.timestamp) + challengeWindow;
+        _challenges[challengeId] = Challenge(msg.sender, res.edgeSeq, CHALLENGE_OPEN, edge, deadline, recordHash);
+        challengeOf[recordHash] = challengeId;
+        emit ChallengeOpened(challengeId, edge, msg.sender, res.taskId, recordHash, res.edgeSeq, deadline);
+    }
+
+    /// @notice Anyone may answer a challenge with the record's inclusion proof.
+    function respondChallenge(uint256 challengeId, uint64 batchId, bytes32[] calldata proof) external {
+        Challenge storage c = _openChallenge(challengeId);
+        if (block.timestamp > c.deadline) revert ChallengeWindowClosed(challengeId);
+        if (batchId >= _edges[c.edge].nextBatchId) revert UnknownBatch(c.edge, batchId);
+        Batch storage b = _batches[c.edge][batchId];
+        if (c.seq < b.firstSeq || c.seq - b.firstSeq >= b.count) revert SeqNotInBatch(c.seq);
+        if (!MerkleProof.verifyCalldata(proof, b.root, leaf(c.seq, c.recordHash))) revert InvalidProof();
+        c.state = CHALLENGE_RESOLVED;
+        emit ChallengeResolved(challengeId, c.edge, batchId);
+    }
+
+    /// @notice After the window, an unanswered challenge becomes a recorded omission.
+    function finalizeChallenge(uint256 challengeId) external {
+        Challenge storage c = _openChallenge(challengeId);
+        if (block.timestamp <= c.deadline) revert ChallengeWindowOpen(challengeId);
+        c.state = CHALLENGE_OMITTED;
+        _edges[c.edge].omissions += 1;
+        emit OmissionRecorded(challengeId, c.edge, c.recordHash, c.seq);
+    }
+
+    // ---------------------------------------------------------------- disputes
+
+    /// @notice Record two conflicting results for the same request signed by two edges.
+    function dispute(
+        TaskResult calldata a,
+        bytes calldata sigA,
+        TaskResult calldata b,
+        bytes calldata sigB
+    ) external returns (uint256 disputeId) {
+        if (a.taskId != b.taskId || a.requestHash != b.requestHash) revert DisputeTaskMismatch();
+        if (a.outputCommitment == b.outputCommitment) revert SameOutput();
+        address edgeA = _recoverEdge(hashTaskResult(a), sigA);
+        address edgeB = _recoverEdge(hashTaskResult(b), sigB);
+        if (edgeA == edgeB) revert SameEdge();
+        disputeId = _recordDispute(a.taskId, a.requestHash, edgeA, edgeB, a.outputCommitment, b.outputCommitment);
+    }
+
+    function _recordDispute(
+        bytes32 taskId,
+        bytes32 requestHash,
+        address edgeA,
+        address edgeB,
+        bytes32 outputA,
+        bytes32 outputB
+    ) private returns (uint256 disputeId) {
+        (address lo, address hi) = edgeA < edgeB ? (edgeA, edgeB) : (edgeB, edgeA);
+        bytes32 key = keccak256(abi.encode(taskId, requestHash, lo, hi));
+        if (disputeOf[key] != 0) revert DisputeExists(disputeOf[key]);
+        disputeId = ++disputeCount;
+        _disputes[disputeId] = Dispute(taskId, requestHash, edgeA, edgeB, outputA, outputB, msg.sender);
+        disputeOf[key] = disputeId;
+        emit DisputeRecorded(disputeId, taskId, edgeA, edgeB, outputA, outputB);
+    }
+
+    // ---------------------------------------------------------------- views
+
+    function edgeState(address edge)
+        external
+        view
+        returns (
+            uint64 nextBatchId,
+            uint64 nextSeq,
+            bytes32 head,
+            uint64 omissions,
+            bool registered,
+            bool active,
+            bytes32 measurement
+        )
+    {
+        Edge storage e = _edges[edge];
+        return (e.nextBatchId, e.nextSeq, e.head, e.omissions, e.registered, e.active, e.measurement);
+    }
+
+    function edgeInfo(address edge)
+        external
+        view
+        returns (uint64 partyId, bytes32 quoteId, string memory endpoint)
+    {
+        Edge storage e = _edges[edge];
+        return (e.partyId, e.quoteId, e.endpoint);
+    }
+
+    function edgeCount() external view returns (uint256) {
+        return edgeKeys.length;
+    }
+
+    function batchInfo(address edge, uint64 batchId)
+        external
+        view
+        returns (bytes32 root, uint64 firstSeq, uint32 count, uint64 blockNumber)
+    {
+        if (batchId >= _edges[edge].nextBatchId) revert UnknownBatch(edge, batchId);
+        Batch storage b = _batches[edge][batchId];
+        return (b.root, b.firstSeq, b.count, b.blockNumber);
+    }
+
+    function getChallenge(uint256 challengeId) external view returns (Challenge memory) {
+        if (challengeId == 0 || challengeId > challengeCount) revert UnknownChallenge(challengeId);
+        return _challenges[challengeId];
+    }
+
+    function getDispute(uint256 disputeId) external view returns (Dispute memory) {
+        return _disputes[disputeId];
+    }
+
+    function domainSeparator() external view returns (bytes32) {
+        return _domainSeparatorV4();
+    }
+
+    /// @notice The record hash: EIP-712 digest of a TaskResult under this contract's domain.
+    function hashTaskResult(TaskResult calldata r) public view returns (bytes32) {
+        return _hashTypedDataV4(
+            keccak256(
+                abi.encode(
+                    TASK_RESULT_TYPEHASH,
+                    r.taskId,
+                    r.requestHash,
+                    r.outputCommitment,
+                    r.measurement,
+                    r.quoteId,
+                    r.status,
+                    r.latencyMs,
+                    r.edgeSeq
+                )
+            )
+        );
+    }
+
+    /// @notice The Merkle leaf of a record: double-hashed, carrying its sequence number.
+    function leaf(uint64 seq, bytes32 recordHash) public pure returns (bytes32) {
+        return keccak256(bytes.concat(keccak256(abi.encode(seq, recordHash))));
+    }
+
+    // ---------------------------------------------------------------- internals
+
+    function _recoverEdge(bytes32 digest, bytes calldata sig) private view returns (address edge) {
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, sig);
+        if (err != ECDSA.RecoverError.NoError) revert InvalidEdgeSignature();
+        if (!_edges[signer].registered) revert UnknownEdge(signer);
+        return signer;
+    }
+
+    function _openChallenge(uint256 challengeId) private view returns (Challenge storage c) {
+        c = _challenges[challengeId];
+        if (c.state == 0) revert UnknownChallenge(challengeId);
+        if (c.state != CHALLENGE_OPEN) revert ChallengeNotOpen(challengeId);
+    }
+}

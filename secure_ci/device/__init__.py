@@ -1,0 +1,31 @@
+"""The device client library: run the head, send features to an attested edge, get results.
+
+::
+
+    async with open_session("edge:7443", policy=policy, collateral=collateral,
+                            identity=identity, model=model, plan=plan,
+                            example_input=x0) as session:
+        y = await session.infer(x)
+        ys = await session.infer_many(frames, max_in_flight=8)
+    session.receipts  # every signed request/result pair, for the ledger
+"""
+
+from __future__ import annotations
+
+from secure_ci.device._connect import open_session
+from secure_ci.device._identity import DeviceIdentity
+from secure_ci.device._session import DEFAULT_DOMAIN, Output, Session, parse_edge_address
+from secure_ci.device._tasks import EnclaveBinding, TaskReceipt, sign_request, verify_result
+
+__all__ = [
+    "DEFAULT_DOMAIN",
+    "DeviceIdentity",
+    "EnclaveBinding",
+    "Output",
+    "Session",
+    "TaskReceipt",
+    "open_session",
+    "parse_edge_address",
+    "sign_request",
+    "verify_result",
+]

@@ -1,0 +1,298 @@
+"""Device sessions: split inference against one attested edge enclave.
+
+``open_session`` connects with TLS 1.3 and verifies the edge's RA-TLS certificate under the
+policy before a single byte is written; then it authenticates the device key over the channel
+binding, and, when the policy wants fresh evidence, challenges the enclave with a nonce. The
+enclave's signing address arrives inside that attested channel, so every signed result can be
+attributed to the measured enclave. ``Session.infer`` runs the head, encodes the boundary with
+the plan's codec, signs the ``TaskRequest`` record, sends it and waits for the matching
+``InferResult``, whose signature and output commitment it checks before decoding the output.
+Requests are pipelined: one reader task dispatches results to their waiters by task id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import torch
+from torch import nn
+
+from secure_ci.attestation import (
+    VerifiedEnclave,
+)
+from secure_ci.channel import FramedStream
+from secure_ci.device._identity import DeviceIdentity
+from secure_ci.device._tasks import EnclaveBinding, TaskReceipt, sign_request, verify_result
+from secure_ci.exceptions import (
+    ChannelError,
+    ConfigError,
+    DeadlineExceeded,
+    PartitionError,
+    ProtocolError,
+    RemoteProtocolError,
+    SecureCIError,
+)
+from secure_ci.ledger._records import LedgerDomain, TaskRequest
+from secure_ci.partition import PartitionPlan
+from secure_ci.partition._codec import decode_features, encode_features
+from secure_ci.protocol import (
+    Close,
+    Error,
+    ErrorCode,
+    Event,
+    InferRequest,
+    InferResult,
+    State,
+)
+
+__all__ = ["DEFAULT_DOMAIN", "Output", "Session", "parse_edge_address"]
+
+log = logging.getLogger(__name__)
+
+Output: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
+DEFAULT_DOMAIN = LedgerDomain(chain_id=0, contract=bytes(20))
+"""EIP-712 domain used until a ledger is deployed (chain id 0, zero contract)."""
+CLOSE_GRACE = 5.0
+"""Seconds an orderly close waits for the edge to answer what is in flight."""
+
+
+def parse_edge_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port); ConfigError if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"edge address must be HOST:PORT, not {address!r}")
+    return host, int(port_text)
+
+
+@dataclass
+class _Task:
+    """One request in flight: what was sent and who waits for the answer."""
+
+    request: InferRequest
+    record: TaskRequest
+    future: asyncio.Future[tuple[InferResult, TaskReceipt]]
+
+
+class Session:
+    """An authenticated session with one edge (make it with :func:`open_session`)."""
+
+    def __init__(
+        self,
+        stream: FramedStream,
+        *,
+        enclave: VerifiedEnclave,
+        binding: EnclaveBinding,
+        identity: DeviceIdentity,
+        head: nn.Module,
+        plan: PartitionPlan,
+        domain: LedgerDomain,
+        timeout: float,
+        clock: Callable[[], float],
+        random_bytes: Callable[[int], bytes],
+        first_seq: int,
+    ) -> None:
+        self.enclave = enclave
+        self.binding = binding
+        self.identity = identity
+        self.plan = plan
+        self.domain = domain
+        self.timeout = timeout
+        self.receipts: list[TaskReceipt] = []
+        self._stream = stream
+        self._head = head
+        self._model_id = bytes.fromhex(plan.model_id)
+        self._clock = clock
+        self._random = random_bytes
+        self._next_seq = first_seq
+        self._tasks: dict[bytes, _Task] = {}
+        self._slots = asyncio.Semaphore(stream.connection.max_in_flight)
+        self._failure: SecureCIError | None = None
+        self._closing = False
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests that may be in flight at once (our limit, lowered to the edge's)."""
+        return self._stream.connection.max_in_flight
+
+    # -- inference ----------------------------------------------------------------------
+
+    async def infer(self, x: torch.Tensor) -> Output:
+        """Run ``x`` (one sample, batch dimension 1) through head, edge and tail.
+
+        Raises DeadlineExceeded after ``timeout`` seconds, RemoteProtocolError (with the
+        edge's code) for an error frame, SignatureError for a result the enclave did not sign.
+        """
+        if self._failure is not None:
+            raise self._failure
+        payload = await asyncio.to_thread(self._run_head, x)
+        await self._slots.acquire()
+        try:
+            task = await self._submit(payload)
+        except BaseException:
+            self._slots.release()
+            raise
+        task.future.add_done_callback(self._release_slot)  # a late answer frees it too
+        try:
+            async with asyncio.timeout(self.timeout):
+                result, receipt = await asyncio.shield(task.future)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no result for task {task.request.task_id.hex()[:16]} within {self.timeout} s"
+            ) from None
+        if receipt.result.status != 0:
+            raise RemoteProtocolError(
+                f"the enclave reported status {receipt.result.status}", code=ErrorCode.INTERNAL
+            )
+        return await asyncio.to_thread(self._decode_output, result.payload)
+
+    async def infer_stream(
+        self,
+        xs: Iterable[torch.Tensor] | AsyncIterable[torch.Tensor],
+        *,
+        max_in_flight: int | None = None,
+    ) -> AsyncIterator[Output]:
+        """Pipeline ``xs`` with up to ``max_in_flight`` requests out; yield outputs in order."""
+        window = max(1, min(max_in_flight or self.max_in_flight, self.max_in_flight))
+        pending: deque[asyncio.Task[Output]] = deque()
+        try:
+            async for x in _aiter(xs):
+                pending.append(asyncio.create_task(self.infer(x)))
+                if len(pending) >= window:
+                    yield await pending.popleft()
+            while pending:
+                yield await pending.popleft()
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    async def infer_many(
+        self,
+        xs: Iterable[torch.Tensor] | AsyncIterable[torch.Tensor],
+        *,
+        max_in_flight: int | None = None,
+    ) -> list[Output]:
+        """All outputs of :meth:`infer_stream`, in input order."""
+        return [y async for y in self.infer_stream(xs, max_in_flight=max_in_flight)]
+
+    def _release_slot(self, future: asyncio.Future[Any]) -> None:
+        self._slots.release()
+        if not future.cancelled():
+            future.exception()  # retrieved: a waiter that timed out does not log it
+
+    def _run_head(self, x: torch.Tensor) -> bytes:
+        if not isinstance(x, torch.Tensor):
+            raise PartitionError(f"input must be a torch.Tensor, not {type(x).__name__}")
+        with torch.inference_mode():
+            out = self._head(x)
+        tensors = out if isinstance(out, tuple) else (out,)
+        return encode_features(tensors, self.plan.codec)
+
+    def _decode_output(self, payload: bytes) -> Output:
+        limit = self._stream.connection.limits.max_payload_bytes
+        tensors = decode_features(payload, max_bytes=limit)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    async def _submit(self, payload: bytes) -> _Task:
+        if self._failure is not None:
+            raise self._failure
+        if self._closing:
+            raise ChannelError("the session is closing")
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        event, record = sign_request(
+            self.identity,
+            enclave=self.binding,
+            domain=self.domain,
+            task_id=self._random(32),
+            model_id=self._model_id,
+            cut=self.plan.cut,
+            codec=self.plan.codec,
+            device_seq=seq,
+            deadline=int(self._clock() + self.timeout) + 1,
+            salt=self._random(32),
+            payload=payload,
+        )
+        task = _Task(event, record, asyncio.get_running_loop().create_future())
+        self._tasks[event.task_id] = task
+        try:
+            await self._stream.send(event)
+        except BaseException:
+            self._tasks.pop(event.task_id, None)
+            raise
+        return task
+
+    # -- the reader ---------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        """Dispatch results to their waiters until the edge closes or the session fails."""
+        try:
+            while True:
+                event = await self._stream.next_event()
+                if isinstance(event, Close):
+                    if not self._closing:
+                        raise ChannelError("the edge closed the session")
+                    return
+                self._dispatch(event)
+        except (ProtocolError, ChannelError) as exc:
+            self._fail(exc)
+            if self._stream.connection.state is State.ERROR:
+                await self._stream.send_fatal(exc)
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, Error) and event.task_id is None:
+            raise RemoteProtocolError(f"edge error: {event.reason}", code=event.code)
+        task_id = getattr(event, "task_id", None)
+        task = self._tasks.pop(task_id, None) if isinstance(task_id, bytes) else None
+        if task is None or task.future.done():  # the protocol passes answers to tasks in flight
+            raise RemoteProtocolError("unexpected event", code=ErrorCode.UNEXPECTED)
+        if isinstance(event, Error):
+            task.future.set_exception(
+                RemoteProtocolError(f"edge refused the task: {event.reason}", code=event.code)
+            )
+        elif isinstance(event, InferResult):
+            try:
+                receipt = verify_result(
+                    event, task.request, task.record, enclave=self.binding, domain=self.domain
+                )
+            except SecureCIError as exc:
+                task.future.set_exception(exc)
+                return
+            self.receipts.append(receipt)
+            task.future.set_result((event, receipt))
+        else:
+            raise RemoteProtocolError(
+                f"unexpected {type(event).__name__}", code=ErrorCode.UNEXPECTED
+            )
+
+    def _fail(self, exc: SecureCIError) -> None:
+        if self._failure is None:
+            log.debug("session with %s ended: %s", self.binding.address.hex(), exc)
+            self._failure = exc
+        for task in self._tasks.values():
+            if not task.future.done():
+                task.future.set_exception(exc)
+        self._tasks.clear()
+
+    async def _close(self) -> None:
+        """Say Close, let the edge answer what is in flight (bounded), then disconnect."""
+        self._closing = True
+        if self._failure is None and not self._stream.connection.our_closed:
+            with contextlib.suppress(SecureCIError):
+                await self._stream.send(Close())
+
+
+async def _aiter(xs: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(xs, AsyncIterable):
+        async for x in xs:
+            yield x
+    else:
+        for x in xs:
+            yield x

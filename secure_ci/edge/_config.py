@@ -1,0 +1,249 @@
+"""Edge configuration: a frozen value parsed from TOML (the CLI reads the file).
+
+Example::
+
+    provider = "simulated"            # "auto" | "simulated" | "gramine"
+    allowed_devices = ["0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"]
+    journal_dir = "journal"           # optional, relative to the config file
+    chain_id = 31337                  # optional EIP-712 domain of the ledger
+    contract = "0x0000000000000000000000000000000000000000"
+
+    [listen]
+    host = "127.0.0.1"
+    port = 7443
+
+    [[models]]
+    zoo = "digits_cnn"
+    cuts = [2, 4]
+    codecs = ["float16", "int8"]
+    seed = 0                          # weights drawn from this seed (device must match)
+
+    [limits]
+    max_frame_bytes = 4194304
+    max_sessions = 256
+
+    [simulated]                       # only for provider = "simulated"
+    mrenclave = "<64 hex>"
+    mrsigner = "<64 hex>"
+    export_dir = "dev-pki"            # where the dev root and collateral are written for devices
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from secure_ci.exceptions import ConfigError
+from secure_ci.ledger._records import keccak256
+
+__all__ = [
+    "EdgeConfig",
+    "EdgeLimits",
+    "ModelSpec",
+    "format_address",
+    "load_edge_config",
+    "parse_address",
+]
+
+PROVIDERS = ("auto", "simulated", "gramine")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+
+
+def format_address(raw: bytes) -> str:
+    """EIP-55 checksummed ``0x`` text of a 20-byte address."""
+    body = raw.hex()
+    hashed = keccak256(body.encode()).hex()
+    return "0x" + "".join(
+        c.upper() if c.isalpha() and int(h, 16) >= 8 else c
+        for c, h in zip(body, hashed, strict=False)
+    )
+
+
+def parse_address(text: object) -> bytes:
+    """A 20-byte address from ``0x`` hex; mixed case must be a valid EIP-55 checksum."""
+    if not isinstance(text, str) or not _ADDRESS.fullmatch(text):
+        raise ConfigError(f"not an address: {text!r}")
+    body = text[2:]
+    raw = bytes.fromhex(body)
+    if body != body.lower() and body != body.upper() and format_address(raw) != text:
+        raise ConfigError(f"address {text} has a bad EIP-55 checksum")
+    return raw
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """Resource limits: every queue, count and wait of the edge is bounded by one of these."""
+
+    max_frame_bytes: int = 4 << 20
+    max_sessions: int = 256
+    max_inflight_per_device: int = 64
+    handshake_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    request_timeout: float = 30.0
+    drain_timeout: float = 10.0
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 1024
+
+    def __post_init__(self) -> None:
+        _bounded("max_frame_bytes", self.max_frame_bytes, 1024, 256 << 20)
+        _bounded("max_sessions", self.max_sessions, 1, 100_000)
+        _bounded("max_inflight_per_device", self.max_inflight_per_device, 1, 10_000)
+        _bounded("max_batch", self.max_batch, 1, 4096)
+        _bounded("max_queue", self.max_queue, self.max_batch, 1 << 20)
+        for name in ("handshake_timeout", "idle_timeout", "request_timeout", "drain_timeout"):
+            _bounded(name, getattr(self, name), 0.001, 86_400.0)
+        _bounded("max_wait_ms", self.max_wait_ms, 0.0, 10_000.0)
+
+
+def _bounded(name: str, value: object, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a number in {low}..{high}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A zoo model served with the given cuts and feature codecs."""
+
+    zoo: str
+    cuts: tuple[int, ...]
+    codecs: tuple[str, ...] = ("float32", "float16", "int8")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _bounded("seed", self.seed, 0, 2**63)
+        if not self.zoo or not re.fullmatch(r"[a-z0-9_]+", self.zoo):
+            raise ConfigError(f"bad zoo model name {self.zoo!r}")
+        if not self.cuts or any(isinstance(c, bool) or not 0 <= c < 1 << 16 for c in self.cuts):
+            raise ConfigError(f"model {self.zoo}: cuts must be a non-empty list of uint16")
+        if not self.codecs or not all(isinstance(c, str) and c for c in self.codecs):
+            raise ConfigError(f"model {self.zoo}: codecs must be a non-empty list of names")
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything ``secure-ci edge serve`` needs; validated at construction."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    provider: str = "auto"
+    models: tuple[ModelSpec, ...] = ()
+    allowed_devices: frozenset[bytes] = frozenset()
+    limits: EdgeLimits = field(default_factory=EdgeLimits)
+    journal_dir: Path | None = None
+    chain_id: int = 0
+    contract: bytes = bytes(20)
+    mrenclave: bytes = bytes(32)
+    mrsigner: bytes = bytes(32)
+    export_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"provider must be one of {PROVIDERS}, not {self.provider!r}")
+        _bounded("port", self.port, 0, 65535)
+        if not self.host or len(self.host) > 253:
+            raise ConfigError("listen host must be a non-empty name or address")
+        if any(len(a) != 20 for a in self.allowed_devices):
+            raise ConfigError("allowed devices must be 20-byte addresses")
+        if len(self.mrenclave) != 32 or len(self.mrsigner) != 32 or len(self.contract) != 20:
+            raise ConfigError("mrenclave/mrsigner must be 32 bytes, contract 20 bytes")
+        _bounded("chain_id", self.chain_id, 0, 2**63)
+
+
+def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{key}] must be a table")
+    return value
+
+
+def _hex32(value: object, name: str) -> bytes:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ConfigError(f"{name} must be 64 hex digits")
+    return bytes.fromhex(value)
+
+
+def _ints(value: object, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ConfigError(f"{name} must be a list of integers")
+    return tuple(value)
+
+
+def _strs(value: object, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name} must be a list of strings")
+    return tuple(value)
+
+
+def _path(value: object, base_dir: Path, name: str) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name} must be a path string")
+    return (base_dir / value).resolve()
+
+
+_TOP = {
+    "provider",
+    "allowed_devices",
+    "journal_dir",
+    "chain_id",
+    "contract",
+    "listen",
+    "models",
+    "limits",
+    "simulated",
+}
+
+
+def load_edge_config(toml_text: str, base_dir: Path) -> EdgeConfig:
+    """Parse the TOML text of an edge configuration; relative paths resolve against base_dir."""
+    try:
+        doc = tomllib.loads(toml_text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"edge config is not valid TOML: {exc}") from exc
+    unknown = set(doc) - _TOP
+    if unknown:
+        raise ConfigError(f"unknown edge config keys: {', '.join(sorted(unknown))}")
+    listen = _table(doc, "listen")
+    limits_doc = dict(_table(doc, "limits"))
+    known_limits = {f.name for f in fields(EdgeLimits)}
+    if set(limits_doc) - known_limits:
+        raise ConfigError(f"unknown limits: {', '.join(sorted(set(limits_doc) - known_limits))}")
+    raw_models = doc.get("models", [])
+    if not isinstance(raw_models, list) or not raw_models:
+        raise ConfigError("at least one [[models]] entry is required")
+    models = []
+    for entry in raw_models:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("zoo"), str):
+            raise ConfigError("each [[models]] needs a zoo name")
+        codecs = _strs(entry.get("codecs", ["float32", "float16", "int8"]), "codecs")
+        seed = entry.get("seed", 0)
+        models.append(ModelSpec(entry["zoo"], _ints(entry.get("cuts"), "cuts"), codecs, seed))
+    simulated = _table(doc, "simulated")
+    devices = doc.get("allowed_devices", [])
+    if not isinstance(devices, list):
+        raise ConfigError("allowed_devices must be a list of addresses")
+    try:
+        return EdgeConfig(
+            host=listen.get("host", "127.0.0.1"),
+            port=listen.get("port", 0),
+            provider=doc.get("provider", "auto"),
+            models=tuple(models),
+            allowed_devices=frozenset(parse_address(a) for a in devices),
+            limits=EdgeLimits(**limits_doc),
+            journal_dir=_path(doc.get("journal_dir"), base_dir, "journal_dir"),
+            chain_id=doc.get("chain_id", 0),
+            contract=parse_address(doc.get("contract", "0x" + "00" * 20)),
+            mrenclave=_hex32(simulated.get("mrenclave", "00" * 32), "simulated.mrenclave"),
+            mrsigner=_hex32(simulated.get("mrsigner", "00" * 32), "simulated.mrsigner"),
+            export_dir=_path(simulated.get("export_dir"), base_dir, "simulated.export_dir"),
+        )
+    except TypeError as exc:
+        raise ConfigError(f"edge config has a value of the wrong type: {exc}") from exc

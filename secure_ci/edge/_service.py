@@ -1,0 +1,275 @@
+"""The edge service: an asyncio TLS 1.3 server whose sessions share per-tail batchers.
+
+``open_edge`` is the owner of everything: the listening socket, the sessions (tracked, so
+shutdown can drain and then close them), one :class:`Batcher` per (model, cut) and the single
+worker thread that runs tails, signs results and appends them to the journal in one group
+commit per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Container, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from secure_ci.attestation import EvidenceProvider
+from secure_ci.channel import server_context
+from secure_ci.edge._batcher import Batcher, BatchLimits
+from secure_ci.edge._config import EdgeConfig
+from secure_ci.edge._identity import EnclaveIdentity, MemoryJournal, RecordSink, create_identity
+from secure_ci.edge._models import ModelRegistry, TailEntry
+from secure_ci.edge._session import Job, check_request, serve_session
+from secure_ci.exceptions import ConfigError, ProtocolError
+from secure_ci.ledger._journal import JournalEntry
+from secure_ci.ledger._records import LedgerDomain, TaskResult, commitment
+from secure_ci.protocol import ErrorCode, InferRequest, InferResult, Limits
+
+__all__ = ["EdgeService", "open_edge"]
+
+log = logging.getLogger(__name__)
+
+RECENT_PER_DEVICE = 4096
+"""Task ids remembered per device across sessions, to refuse replays on a new connection."""
+
+
+class EdgeService:
+    """A running edge (use :func:`open_edge`). ``port`` is the bound TCP port."""
+
+    def __init__(
+        self,
+        config: EdgeConfig,
+        *,
+        provider: EvidenceProvider,
+        identity: EnclaveIdentity,
+        models: ModelRegistry,
+        allowed_devices: Container[bytes],
+        journal: RecordSink,
+        clock: Callable[[], float],
+        random_bytes: Callable[[int], bytes],
+    ) -> None:
+        self.config = config
+        self.provider = provider
+        self.identity = identity
+        self.models = models
+        self.allowed_devices = allowed_devices
+        self.journal = journal
+        self.domain = LedgerDomain(config.chain_id, config.contract)
+        self.stats: Counter[str] = Counter()
+        self.port = 0
+        self.closing = False
+        limits = config.limits
+        self.protocol_limits = Limits(
+            max_frame_bytes=limits.max_frame_bytes,
+            max_payload_bytes=limits.max_frame_bytes - 8192,
+            max_in_flight=limits.max_inflight_per_device,
+            handshake_timeout=limits.handshake_timeout,
+            idle_timeout=limits.idle_timeout,
+        )
+        self._clock = clock
+        self.random_bytes = random_bytes
+        self._sessions = 0
+        self._inflight: Counter[bytes] = Counter()
+        self._recent: dict[bytes, OrderedDict[bytes, None]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="secure-ci-tail")
+        batch_limits = BatchLimits(
+            max_batch=limits.max_batch,
+            max_wait=limits.max_wait_ms / 1000.0,
+            max_queue=limits.max_queue,
+        )
+        self._batchers: dict[tuple[bytes, int], Batcher[Job, InferResult]] = {
+            (e.model_id, e.cut): Batcher(
+                self._batch_runner(e), limits=batch_limits, executor=self._executor
+            )
+            for e in models.entries()
+        }
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def admit_session(self) -> bool:
+        if self.closing or self._sessions >= self.config.limits.max_sessions:
+            return False
+        self._sessions += 1
+        self.stats["sessions"] += 1
+        return True
+
+    def release_session(self) -> None:
+        self._sessions -= 1
+
+    @property
+    def active_sessions(self) -> int:
+        return self._sessions
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self._inflight.values())
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _remember(self, device: bytes, task_id: bytes) -> None:
+        recent = self._recent.setdefault(device, OrderedDict())
+        if task_id in recent:
+            raise ProtocolError("replayed task id", code=ErrorCode.REPLAY)
+        recent[task_id] = None
+        if len(recent) > RECENT_PER_DEVICE:
+            recent.popitem(last=False)
+
+    async def run_request(
+        self, device: bytes, request: InferRequest, received_at: float
+    ) -> InferResult:
+        """Check, batch, run, sign and journal one request; raises ProtocolError to refuse."""
+        if self.closing:
+            raise ProtocolError("the edge is shutting down", code=ErrorCode.SHUTTING_DOWN)
+        if self._inflight[device] >= self.config.limits.max_inflight_per_device:
+            raise ProtocolError("too many requests in flight for this device", code=ErrorCode.BUSY)
+        record, features = check_request(self, device, request, self._clock())
+        self._remember(device, request.task_id)
+        batcher = self._batchers[(request.model_id, request.cut)]
+        self._inflight[device] += 1
+        self._idle.clear()
+        try:
+            async with asyncio.timeout(self.config.limits.request_timeout):
+                result = await batcher.submit(Job(record, request.signature, features, received_at))
+        except TimeoutError:
+            raise ProtocolError("the edge did not finish in time", code=ErrorCode.TIMEOUT) from None
+        finally:
+            self._inflight[device] -= 1
+            if not self._inflight[device]:
+                del self._inflight[device]
+            if not self._inflight:
+                self._idle.set()
+        self.stats["results"] += 1
+        return result
+
+    def _batch_runner(self, entry: TailEntry) -> Callable[[Sequence[Job]], list[InferResult]]:
+        def run(jobs: Sequence[Job]) -> list[InferResult]:
+            outputs = entry.run_batch([j.features for j in jobs])
+            finished = time.monotonic()
+            results, journaled = [], []
+            seq = self.journal.next_seq  # only this worker thread appends
+            for job, output in zip(jobs, outputs, strict=True):
+                salt = self.random_bytes(32)
+                latency_ms = min(max(0, int((finished - job.received_at) * 1000)), 2**32 - 1)
+                record = TaskResult(
+                    task_id=job.request.task_id,
+                    request_hash=job.request.struct_hash(),
+                    output_commitment=commitment(salt, output),
+                    measurement=self.identity.measurement,
+                    quote_id=self.identity.quote_id,
+                    status=0,
+                    latency_ms=latency_ms,
+                    edge_seq=seq,
+                )
+                seq += 1
+                signature = record.sign(self.identity.signing_key, self.domain)
+                journaled.append(
+                    JournalEntry(
+                        job.request, record, job.device_sig, signature, record.digest(self.domain)
+                    )
+                )
+                results.append(
+                    InferResult(
+                        task_id=record.task_id,
+                        status=0,
+                        payload=output,
+                        salt=salt,
+                        edge_seq=record.edge_seq,
+                        latency_ms=latency_ms,
+                        signature=signature,
+                    )
+                )
+            self.journal.append_many(journaled)  # acknowledged only once journaled
+            return results
+
+        return run
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def _drain(self, sessions: set[asyncio.Task[None]]) -> None:
+        """Refuse new work, wait (bounded) for in-flight tasks, then end the sessions."""
+        self.closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.limits.drain_timeout
+        if self.in_flight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._idle.wait()
+        for task in list(sessions):
+            task.cancel()
+        if sessions:
+            await asyncio.wait(sessions, timeout=self.config.limits.drain_timeout)
+        for batcher in self._batchers.values():
+            await batcher.drain()
+        self._executor.shutdown(wait=True)
+
+
+@asynccontextmanager
+async def open_edge(
+    config: EdgeConfig,
+    *,
+    provider: EvidenceProvider,
+    models: ModelRegistry,
+    allowed_devices: Container[bytes] | None = None,
+    journal: RecordSink | None = None,
+    clock: Callable[[], float] = time.time,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+    identity: EnclaveIdentity | None = None,
+) -> AsyncIterator[EdgeService]:
+    """Start the edge on ``config.host:config.port``; leaving the block drains and stops it.
+
+    ``identity`` (TLS credentials and signing key) is created from ``provider`` unless given.
+    """
+    if not len(models):
+        raise ConfigError("the edge needs at least one registered model")
+    if identity is None:
+        identity = await asyncio.to_thread(create_identity, provider, now=int(clock()))
+    edge = EdgeService(
+        config,
+        provider=provider,
+        identity=identity,
+        models=models,
+        allowed_devices=config.allowed_devices if allowed_devices is None else allowed_devices,
+        journal=journal if journal is not None else MemoryJournal(),
+        clock=clock,
+        random_bytes=random_bytes,
+    )
+    sessions: set[asyncio.Task[None]] = set()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The session runs in its own task, so shutdown can cancel it without the stream
+        # callback task (owned by asyncio) seeing the cancellation.
+        task = asyncio.create_task(serve_session(edge, reader, writer))
+        sessions.add(task)
+        try:
+            await asyncio.wait({task})
+        finally:
+            sessions.discard(task)
+
+    ctx = server_context(
+        identity.credentials.cert_pem.encode(), identity.credentials.key_pem.encode()
+    )
+    for batcher in edge._batchers.values():
+        await batcher.__aenter__()
+    server = await asyncio.start_server(
+        on_connect,
+        config.host,
+        config.port,
+        ssl=ctx,
+        ssl_handshake_timeout=config.limits.handshake_timeout,
+        limit=1 << 16,
+    )
+    edge.port = server.sockets[0].getsockname()[1]
+    try:
+        yield edge
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
+        await edge._drain(sessions)

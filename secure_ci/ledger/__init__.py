@@ -1,0 +1,88 @@
+"""The shared ledger: contract binding (web3), chain backends, records, batches and audit.
+
+``open_ledger`` connects to the in-process EVM or a JSON-RPC node and binds (or deploys) the
+SecureCILedger contract; ``run_anvil`` starts the pinned anvil for tests and ``ledger up``.
+"""
+
+from __future__ import annotations
+
+from secure_ci.ledger._anchor import Anchorer
+from secure_ci.ledger._anvil import AnvilNode, find_anvil, run_anvil
+from secure_ci.ledger._artifacts import ContractArtifact, decode_revert, load_artifact
+from secure_ci.ledger._audit import AuditIndex, IndexedTask, VerifiedTask
+from secure_ci.ledger._backends import INPROCESS
+from secure_ci.ledger._calldata import AnchoredRecord, BatchRecords, decode_batch, encode_batch
+from secure_ci.ledger._chain import (
+    AnchorReceipt,
+    BatchAnchoredEvent,
+    BatchInfo,
+    ChallengeInfo,
+    DisputeInfo,
+    EdgeInfo,
+    EdgeState,
+)
+from secure_ci.ledger._client import LedgerClient
+from secure_ci.ledger._connect import DEFAULT_CHALLENGE_WINDOW, deploy_contract, open_ledger
+from secure_ci.ledger._journal import Batch, Journal, JournalEntry, sign_entry
+from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, verify_proof
+from secure_ci.ledger._receipts import Receipt, ReceiptBook, find_receipt
+from secure_ci.ledger._records import (
+    LedgerDomain,
+    Signer,
+    TaskRequest,
+    TaskResult,
+    address_of,
+    commitment,
+    new_salt,
+    recover_signer,
+    sign_digest,
+)
+
+__all__ = [
+    "DEFAULT_CHALLENGE_WINDOW",
+    "INPROCESS",
+    "AnchorReceipt",
+    "AnchoredRecord",
+    "Anchorer",
+    "AnvilNode",
+    "AuditIndex",
+    "Batch",
+    "BatchAnchoredEvent",
+    "BatchInfo",
+    "BatchRecords",
+    "ChallengeInfo",
+    "ContractArtifact",
+    "DisputeInfo",
+    "EdgeInfo",
+    "EdgeState",
+    "IndexedTask",
+    "Journal",
+    "JournalEntry",
+    "LedgerClient",
+    "LedgerDomain",
+    "MerkleTree",
+    "Receipt",
+    "ReceiptBook",
+    "Signer",
+    "TaskRequest",
+    "TaskResult",
+    "VerifiedTask",
+    "address_of",
+    "chain_head",
+    "commitment",
+    "decode_batch",
+    "decode_revert",
+    "deploy_contract",
+    "encode_batch",
+    "find_anvil",
+    "find_receipt",
+    "leaf_hash",
+    "load_artifact",
+    "new_salt",
+    "open_ledger",
+    "recover_signer",
+    "run_anvil",
+    "sign_digest",
+    "sign_entry",
+    "verify_proof",
+]

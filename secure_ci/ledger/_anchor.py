@@ -1,0 +1,180 @@
+"""The anchorer: closes journal batches and anchors them on the ledger, idempotently.
+
+A batch closes every ``max_seconds`` or ``max_records`` records. The journal is the source of
+truth and the chain the witness, so after a restart :meth:`Anchorer.sync` compares the two
+and re-anchors exactly the batches the chain lacks:
+
+- chain has batches ``0..k-1`` with our head after ``k-1``: anchor ``k..``;
+- chain has more batches than the journal, or another head: refuse (LedgerError), the chain
+  or the journal belongs to someone else;
+- chain lost batches we had anchored (a dev chain restarted): a new **epoch**. Batches are
+  deterministic (same records, boundaries, roots and heads), so they are anchored again from
+  the first batch the chain lacks; the first of them carries, in its calldata, the last head
+  the previous epoch reached and that epoch's number (see ``_calldata``), which links the
+  epochs for auditors. Records keep their sequence numbers and signatures; this needs the
+  same chain id and contract address (a deterministic redeploy), which fix the EIP-712 domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from secure_ci.exceptions import JournalError, LedgerError
+from secure_ci.ledger._calldata import BatchRecords, encode_batch
+from secure_ci.ledger._journal import Batch, Journal
+
+__all__ = ["AnchorLedger", "Anchorer"]
+
+log = logging.getLogger(__name__)
+_LINK_KEY = "epoch_link"  # value: batch id (8) || previous head (32) || previous epoch (4)
+_EPOCH_KEY = "epoch"
+
+
+class AnchorLedger(Protocol):
+    """The part of ``LedgerClient`` the anchorer needs."""
+
+    async def edge_state(self, addr: Any) -> Any: ...
+
+    async def anchor_batch(
+        self,
+        edge_acct: Any,
+        batch_id: int,
+        root: bytes,
+        first_seq: int,
+        count: int,
+        prev_head: bytes,
+        records: bytes,
+    ) -> Any: ...
+
+
+def _address(account: Any) -> bytes:
+    return bytes.fromhex(str(account.address).removeprefix("0x"))
+
+
+class Anchorer:
+    """Anchor one edge's journal on a ledger; own it from one asyncio task."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        ledger: AnchorLedger,
+        edge_account: Any,
+        *,
+        max_records: int = 512,
+        max_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_records < 1 or max_seconds <= 0:
+            raise LedgerError("max_records and max_seconds must be positive")
+        if _address(edge_account) != journal.edge:
+            raise JournalError("the journal belongs to another edge key")
+        self.journal = journal
+        self.ledger = ledger
+        self.account = edge_account
+        self.max_records = max_records
+        self.max_seconds = max_seconds
+        self.clock = clock
+        self._pending_since: float | None = None
+        self._synced = False
+        self.gas_used = 0
+        """Gas of the anchoring transactions this anchorer sent (a metric)."""
+
+    @property
+    def epoch(self) -> int:
+        raw = self.journal.get_meta(_EPOCH_KEY)
+        return int.from_bytes(raw, "big") if raw else 0
+
+    async def sync(self) -> int:
+        """Reconcile journal and chain; return how many anchored batches the chain lost."""
+        state = await self.ledger.edge_state(self.account.address)
+        if not state.registered or not getattr(state, "active", True):
+            raise LedgerError("edge key is not registered (or revoked) on the ledger")
+        k, n = int(state.next_batch_id), self.journal.batch_count
+        if k > n:
+            raise JournalError(f"chain has {k} batches of this edge, the journal only {n}")
+        if k > 0 and bytes(state.head) != self.journal.batch(k - 1).head:
+            raise LedgerError("the chain's batch head diverges from the journal")
+        unanchored = self.journal.unanchored()
+        for b in unanchored:  # anchored before a crash let us record it
+            if b < k:
+                self.journal.mark_anchored(b, None, None)
+        lost = sorted(set(range(k, n)) - set(unanchored))
+        if lost:
+            last = self.journal.batch(lost[-1])
+            epoch = self.epoch
+            log.warning("chain lost %d anchored batches; starting epoch %d", len(lost), epoch + 1)
+            self.journal.set_meta(
+                _LINK_KEY, k.to_bytes(8, "big") + last.head + epoch.to_bytes(4, "big")
+            )
+            self.journal.set_meta(_EPOCH_KEY, (epoch + 1).to_bytes(4, "big"))
+            self.journal.mark_unanchored(k)
+        self._synced = True
+        return len(lost)
+
+    def due(self) -> bool:
+        """True when a batch should close now (size or age)."""
+        pending = self.journal.pending
+        if pending == 0:
+            self._pending_since = None
+            return False
+        now = self.clock()
+        if self._pending_since is None:
+            self._pending_since = now
+        return pending >= self.max_records or now - self._pending_since >= self.max_seconds
+
+    async def flush(self) -> list[Any]:
+        """Close every pending record into batches and anchor all unanchored batches."""
+        if not self._synced:
+            await self.sync()
+        while self.journal.close_batch(self.max_records) is not None:
+            pass
+        self._pending_since = None
+        receipts = []
+        for batch_id in self.journal.unanchored():
+            receipts.append(await self._anchor(self.journal.batch(batch_id)))
+        return receipts
+
+    def _link_for(self, batch_id: int) -> tuple[bytes, int] | None:
+        raw = self.journal.get_meta(_LINK_KEY)
+        if raw is None or int.from_bytes(raw[:8], "big") != batch_id:
+            return None
+        return raw[8:40], int.from_bytes(raw[40:44], "big")
+
+    async def _anchor(self, batch: Batch) -> Any:
+        entries = self.journal.entries(batch.first_seq, batch.count)
+        calldata = encode_batch(
+            BatchRecords(
+                self.journal.edge,
+                batch.first_seq,
+                tuple(e.anchored() for e in entries),
+                self._link_for(batch.batch_id),
+            )
+        )
+        receipt = await self.ledger.anchor_batch(
+            self.account,
+            batch.batch_id,
+            batch.root,
+            batch.first_seq,
+            batch.count,
+            batch.prev_head,
+            calldata,
+        )
+        if bytes(receipt.new_head) != batch.head:
+            raise LedgerError(f"batch {batch.batch_id}: the chain computed another head")
+        self.journal.mark_anchored(batch.batch_id, bytes(receipt.tx_hash), receipt.block_number)
+        self.gas_used += int(receipt.gas_used)
+        log.debug("anchored batch %d (%d records)", batch.batch_id, batch.count)
+        return receipt
+
+    async def run(self, *, poll_seconds: float = 0.05, stop: asyncio.Event | None = None) -> None:
+        """Anchor due batches until cancelled or ``stop`` is set (then flush what is left)."""
+        await self.sync()
+        while stop is None or not stop.is_set():
+            if self.due():
+                await self.flush()
+            await asyncio.sleep(poll_seconds)
+        await self.flush()

@@ -1,0 +1,386 @@
+"""LedgerClient: the async web3 binding of the SecureCILedger contract.
+
+``open_ledger("inprocess")`` runs an embedded EVM and deploys the contract; an ``http://`` URL
+talks to any JSON-RPC node (anvil in tests, geth/besu in production) and deploys unless
+``contract_address`` is given. Transactions are signed locally by the ``LocalAccount`` that
+is responsible for them (owner, party admin, edge enclave key, device key). Reverts become
+:class:`ContractRevertError` whose reason is the contract's custom error name; node and
+transport failures become :class:`ChainError`. web3 never leaks out of this package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
+from web3 import AsyncWeb3
+from web3.exceptions import Web3Exception
+from web3.logs import DISCARD
+from web3.types import RPCEndpoint
+
+from secure_ci.exceptions import ChainError, ContractRevertError, LedgerError
+from secure_ci.ledger._artifacts import ContractArtifact
+from secure_ci.ledger._backends import send_value, translate_errors
+from secure_ci.ledger._chain import (
+    AnchorReceipt,
+    BatchAnchoredEvent,
+    BatchInfo,
+    ChallengeInfo,
+    DisputeInfo,
+    EdgeInfo,
+    EdgeState,
+    as_address,
+    as_bytes32,
+    as_proof,
+    as_task_result,
+    as_uint,
+)
+from secure_ci.ledger._records import LedgerDomain
+
+__all__ = ["LedgerClient"]
+
+
+class LedgerClient:
+    """Calls and transactions on one deployed SecureCILedger; create it with open_ledger."""
+
+    def __init__(
+        self,
+        w3: AsyncWeb3[Any],
+        artifact: ContractArtifact,
+        address: str,
+        owner: LocalAccount,
+        chain_id: int,
+        *,
+        receipt_timeout: float = 60.0,
+    ) -> None:
+        self._w3 = w3
+        self._artifact = artifact
+        self._contract = w3.eth.contract(address=as_address(address), abi=list(artifact.abi))
+        self.address = self._contract.address
+        self.owner = owner
+        self.chain_id = chain_id
+        self._receipt_timeout = receipt_timeout
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def domain(self) -> LedgerDomain:
+        """The EIP-712 domain records are signed under on this ledger."""
+        return LedgerDomain(self.chain_id, bytes.fromhex(self.address[2:]))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return translate_errors(self._artifact)
+
+    async def _call(self, fn: Any) -> Any:
+        with self._errors():
+            return await fn.call()
+
+    async def _transact(self, account: LocalAccount, fn: Any) -> Any:
+        """Sign and send ``fn`` from ``account``; the receipt once mined (reverts raise)."""
+        lock = self._locks.setdefault(account.address, asyncio.Lock())
+        async with lock:
+            with self._errors():
+                nonce = await self._w3.eth.get_transaction_count(account.address, "pending")
+                tx = await fn.build_transaction({"from": account.address, "nonce": nonce})
+                signed = account.sign_transaction(tx)
+                tx_hash = await self._w3.eth.send_raw_transaction(signed.raw_transaction)
+                receipt = await self._w3.eth.wait_for_transaction_receipt(
+                    tx_hash, timeout=self._receipt_timeout, poll_latency=0.02
+                )
+        if receipt["status"] != 1:
+            raise ContractRevertError("transaction reverted")
+        return receipt
+
+    def _event_args(self, event: str, receipt: Any) -> Any:
+        logs = getattr(self._contract.events, event)().process_receipt(receipt, errors=DISCARD)
+        if not logs:
+            raise ChainError(f"transaction mined without a {event} event")
+        return logs[0]["args"]
+
+    # ------------------------------------------------------------------ chain
+
+    async def block_number(self) -> int:
+        """The latest block number."""
+        with self._errors():
+            return int(await self._w3.eth.block_number)
+
+    async def timestamp(self) -> int:
+        """The latest block's timestamp (the contract's ``block.timestamp`` clock)."""
+        with self._errors():
+            return int((await self._w3.eth.get_block("latest"))["timestamp"])
+
+    async def advance_time(self, seconds: int) -> None:
+        """Move a development chain's clock forward and mine a block (anvil, in-process)."""
+        with self._errors():
+            await self._w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [seconds])
+            await self._w3.provider.make_request(RPCEndpoint("evm_mine"), [])
+
+    async def fund(self, address: object, wei: int) -> None:
+        """Send ``wei`` to ``address`` from the node's faucet account, else from the owner."""
+        with self._errors():
+            await send_value(self._w3, self.owner, as_address(address), wei, self._receipt_timeout)
+
+    # ------------------------------------------------------------------ registry
+
+    async def register_party(self, admin: object) -> int:
+        """Create a party administered by ``admin`` (owner only); its id."""
+        fn = self._contract.functions.registerParty(as_address(admin, "admin"))
+        receipt = await self._transact(self.owner, fn)
+        return int(self._event_args("PartyRegistered", receipt)["partyId"])
+
+    async def allow_measurement(self, m: bytes, allowed: bool = True) -> None:
+        """Add or remove an enclave measurement from the allow-list (owner only)."""
+        fn = self._contract.functions.allowMeasurement(as_bytes32(m, "measurement"), allowed)
+        await self._transact(self.owner, fn)
+
+    async def register_device(self, admin: LocalAccount, party_id: int, device: object) -> None:
+        """Register a device key for the party ``admin`` administers."""
+        fn = self._contract.functions.registerDevice(
+            as_uint(party_id, "party_id", 64), as_address(device, "device")
+        )
+        await self._transact(admin, fn)
+
+    async def register_edge(
+        self,
+        admin: LocalAccount,
+        party_id: int,
+        edge_key: object,
+        measurement: bytes,
+        quote_id: bytes,
+        endpoint: str,
+    ) -> None:
+        """Register (or re-attest) an edge's enclave key for the party ``admin`` administers."""
+        fn = self._contract.functions.registerEdge(
+            as_uint(party_id, "party_id", 64),
+            as_address(edge_key, "edge_key"),
+            as_bytes32(measurement, "measurement"),
+            as_bytes32(quote_id, "quote_id"),
+            endpoint,
+        )
+        await self._transact(admin, fn)
+
+    async def register_model(self, admin: LocalAccount, party_id: int, model_id: bytes) -> None:
+        """Register a model id as owned by the party ``admin`` administers."""
+        fn = self._contract.functions.registerModel(
+            as_uint(party_id, "party_id", 64), as_bytes32(model_id, "model_id")
+        )
+        await self._transact(admin, fn)
+
+    async def revoke_device(self, admin: LocalAccount, device: object) -> None:
+        """Revoke a device of the party ``admin`` administers."""
+        fn = self._contract.functions.revokeDevice(as_address(device, "device"))
+        await self._transact(admin, fn)
+
+    async def revoke_edge(self, admin: LocalAccount, edge: object) -> None:
+        """Revoke an edge of the party ``admin`` administers (it can no longer anchor)."""
+        fn = self._contract.functions.revokeEdge(as_address(edge, "edge"))
+        await self._transact(admin, fn)
+
+    async def is_registered_device(self, addr: object) -> bool:
+        """True when ``addr`` is an active device key."""
+        fn = self._contract.functions.isRegisteredDevice(as_address(addr))
+        return bool(await self._call(fn))
+
+    async def is_allowed_measurement(self, m: bytes) -> bool:
+        """True when the measurement is in the allow-list."""
+        fn = self._contract.functions.allowedMeasurement(as_bytes32(m, "measurement"))
+        return bool(await self._call(fn))
+
+    async def model_party(self, model_id: bytes) -> int:
+        """The party owning ``model_id`` (0 when unregistered)."""
+        fn = self._contract.functions.modelParty(as_bytes32(model_id, "model_id"))
+        return int(await self._call(fn))
+
+    async def contract_owner(self) -> str:
+        """The address allowed to register parties and measurements."""
+        return str(await self._call(self._contract.functions.owner()))
+
+    async def party_count(self) -> int:
+        """How many parties were registered (ids are 1..count)."""
+        return int(await self._call(self._contract.functions.partyCount()))
+
+    async def challenge_window(self) -> int:
+        """Seconds an edge has to answer a challenge."""
+        return int(await self._call(self._contract.functions.challengeWindow()))
+
+    async def edges(self) -> list[str]:
+        """Every edge key ever registered, in registration order."""
+        count = int(await self._call(self._contract.functions.edgeCount()))
+        return [str(await self._call(self._contract.functions.edgeKeys(i))) for i in range(count)]
+
+    async def edge_state(self, edge_addr: object) -> EdgeState:
+        """The edge's batch chain, omissions and registration."""
+        fn = self._contract.functions.edgeState(as_address(edge_addr, "edge"))
+        nb, ns, head, omissions, registered, active, measurement = await self._call(fn)
+        return EdgeState(nb, ns, bytes(head), omissions, registered, bytes(measurement), active)
+
+    async def edge_info(self, edge_addr: object) -> EdgeInfo:
+        """The edge's owning party, quote id and endpoint."""
+        fn = self._contract.functions.edgeInfo(as_address(edge_addr, "edge"))
+        party_id, quote_id, endpoint = await self._call(fn)
+        return EdgeInfo(party_id, bytes(quote_id), endpoint)
+
+    # ------------------------------------------------------------------ batches
+
+    async def anchor_batch(
+        self,
+        edge: LocalAccount,
+        batch_id: int,
+        root: bytes,
+        first_seq: int,
+        count: int,
+        prev_head: bytes,
+        records: bytes,
+    ) -> AnchorReceipt:
+        """Anchor the edge's next batch, sent (and so signed) by its enclave key."""
+        fn = self._contract.functions.anchorBatch(
+            as_uint(batch_id, "batch_id", 64),
+            as_bytes32(root, "root"),
+            as_uint(first_seq, "first_seq", 64),
+            as_uint(count, "count", 32),
+            as_bytes32(prev_head, "prev_head"),
+            bytes(records),
+        )
+        receipt = await self._transact(edge, fn)
+        args = self._event_args("BatchAnchored", receipt)
+        return AnchorReceipt(
+            bytes(receipt["transactionHash"]),
+            int(receipt["blockNumber"]),
+            int(receipt["gasUsed"]),
+            bytes(args["newHead"]),
+        )
+
+    async def batch(self, edge_addr: object, batch_id: int) -> BatchInfo:
+        """The stored batch (reverts with UnknownBatch if it was never anchored)."""
+        fn = self._contract.functions.batchInfo(
+            as_address(edge_addr, "edge"), as_uint(batch_id, "batch_id", 64)
+        )
+        root, first_seq, count, block_number = await self._call(fn)
+        return BatchInfo(bytes(root), first_seq, count, block_number)
+
+    async def batches(
+        self, edge_addr: object | None = None, from_block: int = 0
+    ) -> list[BatchAnchoredEvent]:
+        """BatchAnchored events from ``from_block`` on, for one edge or all."""
+        filters = {} if edge_addr is None else {"edge": as_address(edge_addr, "edge")}
+        return await self._batch_events(filters, from_block, "latest")
+
+    async def _batch_events(
+        self, filters: dict[str, Any], from_block: int, to_block: int | str
+    ) -> list[BatchAnchoredEvent]:
+        with self._errors():
+            logs = await self._contract.events.BatchAnchored.get_logs(
+                argument_filters=filters, from_block=from_block, to_block=to_block
+            )
+        return [
+            BatchAnchoredEvent(
+                str(log["args"]["edge"]),
+                int(log["args"]["batchId"]),
+                bytes(log["args"]["root"]),
+                int(log["args"]["firstSeq"]),
+                int(log["args"]["count"]),
+                bytes(log["args"]["newHead"]),
+                int(log["blockNumber"]),
+                bytes(log["transactionHash"]),
+            )
+            for log in logs
+        ]
+
+    async def batch_calldata(self, edge_addr: object, batch_id: int) -> bytes:
+        """The ``records`` argument of the transaction that anchored the batch."""
+        edge = as_address(edge_addr, "edge")
+        info = await self.batch(edge, batch_id)
+        filters = {"edge": edge, "batchId": batch_id}
+        events = await self._batch_events(filters, info.block_number, info.block_number)
+        if not events:
+            raise ChainError(f"no BatchAnchored log for batch {batch_id} of {edge}")
+        with self._errors():
+            tx = await self._w3.eth.get_transaction(HexBytes(events[0].tx_hash))
+        if str(tx.get("to", "")).lower() != self.address.lower():
+            raise LedgerError(f"batch {batch_id}: not anchored by a direct call")
+        try:
+            fn, args = self._contract.decode_function_input(tx["input"])
+        except (ValueError, Web3Exception) as exc:
+            raise LedgerError(f"batch {batch_id}: not anchored by a direct call") from exc
+        if fn.abi_element_identifier != "anchorBatch(uint64,bytes32,uint64,uint32,bytes32,bytes)":
+            raise LedgerError(f"batch {batch_id}: anchoring transaction calls {fn.fn_name}")
+        if args["batchId"] != batch_id or bytes(args["root"]) != info.root:
+            raise LedgerError(f"batch {batch_id}: anchoring transaction does not match the batch")
+        return bytes(args["records"])
+
+    async def verify_task(
+        self, edge_addr: object, batch_id: int, seq: int, record_hash: bytes, proof: Sequence[bytes]
+    ) -> bool:
+        """The contract's own check of an inclusion proof."""
+        fn = self._contract.functions.verifyTask(
+            as_address(edge_addr, "edge"),
+            as_uint(batch_id, "batch_id", 64),
+            as_uint(seq, "seq", 64),
+            as_bytes32(record_hash, "record_hash"),
+            as_proof(proof),
+        )
+        return bool(await self._call(fn))
+
+    async def hash_task_result(self, result: object) -> bytes:
+        """The record hash (EIP-712 digest) of a TaskResult as the contract computes it."""
+        fn = self._contract.functions.hashTaskResult(as_task_result(result))
+        return bytes(await self._call(fn))
+
+    # ------------------------------------------------------------------ challenges, disputes
+
+    async def challenge(self, device: LocalAccount, result: object, edge_sig: bytes) -> int:
+        """Force an edge-signed result onto the chain; the challenge id."""
+        fn = self._contract.functions.challenge(as_task_result(result), bytes(edge_sig))
+        receipt = await self._transact(device, fn)
+        return int(self._event_args("ChallengeOpened", receipt)["challengeId"])
+
+    async def respond_challenge(
+        self, edge: LocalAccount, challenge_id: int, batch_id: int, proof: Sequence[bytes]
+    ) -> None:
+        """Answer a challenge with the inclusion proof of the challenged record."""
+        fn = self._contract.functions.respondChallenge(
+            as_uint(challenge_id, "challenge_id", 256),
+            as_uint(batch_id, "batch_id", 64),
+            as_proof(proof),
+        )
+        await self._transact(edge, fn)
+
+    async def finalize_challenge(self, caller: LocalAccount, challenge_id: int) -> None:
+        """After the window, record an unanswered challenge as the edge's omission."""
+        fn = self._contract.functions.finalizeChallenge(as_uint(challenge_id, "challenge_id", 256))
+        await self._transact(caller, fn)
+
+    async def challenge_info(self, challenge_id: int) -> ChallengeInfo:
+        """A challenge's parties, record and state."""
+        fn = self._contract.functions.getChallenge(as_uint(challenge_id, "challenge_id", 256))
+        device, seq, state, edge, deadline, record_hash = await self._call(fn)
+        return ChallengeInfo(device, edge, seq, state, deadline, bytes(record_hash))
+
+    async def dispute(
+        self, caller: LocalAccount, a: object, sig_a: bytes, b: object, sig_b: bytes
+    ) -> int:
+        """Record two conflicting edge-signed results for one request; the dispute id."""
+        fn = self._contract.functions.dispute(
+            as_task_result(a), bytes(sig_a), as_task_result(b), bytes(sig_b)
+        )
+        receipt = await self._transact(caller, fn)
+        return int(self._event_args("DisputeRecorded", receipt)["disputeId"])
+
+    async def dispute_info(self, dispute_id: int) -> DisputeInfo:
+        """A recorded dispute (all zero when unknown)."""
+        fn = self._contract.functions.getDispute(as_uint(dispute_id, "dispute_id", 256))
+        task_id, request_hash, edge_a, edge_b, out_a, out_b, reporter = await self._call(fn)
+        return DisputeInfo(
+            bytes(task_id),
+            bytes(request_hash),
+            edge_a,
+            edge_b,
+            bytes(out_a),
+            bytes(out_b),
+            reporter,
+        )

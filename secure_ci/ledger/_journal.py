@@ -1,0 +1,332 @@
+"""The edge's write-ahead journal: the source of truth for every record it acknowledged.
+
+SQLite in WAL mode with ``synchronous=FULL``: :meth:`Journal.append` returns only after the
+commit is on disk, so an edge acknowledges a task only once it survives ``kill -9`` or a
+power cut. :meth:`Journal.append_many` is the group commit (one fsync for many records).
+Batches are closed here (root and head computed once, then stored), and their anchoring
+state is tracked: ``closed`` until a transaction anchored them, then ``anchored``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secure_ci.exceptions import JournalError
+from secure_ci.ledger._calldata import AnchoredRecord
+from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash
+from secure_ci.ledger._records import LedgerDomain, Signer, TaskRequest, TaskResult, sign_digest
+
+__all__ = ["Batch", "Journal", "JournalEntry", "sign_entry"]
+
+_REQ = struct.Struct(">32s20sQ32sH32s20sQ")
+_RES = struct.Struct(">32s32s32s32s32sBIQ")
+_GENESIS = bytes(32)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY, request BLOB NOT NULL, result BLOB NOT NULL,
+    device_sig BLOB NOT NULL, edge_sig BLOB NOT NULL, record_hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
+    root BLOB NOT NULL, prev_head BLOB NOT NULL, head BLOB NOT NULL,
+    anchored INTEGER NOT NULL DEFAULT 0, tx_hash BLOB, block_number INTEGER);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """A record as the edge journals it: both signatures and the result's record hash."""
+
+    request: TaskRequest
+    result: TaskResult
+    device_sig: bytes
+    edge_sig: bytes
+    record_hash: bytes
+
+    def anchored(self) -> AnchoredRecord:
+        return AnchoredRecord(self.request, self.result, self.device_sig)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A closed batch: records ``first_seq .. first_seq + count - 1`` of one edge."""
+
+    batch_id: int
+    first_seq: int
+    count: int
+    root: bytes
+    prev_head: bytes
+    head: bytes
+    anchored: bool
+    tx_hash: bytes | None
+    block_number: int | None
+
+
+class Journal:
+    """One edge's journal in one SQLite file; use :meth:`open` as a context manager."""
+
+    def __init__(self, conn: sqlite3.Connection, edge: bytes) -> None:
+        self._conn = conn
+        self.edge = edge
+        # entries appended by this process and not yet anchored: saves reading them back
+        self._recent: dict[int, JournalEntry] = {}
+        self._next_seq = self._scalar("SELECT COALESCE(MAX(seq) + 1, 0) FROM records")
+        self._batched = self._scalar("SELECT COALESCE(SUM(count), 0) FROM batches")
+        self._next_batch = self._scalar("SELECT COUNT(*) FROM batches")
+        last = self.batch(self._next_batch - 1) if self._next_batch else None
+        self._head = last.head if last else _GENESIS
+        if self._batched > self._next_seq or (
+            last is not None and last.batch_id != self._next_batch - 1
+        ):
+            raise JournalError("journal is inconsistent: batches do not match records")
+
+    @classmethod
+    def open(cls, path: Path | str, *, edge: bytes) -> Journal:
+        """Open or create the journal of ``edge`` (JournalError if unusable or not ours)."""
+        try:
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'edge'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('edge', ?)", (edge,))
+            elif bytes(row[0]) != edge:
+                conn.close()
+                raise JournalError("journal belongs to another edge")
+            return cls(conn, edge)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal write failed: {exc}") from exc
+
+    def _scalar(self, sql: str, *args: object) -> int:
+        try:
+            return int(self._conn.execute(sql, args).fetchone()[0])
+        except (sqlite3.Error, TypeError, ValueError) as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+
+    @property
+    def next_seq(self) -> int:
+        """The edge sequence number the next result must carry."""
+        return self._next_seq
+
+    @property
+    def head(self) -> bytes:
+        """The head of the batch chain after the last closed batch."""
+        return self._head
+
+    @property
+    def batch_count(self) -> int:
+        return self._next_batch
+
+    @property
+    def pending(self) -> int:
+        """Records journaled but not yet in a closed batch."""
+        return self._next_seq - self._batched
+
+    def append(self, entry: JournalEntry) -> None:
+        """Durably journal one record (returns after fsync)."""
+        self.append_many([entry])
+
+    def append_many(self, entries: Sequence[JournalEntry]) -> None:
+        """Group commit: durably journal records with consecutive edge sequence numbers."""
+        rows = []
+        for offset, e in enumerate(entries):
+            r, q = e.result, e.request
+            if r.edge_seq != self._next_seq + offset or q.edge != self.edge:
+                raise JournalError(f"record out of order: expected seq {self._next_seq + offset}")
+            rows.append(
+                (
+                    r.edge_seq,
+                    _REQ.pack(*(getattr(q, f) for f in TaskRequest.__slots__)),
+                    _RES.pack(*(getattr(r, f) for f in TaskResult.__slots__)),
+                    e.device_sig,
+                    e.edge_sig,
+                    e.record_hash,
+                )
+            )
+        with self._tx() as conn:
+            conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
+        for e in entries:
+            self._recent[e.result.edge_seq] = e
+        self._next_seq += len(rows)
+
+    def entries(self, first_seq: int, count: int) -> list[JournalEntry]:
+        """Journaled records ``first_seq .. first_seq + count - 1``."""
+        cached = [self._recent.get(seq) for seq in range(first_seq, first_seq + count)]
+        if all(e is not None for e in cached):
+            return cached  # type: ignore[return-value]
+        try:
+            rows = self._conn.execute(
+                "SELECT seq, request, result, device_sig, edge_sig, record_hash FROM records"
+                " WHERE seq >= ? AND seq < ? ORDER BY seq",
+                (first_seq, first_seq + count),
+            ).fetchall()
+            out = [
+                JournalEntry(
+                    TaskRequest(*_REQ.unpack(req)),
+                    TaskResult(*_RES.unpack(res)),
+                    bytes(dsig),
+                    bytes(esig),
+                    bytes(rh),
+                )
+                for _, req, res, dsig, esig, rh in rows
+            ]
+        except (sqlite3.Error, struct.error, ValueError) as exc:
+            raise JournalError(f"journal records are corrupt: {exc}") from exc
+        if [e.result.edge_seq for e in out] != list(range(first_seq, first_seq + len(out))):
+            raise JournalError("journal records are corrupt: sequence numbers do not match")
+        if len(out) != count:
+            raise JournalError(f"journal lacks records {first_seq}..{first_seq + count - 1}")
+        return out
+
+    def close_batch(self, max_records: int) -> Batch | None:
+        """Close the next batch from up to ``max_records`` pending records (None if none)."""
+        count = min(max_records, self.pending)
+        if count <= 0:
+            return None
+        first = self._batched
+        hashes = [e.record_hash for s in range(first, first + count) if (e := self._recent.get(s))]
+        if len(hashes) != count:
+            hashes = self._record_hashes(first, count)
+        root = MerkleTree.build([leaf_hash(first + i, h) for i, h in enumerate(hashes)]).root
+        head = chain_head(self._head, root, first, count)
+        batch = Batch(self._next_batch, first, count, root, self._head, head, False, None, None)
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO batches (batch_id, first_seq, count, root, prev_head, head)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (batch.batch_id, first, count, root, batch.prev_head, head),
+            )
+        self._next_batch += 1
+        self._batched += count
+        self._head = head
+        return batch
+
+    def _record_hashes(self, first: int, count: int) -> list[bytes]:
+        try:
+            hashes = [
+                bytes(row[0])
+                for row in self._conn.execute(
+                    "SELECT record_hash FROM records WHERE seq >= ? AND seq < ? ORDER BY seq",
+                    (first, first + count),
+                )
+            ]
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+        if len(hashes) != count:
+            raise JournalError("journal is missing records of the batch")
+        return hashes
+
+    def batch(self, batch_id: int) -> Batch:
+        try:
+            row = self._conn.execute(
+                "SELECT batch_id, first_seq, count, root, prev_head, head, anchored, tx_hash,"
+                " block_number FROM batches WHERE batch_id = ?",
+                (batch_id,),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+        if row is None:
+            raise JournalError(f"journal has no batch {batch_id}")
+        bid, first, count, root, prev, head, anchored, tx, block = row
+        return Batch(
+            bid, first, count, bytes(root), bytes(prev), bytes(head), bool(anchored),
+            bytes(tx) if tx is not None else None, block,
+        )  # fmt: skip
+
+    def unanchored(self) -> list[int]:
+        """Ids of closed batches not known to be anchored, in order."""
+        try:
+            rows = self._conn.execute(
+                "SELECT batch_id FROM batches WHERE anchored = 0 ORDER BY batch_id"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+        return [int(r[0]) for r in rows]
+
+    def batch_of_seq(self, seq: int) -> Batch | None:
+        """The closed batch holding edge sequence number ``seq``, if any."""
+        row = self._row(
+            "SELECT batch_id FROM batches WHERE first_seq <= ? ORDER BY first_seq DESC LIMIT 1",
+            seq,
+        )
+        if row is None:
+            return None
+        batch = self.batch(int(row[0]))
+        return batch if seq < batch.first_seq + batch.count else None
+
+    def mark_anchored(self, batch_id: int, tx_hash: bytes | None, block_number: int | None) -> None:
+        """Record that ``batch_id`` is on chain (tx unknown when found on chain after a crash)."""
+        batch = self.batch(batch_id)
+        for seq in range(batch.first_seq, batch.first_seq + batch.count):
+            self._recent.pop(seq, None)
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE batches SET anchored = 1, tx_hash = ?, block_number = ? WHERE batch_id = ?",
+                (tx_hash, block_number, batch_id),
+            )
+
+    def mark_unanchored(self, from_batch_id: int) -> None:
+        """Forget anchoring of batches ``>= from_batch_id`` (the chain lost them)."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE batches SET anchored = 0, tx_hash = NULL, block_number = NULL"
+                " WHERE batch_id >= ?",
+                (from_batch_id,),
+            )
+
+    def get_meta(self, key: str) -> bytes | None:
+        row = self._row("SELECT value FROM meta WHERE key = ?", key)
+        return None if row is None else bytes(row[0])
+
+    def _row(self, sql: str, *args: object) -> Any:
+        try:
+            return self._conn.execute(sql, args).fetchone()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
+def sign_entry(
+    request: TaskRequest,
+    device_sig: bytes,
+    result: TaskResult,
+    edge_key: bytes | Signer,
+    domain: LedgerDomain,
+) -> JournalEntry:
+    """Sign ``result`` with the enclave key and return the journal entry (hash computed once)."""
+    record_hash = result.digest(domain)
+    return JournalEntry(
+        request, result, device_sig, sign_digest(edge_key, record_hash), record_hash
+    )

@@ -1,0 +1,237 @@
+"""Device side: find its tasks on the ledger, keep receipts, challenge omissions.
+
+A receipt is everything a device needs to prove, to anyone with a node, that its task is on
+the ledger: the record (request, result, both signatures), the batch id, the inclusion proof,
+the anchored root, and the chain id + contract address that fix the EIP-712 domain. The proof
+is rebuilt from the batch's calldata (the device trusts no one to hand it a proof) and checked
+locally and against the on-chain root. A task still missing after its deadline plus a grace
+period is forced onto the chain with a challenge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from secure_ci._encoding import canonical_cbor, decode_cbor
+from secure_ci.exceptions import ProofError, RecordError, SecureCIError, SignatureError
+from secure_ci.ledger._calldata import decode_batch
+from secure_ci.ledger._merkle import MerkleTree, leaf_hash, verify_proof
+from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult
+
+__all__ = ["Receipt", "ReceiptBook", "ReceiptLedger", "find_receipt"]
+
+MAX_RECEIPT_BYTES = 8192
+
+
+class ReceiptLedger(Protocol):
+    """The part of ``LedgerClient`` the device side needs."""
+
+    async def edge_state(self, addr: Any) -> Any: ...
+    async def batch(self, addr: Any, batch_id: int) -> Any: ...
+    async def batch_calldata(self, addr: Any, batch_id: int) -> bytes: ...
+    async def verify_task(
+        self, addr: Any, batch_id: int, seq: int, record_hash: bytes, proof: list[bytes]
+    ) -> bool: ...
+    async def challenge(self, device_acct: Any, result: TaskResult, edge_sig: bytes) -> int: ...
+
+
+def _hex(addr: bytes) -> str:
+    return "0x" + addr.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Proof that a task is anchored: record, batch, inclusion proof, root and domain."""
+
+    request: TaskRequest
+    result: TaskResult
+    device_sig: bytes
+    edge_sig: bytes
+    batch_id: int
+    proof: tuple[bytes, ...]
+    root: bytes
+    domain: LedgerDomain
+
+    def verify(self) -> None:
+        """Check signatures and the proof against ``root`` (raises on any failure)."""
+        if not self.result.matches(self.request):
+            raise RecordError("result does not answer the request")
+        if self.request.recover(self.device_sig, self.domain) != self.request.device:
+            raise SignatureError("device signature does not match the request's device")
+        if self.result.recover(self.edge_sig, self.domain) != self.request.edge:
+            raise SignatureError("enclave signature does not match the request's edge")
+        leaf = leaf_hash(self.result.edge_seq, self.result.digest(self.domain))
+        verify_proof(self.root, leaf, self.proof)
+
+    def encode(self) -> bytes:
+        """Canonical CBOR, for the device to store."""
+        return canonical_cbor(
+            [
+                1,
+                [getattr(self.request, f) for f in TaskRequest.__slots__],
+                [getattr(self.result, f) for f in TaskResult.__slots__],
+                self.device_sig,
+                self.edge_sig,
+                self.batch_id,
+                list(self.proof),
+                self.root,
+                self.domain.chain_id,
+                self.domain.contract,
+            ]
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Receipt:
+        """Parse a stored receipt strictly (RecordError on anything malformed)."""
+        try:
+            value = decode_cbor(data, max_bytes=MAX_RECEIPT_BYTES)
+            version, req, res, dsig, esig, batch_id, proof, root, chain_id, contract = value
+            if version != 1 or not all(isinstance(p, bytes) for p in proof):
+                raise RecordError("unsupported receipt")
+            if len(proof) > 64 or not isinstance(batch_id, int) or not 0 <= batch_id < 1 << 64:
+                raise RecordError("bad receipt batch id or proof")
+            if not (isinstance(dsig, bytes) and isinstance(esig, bytes) and len(root) == 32):
+                raise RecordError("bad receipt signatures or root")
+            return cls(
+                TaskRequest(*req),
+                TaskResult(*res),
+                dsig,
+                esig,
+                batch_id,
+                tuple(proof),
+                root,
+                LedgerDomain(chain_id, contract),
+            )
+        except RecordError:
+            raise
+        except (SecureCIError, TypeError, ValueError) as exc:
+            raise RecordError(f"malformed receipt: {exc}") from exc
+
+
+async def _find_batch(ledger: ReceiptLedger, edge: str, seq: int, n_batches: int) -> int:
+    lo, hi = 0, n_batches - 1
+    for _ in range(64):
+        if lo > hi:
+            break
+        mid = (lo + hi) // 2
+        info = await ledger.batch(edge, mid)
+        if seq < info.first_seq:
+            hi = mid - 1
+        elif seq >= info.first_seq + info.count:
+            lo = mid + 1
+        else:
+            return mid
+    raise ProofError(f"no anchored batch holds sequence number {seq}")
+
+
+async def find_receipt(
+    ledger: ReceiptLedger,
+    domain: LedgerDomain,
+    request: TaskRequest,
+    result: TaskResult,
+    device_sig: bytes,
+    edge_sig: bytes,
+    *,
+    trees: dict[tuple[bytes, int], tuple[Any, MerkleTree, Any]] | None = None,
+) -> Receipt | None:
+    """The receipt of an anchored task, or None if the edge has not anchored it yet.
+
+    Raises ProofError if the edge anchored a *different* record at the task's sequence number.
+    ``trees`` caches decoded batches across calls (one calldata read per batch, not per task).
+    """
+    edge = _hex(request.edge)
+    state = await ledger.edge_state(edge)
+    if result.edge_seq >= int(state.next_seq):
+        return None
+    batch_id = await _find_batch(ledger, edge, result.edge_seq, int(state.next_batch_id))
+    cached = trees.get((request.edge, batch_id)) if trees is not None else None
+    if cached is None:
+        info = await ledger.batch(edge, batch_id)
+        batch = decode_batch(await ledger.batch_calldata(edge, batch_id))
+        leaves = [leaf_hash(r.result.edge_seq, r.result.digest(domain)) for r in batch.records]
+        cached = (info, MerkleTree.build(leaves), batch)
+        if trees is not None:
+            trees[(request.edge, batch_id)] = cached
+    info, tree, batch = cached
+    index = result.edge_seq - batch.first_seq
+    if not 0 <= index < len(batch.records):
+        raise ProofError("batch calldata does not cover the task's sequence number")
+    published = batch.records[index]
+    if (published.request, published.result, published.device_sig) != (
+        request,
+        result,
+        device_sig,
+    ):
+        raise ProofError("the edge anchored a different record at this task's sequence number")
+    proof = tuple(tree.proof(index))
+    receipt = Receipt(
+        request, result, device_sig, edge_sig, batch_id, proof, bytes(info.root), domain
+    )
+    receipt.verify()
+    if not await ledger.verify_task(
+        edge, batch_id, result.edge_seq, result.digest(domain), list(proof)
+    ):
+        raise ProofError("the contract rejects the inclusion proof")
+    return receipt
+
+
+@dataclass
+class _Pending:
+    request: TaskRequest
+    result: TaskResult
+    device_sig: bytes
+    edge_sig: bytes
+    challenge_id: int | None = None
+
+
+@dataclass
+class ReceiptBook:
+    """A device's tasks: pending ones, receipts of anchored ones, challenges of missing ones.
+
+    ``grace_seconds`` after a request's deadline the edge must have anchored the task;
+    :meth:`check` (given ``now`` in unix seconds) collects receipts and challenges the rest.
+    """
+
+    ledger: ReceiptLedger
+    domain: LedgerDomain
+    device_account: Any
+    grace_seconds: int = 60
+    receipts: dict[bytes, Receipt] = field(default_factory=dict)
+    pending: dict[bytes, _Pending] = field(default_factory=dict)
+
+    def track(
+        self, request: TaskRequest, result: TaskResult, device_sig: bytes, edge_sig: bytes
+    ) -> None:
+        """Start tracking a completed task (signatures are checked first)."""
+        if not result.matches(request):
+            raise RecordError("result does not answer the request")
+        if result.recover(edge_sig, self.domain) != request.edge:
+            raise SignatureError("result is not signed by the request's edge")
+        if request.recover(device_sig, self.domain) != request.device:
+            raise SignatureError("request is not signed by its device")
+        self.pending[request.task_id] = _Pending(request, result, device_sig, edge_sig)
+
+    async def check(self, now: int) -> list[int]:
+        """Collect receipts of anchored tasks; challenge overdue ones; return new challenge ids."""
+        challenged = []
+        trees: dict[tuple[bytes, int], tuple[Any, MerkleTree, Any]] = {}
+        for task_id, p in list(self.pending.items()):
+            receipt = await find_receipt(
+                self.ledger,
+                self.domain,
+                p.request,
+                p.result,
+                p.device_sig,
+                p.edge_sig,
+                trees=trees,
+            )
+            if receipt is not None:
+                self.receipts[task_id] = receipt
+                del self.pending[task_id]
+            elif p.challenge_id is None and now > p.request.deadline + self.grace_seconds:
+                p.challenge_id = await self.ledger.challenge(
+                    self.device_account, p.result, p.edge_sig
+                )
+                challenged.append(p.challenge_id)
+        return challenged

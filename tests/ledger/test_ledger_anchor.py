@@ -1,0 +1,199 @@
+"""The anchorer: batches by size and age, idempotent re-anchoring, epochs, reverts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+
+from secure_ci.exceptions import ContractRevertError, JournalError, LedgerError
+from secure_ci.ledger._anchor import Anchorer
+from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
+from secure_ci.ledger._journal import Journal
+from secure_ci.ledger._merkle import MerkleTree, leaf_hash
+from secure_ci.ledger._records import LedgerDomain, keccak256
+from secure_ci.testing import MemoryLedger, sample_tasks
+
+EDGE_KEY = keccak256(b"edge")
+EDGE = Account.from_key(EDGE_KEY)
+MEASUREMENT = b"\x11" * 32
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _setup(tmp_path: Path) -> tuple[MemoryLedger, Journal, LedgerDomain]:
+    ledger = MemoryLedger()
+    ledger.register_edge(EDGE, MEASUREMENT)
+    journal = Journal.open(tmp_path / "edge.db", edge=bytes.fromhex(EDGE.address[2:]))
+    return ledger, journal, ledger.domain
+
+
+async def test_anchor_and_verify(tmp_path: Path) -> None:
+    ledger, journal, domain = _setup(tmp_path)
+    entries = sample_tasks(25, edge_key=EDGE_KEY, domain=domain)
+    journal.append_many(entries)
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=10)
+    receipts = await anchorer.flush()
+    assert len(receipts) == 3
+    state = await ledger.edge_state(EDGE.address)
+    assert (state.next_batch_id, state.next_seq, state.head) == (3, 25, journal.head)
+    batch = decode_batch(await ledger.batch_calldata(EDGE.address, 1))
+    assert [r.result for r in batch.records] == [e.result for e in entries[10:20]]
+    tree = MerkleTree.build([leaf_hash(e.result.edge_seq, e.record_hash) for e in entries[10:20]])
+    e = entries[13]
+    assert await ledger.verify_task(EDGE.address, 1, 13, e.record_hash, tree.proof(3))
+    assert not await ledger.verify_task(EDGE.address, 1, 13, e.record_hash, tree.proof(4))
+    assert await anchorer.flush() == []  # idempotent
+
+
+async def test_due_by_size_and_age(tmp_path: Path) -> None:
+    ledger, journal, domain = _setup(tmp_path)
+    clock = Clock()
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=5, max_seconds=2.0, clock=clock)
+    assert not anchorer.due()
+    journal.append_many(sample_tasks(2, edge_key=EDGE_KEY, domain=domain))
+    assert not anchorer.due()
+    clock.now = 2.5
+    assert anchorer.due()
+    journal.append_many(sample_tasks(3, edge_key=EDGE_KEY, domain=domain, first_seq=2))
+    clock.now = 0.0
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=5, max_seconds=2.0, clock=clock)
+    assert anchorer.due()
+    with pytest.raises(LedgerError):
+        Anchorer(journal, ledger, EDGE, max_records=0)
+    with pytest.raises(JournalError):
+        Anchorer(journal, ledger, Account.from_key(keccak256(b"other")))
+
+
+async def test_restart_reanchors_exactly_what_the_chain_lacks(tmp_path: Path) -> None:
+    ledger, journal, domain = _setup(tmp_path)
+    journal.append_many(sample_tasks(30, edge_key=EDGE_KEY, domain=domain))
+    await Anchorer(journal, ledger, EDGE, max_records=10).flush()
+    # a crash after the chain accepted batch 3 but before the journal recorded it
+    journal.append_many(sample_tasks(20, edge_key=EDGE_KEY, domain=domain, first_seq=30))
+    b3 = journal.close_batch(10)
+    assert b3 is not None
+    entries = journal.entries(30, 10)
+    calldata = encode_batch(BatchRecords(journal.edge, 30, tuple(x.anchored() for x in entries)))
+    await ledger.anchor_batch(EDGE, 3, b3.root, 30, 10, b3.prev_head, calldata)
+    journal.close()
+    journal = Journal.open(tmp_path / "edge.db", edge=journal.edge)
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=10)
+    assert await anchorer.sync() == 0
+    receipts = await anchorer.flush()
+    assert len(receipts) == 1  # only batch 4 was missing
+    state = await ledger.edge_state(EDGE.address)
+    assert (state.next_batch_id, state.next_seq, state.head) == (5, 50, journal.head)
+
+
+async def test_lost_chain_starts_a_linked_epoch(tmp_path: Path) -> None:
+    ledger, journal, domain = _setup(tmp_path)
+    journal.append_many(sample_tasks(30, edge_key=EDGE_KEY, domain=domain))
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=10)
+    await anchorer.flush()
+    old_head = journal.head
+    ledger.wipe()
+    assert await anchorer.sync() == 3
+    assert anchorer.epoch == 1
+    assert len(await anchorer.flush()) == 3
+    state = await ledger.edge_state(EDGE.address)
+    assert (state.next_batch_id, state.head) == (3, old_head)
+    first = decode_batch(await ledger.batch_calldata(EDGE.address, 0))
+    assert first.epoch_link == (old_head, 0)
+    assert decode_batch(await ledger.batch_calldata(EDGE.address, 1)).epoch_link is None
+
+
+async def test_divergence_is_refused(tmp_path: Path) -> None:
+    ledger, journal, domain = _setup(tmp_path)
+    entries = sample_tasks(10, edge_key=EDGE_KEY, domain=domain)
+    journal.append_many(entries)
+    await Anchorer(journal, ledger, EDGE, max_records=5).flush()
+    other = Journal.open(tmp_path / "other.db", edge=journal.edge)
+    with pytest.raises(JournalError):
+        await Anchorer(other, ledger, EDGE).sync()
+    other.append_many(sample_tasks(10, edge_key=EDGE_KEY, domain=domain, seed=9))
+    other.close_batch(5)
+    other.close_batch(5)
+    with pytest.raises(LedgerError):
+        await Anchorer(other, ledger, EDGE).sync()
+    unregistered = MemoryLedger()
+    with pytest.raises(LedgerError):
+        await Anchorer(journal, unregistered, EDGE).sync()
+
+
+async def test_replayed_duplicated_out_of_order_anchors_revert(tmp_path: Path) -> None:
+    ledger, journal, domain = _setup(tmp_path)
+    journal.append_many(sample_tasks(10, edge_key=EDGE_KEY, domain=domain))
+    await Anchorer(journal, ledger, EDGE, max_records=5).flush()
+    b0, b1 = journal.batch(0), journal.batch(1)
+    calls: list[tuple[Any, ...]] = [
+        (0, b0.root, 0, 5, b0.prev_head),  # replay
+        (1, b1.root, 5, 5, b1.prev_head),  # duplicate
+        (3, b1.root, 10, 5, b1.head),  # gap
+        (2, b1.root, 5, 5, b1.head),  # wrong first sequence
+        (2, b1.root, 10, 5, b0.head),  # wrong previous head
+        (2, b1.root, 10, 0, b1.head),  # empty
+    ]
+    for args in calls:
+        with pytest.raises(ContractRevertError):
+            await ledger.anchor_batch(EDGE, *args, b"")
+
+
+async def test_run_loop_in_a_task_group(tmp_path: Path) -> None:
+    ledger, journal, domain = _setup(tmp_path)
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=4, max_seconds=0.01)
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(anchorer.run(poll_seconds=0.001, stop=stop))
+        for i in range(0, 12, 3):
+            journal.append_many(sample_tasks(3, edge_key=EDGE_KEY, domain=domain, first_seq=i))
+            await asyncio.sleep(0.005)
+        stop.set()
+    state = await ledger.edge_state(EDGE.address)
+    assert (state.next_seq, state.head) == (12, journal.head)
+    assert journal.unanchored() == []
+
+
+async def _register(ledger: Any, admin: Any) -> None:
+    party = await ledger.register_party(admin.address)
+    await ledger.allow_measurement(MEASUREMENT)
+    await ledger.register_edge(admin, party, EDGE.address, MEASUREMENT, b"\x22" * 32, "e:1")
+
+
+@pytest.mark.anvil
+@pytest.mark.slow
+async def test_anvil_killed_new_epoch_reanchors_everything(tmp_path: Path) -> None:
+    """anvil loses its state on kill -9; the edge re-anchors the journal in a linked epoch."""
+    ledger_mod = pytest.importorskip("secure_ci.ledger")
+    if ledger_mod.find_anvil() is None:
+        pytest.skip("anvil is not installed (npm ci in ledger/)")
+    journal = Journal.open(tmp_path / "edge.db", edge=bytes.fromhex(EDGE.address[2:]))
+    heads = []
+    for round_ in range(2):
+        with ledger_mod.run_anvil() as node:
+            owner, admin = (Account.from_key(k) for k in node.keys[:2])
+            async with ledger_mod.open_ledger(node.url, deployer=owner) as ledger:
+                await ledger.fund(EDGE.address, 10**20)
+                await _register(ledger, admin)
+                if round_ == 0:
+                    entries = sample_tasks(9, edge_key=EDGE_KEY, domain=ledger.domain)
+                    journal.append_many(entries)
+                anchorer = Anchorer(journal, ledger, EDGE, max_records=4)
+                assert await anchorer.sync() == (0 if round_ == 0 else 3)
+                assert len(await anchorer.flush()) == 3
+                state = await ledger.edge_state(EDGE.address)
+                heads.append(state.head)
+                assert state.next_seq == 9
+                first = decode_batch(await ledger.batch_calldata(EDGE.address, 0))
+                assert (first.epoch_link is None) == (round_ == 0)
+    assert heads[0] == heads[1] == journal.head
+    journal.close()

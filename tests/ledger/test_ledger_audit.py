@@ -1,0 +1,173 @@
+"""Audit: index from anchoring calldata, queries, verification and its failure modes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+
+from secure_ci.exceptions import ContractRevertError, ProofError, RecordError, SignatureError
+from secure_ci.ledger._anchor import Anchorer
+from secure_ci.ledger._audit import AuditIndex, _proof_from_blob
+from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
+from secure_ci.ledger._journal import Journal
+from secure_ci.ledger._merkle import MerkleTree
+from secure_ci.ledger._receipts import ReceiptBook, find_receipt
+from secure_ci.ledger._records import keccak256
+from secure_ci.testing import MemoryLedger, sample_tasks
+
+EDGE_KEY = keccak256(b"edge")
+EDGE = Account.from_key(EDGE_KEY)
+EDGE_BYTES = bytes.fromhex(EDGE.address[2:])
+
+
+async def _ledger(tmp_path: Path, n: int = 23) -> tuple[MemoryLedger, Journal]:
+    ledger = MemoryLedger()
+    ledger.register_edge(EDGE, b"\x11" * 32)
+    journal = Journal.open(tmp_path / "edge.db", edge=EDGE_BYTES)
+    journal.append_many(sample_tasks(n, edge_key=EDGE_KEY, domain=ledger.domain))
+    await Anchorer(journal, ledger, EDGE, max_records=8).flush()
+    return ledger, journal
+
+
+def test_proof_from_blob_matches_tree() -> None:
+    for n in (1, 2, 3, 7, 8, 13):
+        leaves = [keccak256(bytes([i])) for i in range(n)]
+        tree = MerkleTree.build(leaves)
+        blob = b"".join(b"".join(level) for level in tree.levels)
+        for i in range(n):
+            assert _proof_from_blob(blob, n, i) == tree.proof(i)
+
+
+async def test_sync_query_verify(tmp_path: Path) -> None:
+    ledger, journal = await _ledger(tmp_path)
+    with AuditIndex(tmp_path / "index.db", ledger.domain) as index:
+        assert await index.sync(ledger, [EDGE.address]) == 23
+        assert await index.sync(ledger, [EDGE.address]) == 0
+        assert index.count() == 23
+        e = journal.entries(17, 1)[0]
+        (shown,) = index.show(e.request.task_id)
+        assert shown.record.result == e.result
+        assert shown.batch_id == 2
+        assert shown.as_json()["edge_seq"] == 17
+        (verified,) = await index.verify(e.request.task_id, ledger)
+        assert verified.record_hash == e.record_hash
+        (offline,) = await index.verify(e.request.task_id, None)
+        assert offline == verified
+        device = e.request.device
+        assert all(t.record.request.device == device for t in index.tasks(device=device))
+        assert len(index.tasks(device=device)) == 6
+        assert len(index.tasks(edge=EDGE_BYTES, limit=5)) == 5
+        since = e.request.deadline
+        assert len(index.tasks(since=since, until=since + 3)) == 3
+        assert index.tasks(model=b"\x00" * 32) == []
+        with pytest.raises(RecordError):
+            await index.verify(b"\x00" * 32, ledger)
+
+
+async def test_tampered_record_proof_signature_fail(tmp_path: Path) -> None:
+    ledger, journal = await _ledger(tmp_path)
+    index = AuditIndex(":memory:", ledger.domain)
+    await index.sync(ledger, [EDGE_BYTES])
+    (task,) = index.show(journal.entries(5, 1)[0].request.task_id)
+    await index.verify_task(task, ledger)
+    rec = task.record
+    tampered = replace(rec, result=replace(rec.result, output_commitment=b"\x00" * 32))
+    with pytest.raises(ProofError):
+        await index.verify_task(replace(task, record=tampered), ledger)
+    other = journal.entries(6, 1)[0].device_sig
+    with pytest.raises(SignatureError):
+        await index.verify_task(replace(task, record=replace(rec, device_sig=other)), ledger)
+    with pytest.raises(ProofError):  # claims another batch
+        await index.verify_task(replace(task, batch_id=1), ledger)
+    with pytest.raises(ProofError):
+        await index.verify_task(replace(task, record=tampered), None)
+    # a corrupted proof in the index
+    index._conn.execute("UPDATE batches SET nodes = zeroblob(length(nodes)) WHERE batch_id = 0")
+    with pytest.raises(ProofError):
+        await index.verify_task(task, ledger)
+    # the edge's registered measurement no longer matches the record
+    index2 = AuditIndex(":memory:", ledger.domain)
+    await index2.sync(ledger, [EDGE_BYTES])
+    ledger.edges[EDGE_BYTES].measurement = b"\x99" * 32
+    with pytest.raises(SignatureError):
+        await index2.verify(task.record.request.task_id, ledger)
+
+
+async def test_calldata_that_disagrees_with_the_root_fails_verify(tmp_path: Path) -> None:
+    ledger, _journal = await _ledger(tmp_path, n=8)
+    # the edge publishes a root over other records than its calldata shows
+    batch = decode_batch(await ledger.batch_calldata(EDGE.address, 0))
+    records = list(batch.records)
+    records[2] = replace(
+        records[2], result=replace(records[2].result, output_commitment=b"\x01" * 32)
+    )
+    ledger.edges[EDGE_BYTES].calldata[0] = encode_batch(BatchRecords(EDGE_BYTES, 0, tuple(records)))
+    index = AuditIndex(":memory:", ledger.domain)
+    await index.sync(ledger, [EDGE_BYTES])
+    with pytest.raises(ProofError):
+        await index.verify(records[2].request.task_id, ledger)
+    with pytest.raises(RecordError):
+        index.add_batch(b"\x01" * 20, 9, b"\x00" * 32, 1, encode_batch(batch), b"\x11" * 32)
+
+
+async def test_inprocess_chain_end_to_end(tmp_path: Path) -> None:
+    """The real path: py-evm chain, the Solidity contract, anchorer, receipts, audit."""
+    ledger_mod = pytest.importorskip("secure_ci.ledger")
+    admin = Account.from_key(keccak256(b"admin"))
+    device = Account.from_key(keccak256(b"device-key" + bytes(8) + b"\x00"))
+    async with ledger_mod.open_ledger("inprocess") as ledger:
+        for who in (admin, EDGE, device):
+            await ledger.fund(who.address, 10**20)
+        party = await ledger.register_party(admin.address)
+        await ledger.allow_measurement(b"\x11" * 32)
+        await ledger.register_edge(admin, party, EDGE.address, b"\x11" * 32, b"\x22" * 32, "e:1")
+        await ledger.register_device(admin, party, device.address)
+        domain = ledger.domain
+        entries = sample_tasks(13, edge_key=EDGE_KEY, domain=domain)
+        # the contract's EIP-712 hashing agrees with ours
+        assert await ledger.hash_task_result(entries[0].result) == entries[0].record_hash
+        journal = Journal.open(tmp_path / "edge.db", edge=EDGE_BYTES)
+        journal.append_many(entries[:10])
+        anchorer = Anchorer(journal, ledger, EDGE, max_records=4)
+        receipts = await anchorer.flush()
+        assert len(receipts) == 3
+        # replayed and out-of-order anchors revert
+        b0 = journal.batch(0)
+        with pytest.raises(ContractRevertError):
+            await ledger.anchor_batch(EDGE, 0, b0.root, 0, 4, b0.prev_head, b"")
+        with pytest.raises(ContractRevertError):
+            await ledger.anchor_batch(EDGE, 4, b0.root, 10, 4, journal.head, b"")
+        # the device gets a receipt checked against the contract
+        e = entries[6]
+        receipt = await find_receipt(ledger, domain, e.request, e.result, e.device_sig, e.edge_sig)
+        assert receipt is not None
+        assert receipt.batch_id == 1
+        # the auditor indexes the calldata and verifies against the chain
+        index = AuditIndex(":memory:", domain)
+        edges = {ev.edge for ev in await ledger.batches()}
+        assert await index.sync(ledger, edges) == 10
+        (verified,) = await index.verify(e.request.task_id, ledger)
+        assert verified.root == journal.batch(1).root
+        (task,) = index.show(e.request.task_id)
+        bad = replace(task.record, result=replace(task.record.result, latency_ms=1))
+        with pytest.raises(ProofError):
+            await index.verify_task(replace(task, record=bad), ledger)
+        # the edge acknowledges records 10..12 but never anchors them: challenge -> omission
+        journal.append_many(entries[10:])
+        omitted = entries[12]
+        book = ReceiptBook(ledger, domain, device, grace_seconds=0)
+        book.track(omitted.request, omitted.result, omitted.device_sig, omitted.edge_sig)
+        (cid,) = await book.check(now=omitted.request.deadline + 1)
+        await ledger.advance_time(await ledger.challenge_window() + 1)
+        await ledger.finalize_challenge(device, cid)
+        assert (await ledger.edge_state(EDGE.address)).omissions == 1
+        # a restarted edge re-anchors exactly what the chain lacks
+        journal.close()
+        journal = Journal.open(tmp_path / "edge.db", edge=EDGE_BYTES)
+        assert len(await Anchorer(journal, ledger, EDGE, max_records=4).flush()) == 1
+        state = await ledger.edge_state(EDGE.address)
+        assert (state.next_seq, state.head) == (13, journal.head)
+        journal.close()
