@@ -38,6 +38,9 @@ class FramedStream:
         self.connection = connection
         self._clock = clock
         self._eof = False
+        self.bytes_sent = 0
+        """Protocol bytes written (frames, before TLS); a metric."""
+        self.bytes_received = 0
 
     async def next_event(self) -> Event:
         """The next event from the peer; raises ProtocolError (timeouts too) or ChannelError."""
@@ -53,6 +56,7 @@ class FramedStream:
             try:
                 async with asyncio.timeout(delay):
                     data = await self.reader.read(READ_SIZE)
+                    self.bytes_received += len(data)
             except TimeoutError:
                 conn.handle_timer(self._clock())
                 continue
@@ -63,7 +67,9 @@ class FramedStream:
 
     async def send(self, event: Event) -> None:
         """Encode ``event`` through the state machine and write it."""
-        self.writer.write(self.connection.send(event, self._clock()))
+        data = self.connection.send(event, self._clock())
+        self.bytes_sent += len(data)
+        self.writer.write(data)
         try:
             await self.writer.drain()
         except (OSError, ssl.SSLError) as exc:

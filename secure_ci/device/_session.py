@@ -117,6 +117,11 @@ class Session:
         self._closing = False
 
     @property
+    def bytes_sent(self) -> int:
+        """Protocol bytes this session has sent (frames, before TLS)."""
+        return self._stream.bytes_sent
+
+    @property
     def max_in_flight(self) -> int:
         """Requests that may be in flight at once (our limit, lowered to the edge's)."""
         return self._stream.connection.max_in_flight

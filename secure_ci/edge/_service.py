@@ -79,17 +79,27 @@ class EdgeService:
         self._idle = asyncio.Event()
         self._idle.set()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="secure-ci-tail")
+        self._checkers = ThreadPoolExecutor(2, thread_name_prefix="secure-ci-check")
         batch_limits = BatchLimits(
             max_batch=limits.max_batch,
             max_wait=limits.max_wait_ms / 1000.0,
             max_queue=limits.max_queue,
         )
-        self._batchers: dict[tuple[bytes, int], Batcher[Job, InferResult]] = {
+        self._batchers: dict[tuple[bytes, int], Batcher[Job, bytes]] = {
             (e.model_id, e.cut): Batcher(
-                self._batch_runner(e), limits=batch_limits, executor=self._executor
+                self._tail_runner(e), limits=batch_limits, executor=self._executor
             )
             for e in models.entries()
         }
+        # Signing and journaling run in their own thread, so the tail starts the next batch
+        # while the previous one is signed and group-committed.
+        self._signer = ThreadPoolExecutor(1, thread_name_prefix="secure-ci-receipts")
+        receipt_limits = BatchLimits(
+            max_batch=min(limits.max_queue, 4096), max_wait=0.0, max_queue=2 * limits.max_queue
+        )
+        self._receipts: Batcher[tuple[Job, bytes], InferResult] = Batcher(
+            self._sign_and_journal, limits=receipt_limits, executor=self._signer
+        )
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -129,14 +139,19 @@ class EdgeService:
             raise ProtocolError("the edge is shutting down", code=ErrorCode.SHUTTING_DOWN)
         if self._inflight[device] >= self.config.limits.max_inflight_per_device:
             raise ProtocolError("too many requests in flight for this device", code=ErrorCode.BUSY)
-        record, features = check_request(self, device, request, self._clock())
-        self._remember(device, request.task_id)
-        batcher = self._batchers[(request.model_id, request.cut)]
         self._inflight[device] += 1
         self._idle.clear()
         try:
+            # Hashing, signature recovery and decoding release the GIL: off the loop.
+            record, features = await asyncio.get_running_loop().run_in_executor(
+                self._checkers, check_request, self, device, request, self._clock()
+            )
+            self._remember(device, request.task_id)
+            batcher = self._batchers[(request.model_id, request.cut)]
+            job = Job(record, request.signature, features, received_at)
             async with asyncio.timeout(self.config.limits.request_timeout):
-                result = await batcher.submit(Job(record, request.signature, features, received_at))
+                output = await batcher.submit(job)
+                result = await self._receipts.submit((job, output))
         except TimeoutError:
             raise ProtocolError("the edge did not finish in time", code=ErrorCode.TIMEOUT) from None
         finally:
@@ -148,47 +163,56 @@ class EdgeService:
         self.stats["results"] += 1
         return result
 
-    def _batch_runner(self, entry: TailEntry) -> Callable[[Sequence[Job]], list[InferResult]]:
-        def run(jobs: Sequence[Job]) -> list[InferResult]:
-            outputs = entry.run_batch([j.features for j in jobs])
-            finished = time.monotonic()
-            results, journaled = [], []
-            seq = self.journal.next_seq  # only this worker thread appends
-            for job, output in zip(jobs, outputs, strict=True):
-                salt = self.random_bytes(32)
-                latency_ms = min(max(0, int((finished - job.received_at) * 1000)), 2**32 - 1)
-                record = TaskResult(
-                    task_id=job.request.task_id,
-                    request_hash=job.request.struct_hash(),
-                    output_commitment=commitment(salt, output),
-                    measurement=self.identity.measurement,
-                    quote_id=self.identity.quote_id,
-                    status=0,
-                    latency_ms=latency_ms,
-                    edge_seq=seq,
-                )
-                seq += 1
-                signature = record.sign(self.identity.signing_key, self.domain)
-                journaled.append(
-                    JournalEntry(
-                        job.request, record, job.device_sig, signature, record.digest(self.domain)
-                    )
-                )
-                results.append(
-                    InferResult(
-                        task_id=record.task_id,
-                        status=0,
-                        payload=output,
-                        salt=salt,
-                        edge_seq=record.edge_seq,
-                        latency_ms=latency_ms,
-                        signature=signature,
-                    )
-                )
-            self.journal.append_many(journaled)  # acknowledged only once journaled
-            return results
+    @staticmethod
+    def _tail_runner(entry: TailEntry) -> Callable[[Sequence[Job]], list[bytes]]:
+        def run(jobs: Sequence[Job]) -> list[bytes]:
+            return entry.run_batch([j.features for j in jobs])
 
         return run
+
+    def _sign_and_journal(self, done: Sequence[tuple[Job, bytes]]) -> list[InferResult]:
+        """Sign each result record and journal them in one group commit (receipts thread)."""
+        finished = time.monotonic()
+        results, journaled = [], []
+        seq = self.journal.next_seq  # only this thread appends
+        for job, output in done:
+            salt = self.random_bytes(32)
+            latency_ms = min(max(0, int((finished - job.received_at) * 1000)), 2**32 - 1)
+            record = TaskResult(
+                task_id=job.request.task_id,
+                request_hash=job.request.struct_hash(),
+                output_commitment=commitment(salt, output),
+                measurement=self.identity.measurement,
+                quote_id=self.identity.quote_id,
+                status=0,
+                latency_ms=latency_ms,
+                edge_seq=seq,
+            )
+            seq += 1
+            signature = record.sign(self.identity.signing_key, self.domain)
+            journaled.append(
+                JournalEntry(
+                    job.request, record, job.device_sig, signature, record.digest(self.domain)
+                )
+            )
+            results.append(
+                InferResult(
+                    task_id=record.task_id,
+                    status=0,
+                    payload=output,
+                    salt=salt,
+                    edge_seq=record.edge_seq,
+                    latency_ms=latency_ms,
+                    signature=signature,
+                )
+            )
+        self.journal.append_many(journaled)  # answered only once journaled
+        return results
+
+    async def _start(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.__aenter__()
+        await self._receipts.__aenter__()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -207,7 +231,9 @@ class EdgeService:
             await asyncio.wait(sessions, timeout=self.config.limits.drain_timeout)
         for batcher in self._batchers.values():
             await batcher.drain()
-        self._executor.shutdown(wait=True)
+        await self._receipts.drain()
+        for executor in (self._executor, self._checkers, self._signer):
+            executor.shutdown(wait=True)
 
 
 @asynccontextmanager
@@ -255,8 +281,7 @@ async def open_edge(
     ctx = server_context(
         identity.credentials.cert_pem.encode(), identity.credentials.key_pem.encode()
     )
-    for batcher in edge._batchers.values():
-        await batcher.__aenter__()
+    await edge._start()
     server = await asyncio.start_server(
         on_connect,
         config.host,

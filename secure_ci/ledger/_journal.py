@@ -10,6 +10,7 @@ state is tracked: ``closed`` until a transaction anchored them, then ``anchored`
 from __future__ import annotations
 
 import sqlite3
+import threading
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -73,6 +74,8 @@ class Journal:
 
     def __init__(self, conn: sqlite3.Connection, edge: bytes) -> None:
         self._conn = conn
+        # one connection shared by the event loop and worker threads (to_thread(append_many))
+        self._lock = threading.RLock()
         self.edge = edge
         # entries appended by this process and not yet anchored: saves reading them back
         self._recent: dict[int, JournalEntry] = {}
@@ -115,6 +118,10 @@ class Journal:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield from self._tx_locked()
+
+    def _tx_locked(self) -> Iterator[sqlite3.Connection]:
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -128,7 +135,8 @@ class Journal:
 
     def _scalar(self, sql: str, *args: object) -> int:
         try:
-            return int(self._conn.execute(sql, args).fetchone()[0])
+            with self._lock:
+                return int(self._conn.execute(sql, args).fetchone()[0])
         except (sqlite3.Error, TypeError, ValueError) as exc:
             raise JournalError(f"journal read failed: {exc}") from exc
 
@@ -309,7 +317,8 @@ class Journal:
 
     def _row(self, sql: str, *args: object) -> Any:
         try:
-            return self._conn.execute(sql, args).fetchone()
+            with self._lock:
+                return self._conn.execute(sql, args).fetchone()
         except sqlite3.Error as exc:
             raise JournalError(f"journal read failed: {exc}") from exc
 

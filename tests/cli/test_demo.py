@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from secure_ci.cli import app
-from secure_ci.cli._demo import DEMO_CODECS, EXIT_MODE, run_split_demo
+from secure_ci.demo._local import DEMO_CODECS, EXIT_MODE, run_split_demo
 from secure_ci.exceptions import ConfigError
 from secure_ci.zoo._train import load_trained_digits
 

@@ -7,6 +7,7 @@ unsplit inference (per codec tolerance), with every result signed by the atteste
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -132,8 +133,9 @@ async def test_device_and_edge_processes_agree_with_local_inference(
     address = info["listening"]
     for codec, tolerance in (("float32", 1e-5), ("int8", 0.1)):
         plan = PartitionPlan(model_id=model_id, cut=CUT, codec=codec)
+        fresh = dataclasses.replace(policy, require_nonce=codec == "int8")  # Challenge/Evidence
         async with open_session(
-            address, policy=policy, collateral=collateral, identity=device, model=model,
+            address, policy=fresh, collateral=collateral, identity=device, model=model,
             plan=plan, example_input=example,
         ) as session:  # fmt: skip
             assert session.enclave.mrenclave == bytes.fromhex(MRENCLAVE)
