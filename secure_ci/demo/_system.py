@@ -26,8 +26,14 @@ from torch import nn
 
 from secure_ci.attestation import DevPKI, Policy, SimulatedProvider
 from secure_ci.device import DeviceIdentity, Session, open_session
-from secure_ci.edge import EdgeConfig, ModelRegistry, TailEntry, create_identity, open_edge
-from secure_ci.edge import tails_from_partitioner
+from secure_ci.edge import (
+    EdgeConfig,
+    ModelRegistry,
+    TailEntry,
+    create_identity,
+    open_edge,
+    tails_from_partitioner,
+)
 from secure_ci.exceptions import ConfigError, SecureCIError
 from secure_ci.ledger import Anchorer, AuditIndex, Journal, ReceiptBook, open_ledger
 from secure_ci.partition import PartitionPlan
@@ -118,12 +124,13 @@ async def _device_run(
     x, y = trained.data.test_x, trained.data.test_y
     before, done = session.bytes_sent, 0
     try:
-        for done, i in enumerate(samples):
+        for i in samples:
             start = time.perf_counter()
             out = await session.infer(x[i : i + 1])
             stats.latencies.append(1000 * (time.perf_counter() - start))
             logits = out if isinstance(out, torch.Tensor) else out[0]
             stats.correct += int(int(logits.argmax(dim=1)[0]) == int(y[i]))
+            done += 1
     except SecureCIError as exc:  # the device reports and stops; the others go on
         stats.failed += len(samples) - done
         stats.errors.append(f"{type(exc).__name__}: {exc}")

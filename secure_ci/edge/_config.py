@@ -206,7 +206,7 @@ def load_edge_config(toml_text: str, base_dir: Path) -> EdgeConfig:
     """Parse the TOML text of an edge configuration; relative paths resolve against base_dir."""
     try:
         doc = tomllib.loads(toml_text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(f"edge config is not valid TOML: {exc}") from exc
     unknown = set(doc) - _TOP
     if unknown:

@@ -66,7 +66,7 @@ def validate_manifest(text: str) -> dict[str, Any]:
         raise ConfigError("manifest still contains template syntax")
     try:
         manifest = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(f"manifest is not valid TOML: {exc}") from exc
     for key in REQUIRED_MANIFEST_KEYS:
         _lookup(manifest, key)

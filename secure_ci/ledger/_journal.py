@@ -10,8 +10,8 @@ state is tracked: ``closed`` until a transaction anchored them, then ``anchored`
 from __future__ import annotations
 
 import sqlite3
-import threading
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -192,11 +192,12 @@ class Journal:
         if all(e is not None for e in cached):
             return cached  # type: ignore[return-value]
         try:
-            rows = self._conn.execute(
+            rows = self._rows(
                 "SELECT seq, request, result, device_sig, edge_sig, record_hash FROM records"
                 " WHERE seq >= ? AND seq < ? ORDER BY seq",
-                (first_seq, first_seq + count),
-            ).fetchall()
+                first_seq,
+                first_seq + count,
+            )
             out = [
                 JournalEntry(
                     TaskRequest(*_REQ.unpack(req)),
@@ -239,29 +240,18 @@ class Journal:
         return batch
 
     def _record_hashes(self, first: int, count: int) -> list[bytes]:
-        try:
-            hashes = [
-                bytes(row[0])
-                for row in self._conn.execute(
-                    "SELECT record_hash FROM records WHERE seq >= ? AND seq < ? ORDER BY seq",
-                    (first, first + count),
-                )
-            ]
-        except sqlite3.Error as exc:
-            raise JournalError(f"journal read failed: {exc}") from exc
+        sql = "SELECT record_hash FROM records WHERE seq >= ? AND seq < ? ORDER BY seq"
+        hashes = [bytes(row[0]) for row in self._rows(sql, first, first + count)]
         if len(hashes) != count:
             raise JournalError("journal is missing records of the batch")
         return hashes
 
     def batch(self, batch_id: int) -> Batch:
-        try:
-            row = self._conn.execute(
-                "SELECT batch_id, first_seq, count, root, prev_head, head, anchored, tx_hash,"
-                " block_number FROM batches WHERE batch_id = ?",
-                (batch_id,),
-            ).fetchone()
-        except sqlite3.Error as exc:
-            raise JournalError(f"journal read failed: {exc}") from exc
+        row = self._row(
+            "SELECT batch_id, first_seq, count, root, prev_head, head, anchored, tx_hash,"
+            " block_number FROM batches WHERE batch_id = ?",
+            batch_id,
+        )
         if row is None:
             raise JournalError(f"journal has no batch {batch_id}")
         bid, first, count, root, prev, head, anchored, tx, block = row
@@ -272,12 +262,7 @@ class Journal:
 
     def unanchored(self) -> list[int]:
         """Ids of closed batches not known to be anchored, in order."""
-        try:
-            rows = self._conn.execute(
-                "SELECT batch_id FROM batches WHERE anchored = 0 ORDER BY batch_id"
-            ).fetchall()
-        except sqlite3.Error as exc:
-            raise JournalError(f"journal read failed: {exc}") from exc
+        rows = self._rows("SELECT batch_id FROM batches WHERE anchored = 0 ORDER BY batch_id")
         return [int(r[0]) for r in rows]
 
     def batch_of_seq(self, seq: int) -> Batch | None:
@@ -314,6 +299,13 @@ class Journal:
     def get_meta(self, key: str) -> bytes | None:
         row = self._row("SELECT value FROM meta WHERE key = ?", key)
         return None if row is None else bytes(row[0])
+
+    def _rows(self, sql: str, *args: object) -> list[Any]:
+        try:
+            with self._lock:
+                return self._conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
 
     def _row(self, sql: str, *args: object) -> Any:
         try:

@@ -17,6 +17,7 @@ from typing import Any
 from secure_ci.attestation import Collateral, DevPKI, Policy, SimulatedProvider, VerifiedEnclave
 from secure_ci.channel import FramedStream, connect_attested
 from secure_ci.edge._config import format_address, parse_address
+from secure_ci.exceptions import RemoteProtocolError
 from secure_ci.ledger._records import (
     LedgerDomain,
     TaskRequest,
@@ -29,6 +30,8 @@ from secure_ci.protocol import (
     Authenticate,
     AuthOk,
     Connection,
+    Error,
+    ErrorCode,
     Event,
     Hello,
     HelloAck,
@@ -69,6 +72,14 @@ def new_device_key() -> bytes:
             return key
         except Exception:  # noqa: S112 - out of range: draw again
             continue
+
+
+def _refused(event: Event, expected: str) -> RemoteProtocolError:
+    if isinstance(event, Error):
+        return RemoteProtocolError(f"edge refused: {event.reason}", code=event.code)
+    return RemoteProtocolError(
+        f"expected {expected}, got {type(event).__name__}", code=ErrorCode.UNEXPECTED
+    )
 
 
 class RawDevice:
@@ -113,7 +124,7 @@ class RawDevice:
         await self.stream.send(Hello(versions=PROTOCOL_VERSIONS, device=device))
         ack = await self.stream.next_event()
         if not isinstance(ack, HelloAck):
-            raise AssertionError(f"expected HelloAck, got {ack!r}")
+            raise _refused(ack, "HelloAck")
         self.edge_address = parse_address(ack.enclave)
         binding = channel_binding(
             quote_id=bytes.fromhex(self.enclave.quote_id),
@@ -124,7 +135,7 @@ class RawDevice:
         await self.stream.send(Authenticate(signature=sign_digest(self.key, binding)))
         ok = await self.stream.next_event()
         if not isinstance(ok, AuthOk):
-            raise AssertionError(f"expected AuthOk, got {ok!r}")
+            raise _refused(ok, "AuthOk")
         return ack
 
     def request(

@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 import torch
-from conftest import CUT, Served
+from edge_helpers import CUT, Served
 
 from secure_ci.edge import EdgeLimits
 from secure_ci.partition import encode_features

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import CUT, build_partitioner, registry
+from edge_helpers import CUT, build_partitioner, registry
 
 from secure_ci.edge import EdgeConfig, EdgeLimits, create_identity, open_edge
 from secure_ci.ledger._journal import Journal

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from secure_ci.edge import REQUIRED_MANIFEST_KEYS, render_manifest, validate_manifest
 from secure_ci.exceptions import ConfigError
@@ -79,3 +81,23 @@ def test_validation_catches_weakened_templates(old: str, new: str) -> None:
 def test_leftover_template_syntax_is_refused() -> None:
     with pytest.raises(ConfigError):
         validate_manifest('sgx.debug = false\nx = "{{ y }}"\n')
+
+
+@given(st.text(max_size=40))
+def test_any_value_renders_safely_or_is_refused(value: str) -> None:
+    try:
+        manifest = validate_manifest(
+            render_manifest(TEMPLATE.read_text(), {**VALUES, "app_dir": value})
+        )
+    except ConfigError:
+        return
+    assert manifest["sgx"]["debug"] is False
+    assert f"file:{value}/" in manifest["sgx"]["trusted_files"]
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_manifest_bytes_only_raise_config_error(data: bytes) -> None:
+    try:
+        validate_manifest(data.decode("utf-8", "replace"))
+    except ConfigError:
+        return

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 import torch
-from conftest import CUT, Served
+from edge_helpers import CUT, Served
 
-from secure_ci.exceptions import SecureCIError
+from secure_ci.exceptions import RemoteProtocolError, SecureCIError
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment
 from secure_ci.partition import decode_features, encode_features
 from secure_ci.protocol import Close, Error, ErrorCode, InferResult
@@ -111,8 +111,9 @@ async def test_concurrent_devices_are_batched(served: Served) -> None:
 
 async def test_unknown_device_gets_unauthorized_error(served: Served) -> None:
     device = await _device(served, new_device_key())
-    with pytest.raises(AssertionError, match="code=3"):
+    with pytest.raises(RemoteProtocolError) as refused:
         await device.handshake()
+    assert refused.value.code == ErrorCode.UNAUTHORIZED
     await device.aclose()
     assert served.edge.active_sessions == 0
 

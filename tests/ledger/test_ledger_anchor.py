@@ -197,3 +197,17 @@ async def test_anvil_killed_new_epoch_reanchors_everything(tmp_path: Path) -> No
                 assert (first.epoch_link is None) == (round_ == 0)
     assert heads[0] == heads[1] == journal.head
     journal.close()
+
+
+async def test_appends_from_a_worker_thread_while_anchoring(tmp_path: Path) -> None:
+    ledger, journal, domain = _setup(tmp_path)
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=7, max_seconds=0.01)
+    stop = asyncio.Event()
+    entries = sample_tasks(60, edge_key=EDGE_KEY, domain=domain)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(anchorer.run(poll_seconds=0.0005, stop=stop))
+        for i in range(0, 60, 5):
+            await asyncio.to_thread(journal.append_many, entries[i : i + 5])
+        stop.set()
+    state = await ledger.edge_state(EDGE.address)
+    assert (state.next_seq, state.head) == (60, journal.head)
