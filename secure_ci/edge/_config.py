@@ -26,12 +26,28 @@ Example::
     mrenclave = "<64 hex>"
     mrsigner = "<64 hex>"
     export_dir = "dev-pki"            # where the dev root and collateral are written for devices
+
+    [ledger]                          # optional: register, admit registered devices, anchor
+    rpc = "http://127.0.0.1:8545"
+    contract = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+    operator_key_file = "operator.key"  # hex key of the party admin, relative to this file
+    party_id = 1
+    endpoint = "127.0.0.1:7443"       # optional: announced on chain (default: [listen])
+    batch_records = 256               # close a batch after this many records ...
+    batch_seconds = 2.0               # ... or after this many seconds
+    refresh_seconds = 1.0             # how often the device registry is re-read
+    fund_wei = 100000000000000000     # top the enclave key up to this (it pays for anchors)
+
+With ``[ledger]`` the chain is the authority: the EIP-712 domain (chain id, contract) comes
+from it (so top-level ``chain_id``/``contract`` must be absent), ``allowed_devices`` must be
+empty (the registry is the allow-list) and ``journal_dir`` is required (anchoring needs it).
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -43,6 +59,7 @@ from secure_ci.ledger._records import keccak256
 __all__ = [
     "EdgeConfig",
     "EdgeLimits",
+    "LedgerSettings",
     "ModelSpec",
     "format_address",
     "load_edge_config",
@@ -125,6 +142,41 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class LedgerSettings:
+    """The ``[ledger]`` table: where the edge registers itself and anchors its journal."""
+
+    rpc: str
+    contract: bytes
+    party_id: int
+    operator_key_file: Path | None = None
+    endpoint: str | None = None
+    batch_records: int = 256
+    batch_seconds: float = 2.0
+    refresh_seconds: float = 1.0
+    fund_wei: int = 10**17
+
+    def __post_init__(self) -> None:
+        url = urllib.parse.urlsplit(self.rpc) if isinstance(self.rpc, str) else None
+        if url is None or url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"ledger.rpc must be an http(s) URL, not {self.rpc!r}")
+        if not isinstance(self.contract, bytes) or len(self.contract) != 20:
+            raise ConfigError("ledger.contract must be a 20-byte address")
+        if self.contract == bytes(20):
+            raise ConfigError("ledger.contract must not be the zero address")
+        _bounded("ledger.party_id", self.party_id, 1, 2**64 - 1)
+        if self.endpoint is not None and (
+            not isinstance(self.endpoint, str) or not 0 < len(self.endpoint) <= 256
+        ):
+            raise ConfigError("ledger.endpoint must be a non-empty string of at most 256 chars")
+        _bounded("ledger.batch_records", self.batch_records, 1, 1 << 16)
+        _bounded("ledger.batch_seconds", self.batch_seconds, 0.001, 86_400.0)
+        _bounded("ledger.refresh_seconds", self.refresh_seconds, 0.001, 86_400.0)
+        _bounded("ledger.fund_wei", self.fund_wei, 0, 2**128)
+        if not all(isinstance(v, int) for v in (self.party_id, self.batch_records, self.fund_wei)):
+            raise ConfigError("ledger.party_id, batch_records and fund_wei must be integers")
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     """Everything ``secure-ci edge serve`` needs; validated at construction."""
 
@@ -140,6 +192,7 @@ class EdgeConfig:
     mrenclave: bytes = bytes(32)
     mrsigner: bytes = bytes(32)
     export_dir: Path | None = None
+    ledger: LedgerSettings | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -152,6 +205,18 @@ class EdgeConfig:
         if len(self.mrenclave) != 32 or len(self.mrsigner) != 32 or len(self.contract) != 20:
             raise ConfigError("mrenclave/mrsigner must be 32 bytes, contract 20 bytes")
         _bounded("chain_id", self.chain_id, 0, 2**63)
+        if self.ledger is not None:
+            if self.allowed_devices:
+                raise ConfigError(
+                    "with [ledger] the chain's registry is the allow-list: "
+                    "allowed_devices must be empty"
+                )
+            if self.journal_dir is None:
+                raise ConfigError("with [ledger] a journal_dir is required (it is anchored)")
+            if self.ledger.endpoint is None and self.port == 0:
+                raise ConfigError("with [ledger] and listen port 0, set ledger.endpoint")
+            if self.contract not in (bytes(20), self.ledger.contract):
+                raise ConfigError("contract differs from ledger.contract")
 
 
 def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -199,7 +264,45 @@ _TOP = {
     "models",
     "limits",
     "simulated",
+    "ledger",
 }
+_LEDGER = {
+    "rpc",
+    "contract",
+    "operator_key_file",
+    "party_id",
+    "endpoint",
+    "batch_records",
+    "batch_seconds",
+    "refresh_seconds",
+    "fund_wei",
+}
+
+
+def _ledger(doc: Mapping[str, Any], base_dir: Path) -> LedgerSettings | None:
+    """The optional ``[ledger]`` table (the domain then comes from the chain, not the file)."""
+    if "ledger" not in doc:
+        return None
+    table = _table(doc, "ledger")
+    unknown = set(table) - _LEDGER
+    if unknown:
+        raise ConfigError(f"unknown ledger keys: {', '.join(sorted(unknown))}")
+    missing = {"rpc", "contract", "operator_key_file", "party_id"} - set(table)
+    if missing:
+        raise ConfigError(f"[ledger] needs {', '.join(sorted(missing))}")
+    if "chain_id" in doc or "contract" in doc:
+        raise ConfigError("with [ledger], chain_id and contract come from the chain: remove them")
+    return LedgerSettings(
+        rpc=table["rpc"],
+        contract=parse_address(table["contract"]),
+        party_id=table["party_id"],
+        operator_key_file=_path(table["operator_key_file"], base_dir, "ledger.operator_key_file"),
+        endpoint=table.get("endpoint"),
+        batch_records=table.get("batch_records", 256),
+        batch_seconds=table.get("batch_seconds", 2.0),
+        refresh_seconds=table.get("refresh_seconds", 1.0),
+        fund_wei=table.get("fund_wei", 10**17),
+    )
 
 
 def load_edge_config(toml_text: str, base_dir: Path) -> EdgeConfig:
@@ -244,6 +347,7 @@ def load_edge_config(toml_text: str, base_dir: Path) -> EdgeConfig:
             mrenclave=_hex32(simulated.get("mrenclave", "00" * 32), "simulated.mrenclave"),
             mrsigner=_hex32(simulated.get("mrsigner", "00" * 32), "simulated.mrsigner"),
             export_dir=_path(simulated.get("export_dir"), base_dir, "simulated.export_dir"),
+            ledger=_ledger(doc, base_dir),
         )
     except TypeError as exc:
         raise ConfigError(f"edge config has a value of the wrong type: {exc}") from exc
