@@ -82,6 +82,7 @@ async def _edge_pipeline(
     start = time.perf_counter()
     async with asyncio.TaskGroup() as tg:
         tg.create_task(anchorer.run(poll_seconds=0.005, stop=stop))
+        commit: asyncio.Future[None] | None = None
         for i in range(0, len(requests), GROUP):
             group = []
             for j, (request, device_sig) in enumerate(requests[i : i + GROUP]):
@@ -90,9 +91,13 @@ async def _edge_pipeline(
                     MEASUREMENT, QUOTE_ID, 0, 7, first + i + j,
                 )  # fmt: skip
                 group.append(sign_entry(request, device_sig, result, signer, domain))
-            # durable once this returns: the group's records may be acknowledged; the fsync
-            # runs in a worker thread so the anchorer keeps going meanwhile
-            await asyncio.to_thread(journal.append_many, group)
+            # group commit, pipelined: the previous group's fsync ran in a worker thread while
+            # this group was signed; once it returns its records may be acknowledged
+            if commit is not None:
+                await commit
+            commit = asyncio.ensure_future(asyncio.to_thread(journal.append_many, group))
+        if commit is not None:
+            await commit
         stop.set()
     seconds = time.perf_counter() - start
     return seconds, anchorer.gas_used

@@ -9,6 +9,7 @@ bundle until its ``next_update``, so collateral is never fetched per connection.
 from __future__ import annotations
 
 import functools
+import http.client
 import json
 import urllib.request
 from collections.abc import Callable
@@ -208,7 +209,7 @@ def fetch_url(url: str, max_bytes: int = MAX_COLLATERAL_BYTES, timeout: float = 
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (scheme checked)
             body: bytes = resp.read(max_bytes + 1)
             return body
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         raise CollateralError(f"cannot fetch collateral from {url}: {exc}") from exc
 
 

@@ -8,6 +8,7 @@ certificates, verification, the ledger) takes one path.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -28,6 +29,7 @@ GRAMINE_ATTESTATION_DIR = Path("/dev/attestation")
 REPORT_DATA_LEN = 64
 MAX_QUOTE_BYTES = 64 * 1024
 _MAX_TYPE_BYTES = 64
+_GRAMINE_LOCK = threading.Lock()
 
 
 @runtime_checkable
@@ -107,12 +109,15 @@ class GramineProvider:
     def quote(self, report_data: bytes) -> bytes:
         report_data = _check_report_data(report_data)
         _ = self.attestation_type
-        try:
-            # Gramine regenerates the quote when user_report_data is written.
-            (self.root / "user_report_data").write_bytes(report_data)
-        except OSError as exc:
-            raise AttestationError(f"cannot write Gramine user_report_data: {exc}") from exc
-        quote = self._read("quote", MAX_QUOTE_BYTES)
+        # /dev/attestation is process-global: write report data and read its quote atomically,
+        # or two concurrent challenges could each get the other's nonce.
+        with _GRAMINE_LOCK:
+            try:
+                # Gramine regenerates the quote when user_report_data is written.
+                (self.root / "user_report_data").write_bytes(report_data)
+            except OSError as exc:
+                raise AttestationError(f"cannot write Gramine user_report_data: {exc}") from exc
+            quote = self._read("quote", MAX_QUOTE_BYTES)
         if not quote:
             raise EvidenceFormatError("Gramine returned an empty quote")
         return quote

@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -270,7 +270,7 @@ def _raw(value: x509.ExtensionType) -> bytes:
 def _ec_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
     try:
         key = cert.public_key()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise EvidenceFormatError(f"RA-TLS certificate key is malformed: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in (
         "secp256r1",
@@ -284,7 +284,7 @@ def check_certificate(cert: x509.Certificate, now: int) -> None:
     """Self-signature and validity window; raises :class:`EvidenceSignatureError`."""
     try:
         cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature) as exc:
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
         raise EvidenceSignatureError(
             f"RA-TLS certificate is not validly self-signed: {exc}"
         ) from exc

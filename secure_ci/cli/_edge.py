@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Container
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -35,12 +36,13 @@ def _provider(config: EdgeConfig) -> EvidenceProvider:
     return open_provider(kind, simulated=simulated)  # type: ignore[arg-type]
 
 
-async def _run(
+async def _serve(
     config: EdgeConfig,
     provider: EvidenceProvider,
     models: ModelRegistry,
     identity: EnclaveIdentity,
     journal: RecordSink,
+    allowed_devices: Container[bytes] | None,
 ) -> int:
     from secure_ci.edge import open_edge
 
@@ -49,8 +51,9 @@ async def _run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with open_edge(
-        config, provider=provider, models=models, journal=journal, identity=identity
-    ) as edge:
+        config, provider=provider, models=models, journal=journal, identity=identity,
+        allowed_devices=allowed_devices,
+    ) as edge:  # fmt: skip
         typer.echo(f"listening {config.host}:{edge.port}")
         typer.echo(f"enclave {identity.address_text}")
         typer.echo(f"mrenclave {identity.measurement.hex()}")
@@ -61,6 +64,53 @@ async def _run(
         await stop.wait()
         typer.echo("draining")
     return edge.stats["results"]
+
+
+async def _run(
+    config: EdgeConfig,
+    provider: EvidenceProvider,
+    models: ModelRegistry,
+    identity: EnclaveIdentity,
+    journal: RecordSink,
+) -> int:
+    """Serve; with [ledger], registered on the chain, its devices admitted, journal anchored."""
+    from secure_ci.edge import open_edge_ledger
+    from secure_ci.ledger._journal import Journal
+
+    if config.ledger is None:
+        return await _serve(config, provider, models, identity, journal, None)
+    if not isinstance(journal, Journal):
+        raise ConfigError("with [ledger] the edge needs its journal (journal_dir)")
+    key = _operator_key(config.ledger.operator_key_file)
+    async with open_edge_ledger(config, identity, key, journal=journal) as ledger:
+        typer.echo(f"ledger {ledger.contract}")
+        typer.echo(f"chain_id {ledger.chain_id}")
+        typer.echo(f"party {ledger.settings.party_id}")
+        typer.echo(f"registered {ledger.endpoint}")
+        typer.echo(f"funded_wei {ledger.funded_wei}")
+        typer.echo(f"devices {len(ledger.devices)}")
+        results = await _serve(
+            ledger.edge_config, provider, models, identity, journal, ledger.devices
+        )
+        typer.echo("anchoring")
+    typer.echo(f"anchored {journal.next_seq - journal.pending} records")
+    return results
+
+
+def _operator_key(path: Path | None) -> bytes:
+    """The party admin's private key: 64 hex digits (optionally 0x) in a file."""
+    if path is None:
+        raise ConfigError("[ledger] needs operator_key_file")
+    try:
+        text = path.read_text().strip().removeprefix("0x")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the operator key {path}: {exc}") from exc
+    if len(text) != 64:
+        raise ConfigError(f"{path} must hold a 32-byte hex private key")
+    try:
+        return bytes.fromhex(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path} must hold a 32-byte hex private key") from exc
 
 
 @app.command()

@@ -19,12 +19,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Container, Sequence
+from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import HexStr
 from web3 import AsyncWeb3
 
 from secure_ci.edge._config import EdgeConfig, LedgerSettings, format_address
@@ -65,8 +66,9 @@ class DeviceLog(Protocol):
 class RegisteredDevices(Container[bytes]):
     """The chain's active devices, as a cache the edge checks synchronously.
 
-    :meth:`refresh` applies the registry events since the last refresh; ``in`` never waits
-    for the chain (see the module docstring for what that means for fresh registrations).
+    :meth:`refresh` applies the registry events since the last refresh (the first one reads
+    them from block 0, in chunks of :data:`LOG_CHUNK_BLOCKS`); ``in`` never waits for the
+    chain (see the module docstring for what that means for fresh registrations).
     """
 
     def __init__(self, source: DeviceLog) -> None:
@@ -88,7 +90,10 @@ class RegisteredDevices(Container[bytes]):
         while first <= latest:
             last = min(first + LOG_CHUNK_BLOCKS - 1, latest)
             for device, registered in await self._source.device_events(first, last):
-                (active.add if registered else active.discard)(device)
+                if registered:
+                    active.add(device)
+                else:
+                    active.discard(device)
                 applied += 1
             first = last + 1
         self._active, self._next_block = frozenset(active), latest + 1  # one atomic swap
@@ -132,7 +137,7 @@ async def _top_up(w3: AsyncWeb3[Any], payer: LocalAccount, to: str, wei: int) ->
     amount = wei - balance
     signed = payer.sign_transaction(
         {
-            "to": as_address(to),
+            "to": HexStr(as_address(to)),
             "value": amount,
             "nonce": await w3.eth.get_transaction_count(payer.address, "pending"),
             "gas": 21_000,
@@ -141,7 +146,9 @@ async def _top_up(w3: AsyncWeb3[Any], payer: LocalAccount, to: str, wei: int) ->
         }
     )
     tx_hash = await w3.eth.send_raw_transaction(signed.raw_transaction)
-    receipt = await w3.eth.wait_for_transaction_receipt(tx_hash, timeout=_TIMEOUT, poll_latency=0.02)
+    receipt = await w3.eth.wait_for_transaction_receipt(
+        tx_hash, timeout=_TIMEOUT, poll_latency=0.02
+    )
     if receipt["status"] != 1:
         raise ChainError(f"funding the enclave key {to} failed")
     return amount
@@ -230,7 +237,9 @@ async def open_edge_ledger(
     try:
         async with open_ledger(settings.rpc, contract_address=contract) as client:
             if config.chain_id not in (0, client.chain_id):
-                raise ConfigError(f"chain_id {config.chain_id} is not the chain's {client.chain_id}")
+                raise ConfigError(
+                    f"chain_id {config.chain_id} is not the chain's {client.chain_id}"
+                )
             if not await client.is_allowed_measurement(identity.measurement):
                 raise LedgerError(
                     f"measurement {identity.measurement.hex()} is not allowed on the ledger"
@@ -271,14 +280,10 @@ async def open_edge_ledger(
                     finally:
                         stop.set()
             except BaseExceptionGroup as group_error:  # one failure: raise it as itself
-                raise _unwrap(group_error) from None
+                error = _unwrap(group_error)
+                if error is group_error:
+                    raise
+                raise error from error.__cause__
     finally:
         with contextlib.suppress(Exception):
             await w3.provider.disconnect()
-
-
-def registered_devices(source: DeviceLog, devices: Sequence[bytes] = ()) -> RegisteredDevices:
-    """A registry cache over ``source`` (for tests and tools that bring their own log)."""
-    cache = RegisteredDevices(source)
-    cache._active = frozenset(devices)
-    return cache

@@ -161,15 +161,27 @@ class AuditIndex:
         block_number: int,
         calldata: bytes,
         measurement: bytes,
+        *,
+        first_seq: int | None = None,
+        count: int | None = None,
     ) -> int:
         """Index one anchored batch from its calldata; return the number of records.
 
-        ``root`` and the edge's registered ``measurement`` are as the chain holds them.
+        ``root``, ``first_seq``, ``count`` and the edge's registered ``measurement`` are as the
+        chain holds them. Calldata that does not rebuild exactly the anchored root over exactly
+        the anchored sequence range is refused: records outside it were never committed.
         """
         batch = decode_batch(calldata)
         if batch.edge != edge:
             raise RecordError("batch calldata names another edge")
+        if first_seq is not None and batch.first_seq != first_seq:
+            raise ProofError(f"calldata starts at seq {batch.first_seq}, the chain at {first_seq}")
+        if count is not None and len(batch.records) != count:
+            raise ProofError(f"calldata has {len(batch.records)} records, the chain {count}")
         leaves = [leaf_hash(r.result.edge_seq, r.result.digest(self.domain)) for r in batch.records]
+        tree = MerkleTree.build(leaves)
+        if tree.root != root:
+            raise ProofError("the records in calldata do not rebuild the anchored Merkle root")
         rows = (
             (
                 r.request.task_id, edge, batch_id, r.result.edge_seq, r.request.device,
@@ -180,7 +192,7 @@ class AuditIndex:
             )
             for r in batch.records
         )  # fmt: skip
-        nodes = _nodes_blob(MerkleTree.build(leaves))
+        nodes = _nodes_blob(tree)
         try:
             self._conn.execute("BEGIN")
             self._conn.execute(
@@ -225,6 +237,8 @@ class AuditIndex:
                     int(info.block_number),
                     calldata,
                     bytes(state.measurement),
+                    first_seq=int(info.first_seq),
+                    count=int(info.count),
                 )
         return added
 

@@ -166,6 +166,7 @@ class Journal:
     def append_many(self, entries: Sequence[JournalEntry]) -> None:
         """Group commit: durably journal records with consecutive edge sequence numbers."""
         rows = []
+        pack_req, pack_res = _REQ.pack, _RES.pack
         for offset, e in enumerate(entries):
             r, q = e.result, e.request
             if r.edge_seq != self._next_seq + offset or q.edge != self.edge:
@@ -173,13 +174,19 @@ class Journal:
             rows.append(
                 (
                     r.edge_seq,
-                    _REQ.pack(*(getattr(q, f) for f in TaskRequest.__slots__)),
-                    _RES.pack(*(getattr(r, f) for f in TaskResult.__slots__)),
+                    pack_req(
+                        q.task_id, q.device, q.device_seq, q.model_id, q.cut,
+                        q.input_commitment, q.edge, q.deadline,
+                    ),
+                    pack_res(
+                        r.task_id, r.request_hash, r.output_commitment, r.measurement,
+                        r.quote_id, r.status, r.latency_ms, r.edge_seq,
+                    ),
                     e.device_sig,
                     e.edge_sig,
                     e.record_hash,
                 )
-            )
+            )  # fmt: skip
         with self._tx() as conn:
             conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
         for e in entries:

@@ -10,6 +10,7 @@ period is forced onto the chain with a challenge.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,6 +21,8 @@ from secure_ci.ledger._merkle import MerkleTree, leaf_hash, verify_proof
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult
 
 __all__ = ["Receipt", "ReceiptBook", "ReceiptLedger", "find_receipt"]
+
+log = logging.getLogger(__name__)
 
 MAX_RECEIPT_BYTES = 8192
 
@@ -213,23 +216,34 @@ class ReceiptBook:
         self.pending[request.task_id] = _Pending(request, result, device_sig, edge_sig)
 
     async def check(self, now: int) -> list[int]:
-        """Collect receipts of anchored tasks; challenge overdue ones; return new challenge ids."""
+        """Collect receipts of anchored tasks; challenge overdue ones; return new challenge ids.
+
+        A task the edge anchored wrongly (another record at its sequence number, calldata that
+        does not decode or does not match the root) is challenged at once: what the edge
+        published is under its control, so it must never stop the device from challenging.
+        """
         challenged = []
         trees: dict[tuple[bytes, int], tuple[Any, MerkleTree, Any]] = {}
         for task_id, p in list(self.pending.items()):
-            receipt = await find_receipt(
-                self.ledger,
-                self.domain,
-                p.request,
-                p.result,
-                p.device_sig,
-                p.edge_sig,
-                trees=trees,
-            )
+            try:
+                receipt = await find_receipt(
+                    self.ledger,
+                    self.domain,
+                    p.request,
+                    p.result,
+                    p.device_sig,
+                    p.edge_sig,
+                    trees=trees,
+                )
+            except (RecordError, ProofError) as exc:
+                log.warning("task 0x%s is anchored wrongly: %s", task_id.hex(), exc)
+                receipt, overdue = None, True
+            else:
+                overdue = now > p.request.deadline + self.grace_seconds
             if receipt is not None:
                 self.receipts[task_id] = receipt
                 del self.pending[task_id]
-            elif p.challenge_id is None and now > p.request.deadline + self.grace_seconds:
+            elif p.challenge_id is None and overdue:
                 p.challenge_id = await self.ledger.challenge(
                     self.device_account, p.result, p.edge_sig
                 )

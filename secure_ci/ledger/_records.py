@@ -33,7 +33,14 @@ __all__ = [
 
 _local = threading.local()
 
-try:  # pycryptodome's raw keccak through cffi: ~2 us per hash instead of ~7 us via eth_hash
+try:  # pysha3's C keccak: ~0.9 us per short hash (pycryptodome through cffi: ~2.3 us)
+    from _pysha3 import keccak_256 as _keccak_256  # type: ignore[import-not-found]
+
+    def keccak256(data: bytes) -> bytes:
+        """Keccak-256 (Ethereum's hash, not SHA3-256)."""
+        return bytes(_keccak_256(data).digest())
+
+except ImportError:  # pragma: no cover - fall back to pycryptodome's raw keccak via cffi
     from Crypto.Hash.keccak import _raw_keccak_lib as _lib  # type: ignore[attr-defined]
     from Crypto.Util._raw_api import ffi as _ffi
 
@@ -54,13 +61,6 @@ try:  # pycryptodome's raw keccak through cffi: ~2 us per hash instead of ~7 us 
         _lib.keccak_absorb(raw, data, len(data))
         _lib.keccak_digest(raw, out, 32, 1)
         return bytes(_ffi.buffer(out))
-
-except ImportError:  # pragma: no cover - other pycryptodome builds
-    from eth_hash.auto import keccak as _eth_keccak
-
-    def keccak256(data: bytes) -> bytes:
-        """Keccak-256 (Ethereum's hash, not SHA3-256)."""
-        return _eth_keccak(data)
 
 
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141

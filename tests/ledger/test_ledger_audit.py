@@ -106,9 +106,15 @@ async def test_calldata_that_disagrees_with_the_root_fails_verify(tmp_path: Path
     )
     ledger.edges[EDGE_BYTES].calldata[0] = encode_batch(BatchRecords(EDGE_BYTES, 0, tuple(records)))
     index = AuditIndex(":memory:", ledger.domain)
-    await index.sync(ledger, [EDGE_BYTES])
-    with pytest.raises(ProofError):
+    with pytest.raises(ProofError, match="do not rebuild the anchored Merkle root"):
+        await index.sync(ledger, [EDGE_BYTES])  # refused when indexed, not only when verified
+    with pytest.raises(RecordError, match="not in the index"):
         await index.verify(records[2].request.task_id, ledger)
+    info = await ledger.batch(EDGE.address, 0)
+    with pytest.raises(ProofError, match="records"):  # calldata beyond the anchored range
+        index.add_batch(
+            EDGE_BYTES, 0, info.root, 1, encode_batch(batch), b"\x11" * 32, count=info.count - 1
+        )
     with pytest.raises(RecordError):
         index.add_batch(b"\x01" * 20, 9, b"\x00" * 32, 1, encode_batch(batch), b"\x11" * 32)
 

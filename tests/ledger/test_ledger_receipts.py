@@ -176,3 +176,20 @@ async def test_book_collects_every_anchored_task_of_a_device(tmp_path: Path) -> 
     assert book.pending == {}
     for receipt in book.receipts.values():
         receipt.verify()
+
+
+async def test_garbage_calldata_cannot_stop_the_device_from_challenging(tmp_path: Path) -> None:
+    ledger, journal, _ = await _anchored(tmp_path, n=10)
+    e = journal.entries(0, 1)[0]
+    book = ReceiptBook(ledger, ledger.domain, DEVICE, grace_seconds=60)
+    book.track(e.request, e.result, e.device_sig, e.edge_sig)
+
+    async def garbage(_edge: object, _batch_id: int) -> bytes:
+        return b"garbage"
+
+    ledger.batch_calldata = garbage  # type: ignore[method-assign]  # a malicious edge's batch
+    # before the deadline: the task is anchored wrongly, so it is challenged at once
+    (cid,) = await book.check(now=e.request.deadline - 1)
+    assert book.receipts == {}
+    assert await book.check(now=e.request.deadline + 61) == []  # and only once
+    assert cid >= 0
