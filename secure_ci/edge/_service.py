@@ -85,21 +85,14 @@ class EdgeService:
             max_wait=limits.max_wait_ms / 1000.0,
             max_queue=limits.max_queue,
         )
-        self._batchers: dict[tuple[bytes, int], Batcher[Job, bytes]] = {
+        # The tail runs, then its results are signed and group-committed to the journal, in the
+        # one worker thread: a result is answered only once journaled, with no extra hand-off.
+        self._batchers: dict[tuple[bytes, int], Batcher[Job, InferResult]] = {
             (e.model_id, e.cut): Batcher(
                 self._tail_runner(e), limits=batch_limits, executor=self._executor
             )
             for e in models.entries()
         }
-        # Signing and journaling run in their own thread, so the tail starts the next batch
-        # while the previous one is signed and group-committed.
-        self._signer = ThreadPoolExecutor(1, thread_name_prefix="secure-ci-receipts")
-        receipt_limits = BatchLimits(
-            max_batch=min(limits.max_queue, 4096), max_wait=0.0, max_queue=2 * limits.max_queue
-        )
-        self._receipts: Batcher[tuple[Job, bytes], InferResult] = Batcher(
-            self._sign_and_journal, limits=receipt_limits, executor=self._signer
-        )
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -150,8 +143,7 @@ class EdgeService:
             batcher = self._batchers[(request.model_id, request.cut)]
             job = Job(record, request.signature, features, received_at)
             async with asyncio.timeout(self.config.limits.request_timeout):
-                output = await batcher.submit(job)
-                result = await self._receipts.submit((job, output))
+                result = await batcher.submit(job)
         except TimeoutError:
             raise ProtocolError("the edge did not finish in time", code=ErrorCode.TIMEOUT) from None
         finally:
@@ -163,15 +155,15 @@ class EdgeService:
         self.stats["results"] += 1
         return result
 
-    @staticmethod
-    def _tail_runner(entry: TailEntry) -> Callable[[Sequence[Job]], list[bytes]]:
-        def run(jobs: Sequence[Job]) -> list[bytes]:
-            return entry.run_batch([j.features for j in jobs])
+    def _tail_runner(self, entry: TailEntry) -> Callable[[Sequence[Job]], list[InferResult]]:
+        def run(jobs: Sequence[Job]) -> list[InferResult]:
+            outputs = entry.run_batch([j.features for j in jobs])
+            return self._sign_and_journal(list(zip(jobs, outputs, strict=True)))
 
         return run
 
     def _sign_and_journal(self, done: Sequence[tuple[Job, bytes]]) -> list[InferResult]:
-        """Sign each result record and journal them in one group commit (receipts thread)."""
+        """Sign each result record and journal them in one group commit (worker thread)."""
         finished = time.monotonic()
         results, journaled = [], []
         seq = self.journal.next_seq  # only this thread appends
@@ -212,7 +204,6 @@ class EdgeService:
     async def _start(self) -> None:
         for batcher in self._batchers.values():
             await batcher.__aenter__()
-        await self._receipts.__aenter__()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -231,8 +222,7 @@ class EdgeService:
             await asyncio.wait(sessions, timeout=self.config.limits.drain_timeout)
         for batcher in self._batchers.values():
             await batcher.drain()
-        await self._receipts.drain()
-        for executor in (self._executor, self._checkers, self._signer):
+        for executor in (self._executor, self._checkers):
             executor.shutdown(wait=True)
 
 

@@ -128,10 +128,19 @@ class Anchorer:
 
     async def flush(self) -> list[Any]:
         """Close every pending record into batches and anchor all unanchored batches."""
+        return await self._close_and_anchor(full_only=False)
+
+    async def _close_and_anchor(self, *, full_only: bool) -> list[Any]:
+        """Close pending records (only whole ``max_records`` batches when ``full_only``: a
+        transaction's cost is mostly fixed, so a due-by-size batch leaves its remainder to
+        the next one) and anchor every unanchored batch."""
         if not self._synced:
             await self.sync()
-        while self.journal.close_batch(self.max_records) is not None:
-            pass
+        close = self.journal.close_batch
+        # journal writes wait for an fsync: worker threads keep the event loop (the edge) going
+        while not full_only or self.journal.pending >= self.max_records:
+            if await asyncio.to_thread(close, self.max_records) is None:
+                break
         self._pending_since = None
         receipts = []
         for batch_id in self.journal.unanchored():
@@ -165,7 +174,9 @@ class Anchorer:
         )
         if bytes(receipt.new_head) != batch.head:
             raise LedgerError(f"batch {batch.batch_id}: the chain computed another head")
-        self.journal.mark_anchored(batch.batch_id, bytes(receipt.tx_hash), receipt.block_number)
+        await asyncio.to_thread(
+            self.journal.mark_anchored, batch.batch_id, bytes(receipt.tx_hash), receipt.block_number
+        )
         self.gas_used += int(receipt.gas_used)
         log.debug("anchored batch %d (%d records)", batch.batch_id, batch.count)
         return receipt
@@ -175,6 +186,7 @@ class Anchorer:
         await self.sync()
         while stop is None or not stop.is_set():
             if self.due():
-                await self.flush()
+                aged = self.clock() - (self._pending_since or 0.0) >= self.max_seconds
+                await self._close_and_anchor(full_only=not aged)
             await asyncio.sleep(poll_seconds)
         await self.flush()
