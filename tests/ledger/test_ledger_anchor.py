@@ -74,6 +74,35 @@ async def test_due_by_size_and_age(tmp_path: Path) -> None:
         Anchorer(journal, ledger, Account.from_key(keccak256(b"other")))
 
 
+async def _until(condition: Any) -> None:
+    for _ in range(2000):  # bounded: ~2 s
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition not reached")
+
+
+async def test_run_closes_whole_batches_until_the_rest_ages(tmp_path: Path) -> None:
+    """Due by size, only full batches close (a transaction's cost is mostly fixed); the
+    remainder waits for more records or for its age."""
+    ledger, journal, domain = _setup(tmp_path)
+    clock = Clock()
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=10, max_seconds=2.0, clock=clock)
+    journal.append_many(sample_tasks(25, edge_key=EDGE_KEY, domain=domain))
+    stop = asyncio.Event()
+    task = asyncio.create_task(anchorer.run(poll_seconds=0.001, stop=stop))
+    await _until(lambda: journal.batch_count == 2 and not journal.unanchored())
+    await asyncio.sleep(0.01)
+    assert (journal.batch_count, journal.pending) == (2, 5)
+    clock.now = 5.0
+    await _until(lambda: journal.pending == 0 and not journal.unanchored())
+    journal.append_many(sample_tasks(3, edge_key=EDGE_KEY, domain=domain, first_seq=25))
+    stop.set()
+    await task  # stopping flushes the rest
+    assert [journal.batch(b).count for b in range(4)] == [10, 10, 5, 3]
+    assert (await ledger.edge_state(EDGE.address)).next_seq == 28
+
+
 async def test_restart_reanchors_exactly_what_the_chain_lacks(tmp_path: Path) -> None:
     ledger, journal, domain = _setup(tmp_path)
     journal.append_many(sample_tasks(30, edge_key=EDGE_KEY, domain=domain))
