@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import hmac
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ from secure_ci.exceptions import (
     DeadlineExceeded,
     PartitionError,
     RemoteProtocolError,
+    ReportDataError,
 )
 from secure_ci.ledger._records import LedgerDomain
 from secure_ci.partition import PartitionPlan
@@ -44,6 +46,7 @@ from secure_ci.protocol import (
     Role,
     State,
     channel_binding,
+    enclave_key_binding,
 )
 
 __all__ = ["open_session"]
@@ -157,6 +160,13 @@ async def _handshake(
     await stream.send(Hello(versions=PROTOCOL_VERSIONS, device=device))
     ack = _expect(await stream.next_event(), HelloAck)
     enclave = channel.peer
+    # The result key the edge announces must be the one its certificate's quote binds.
+    address = bytes.fromhex(ack.enclave[2:])
+    bound = hashlib.sha256(enclave_key_binding(address)).digest()
+    if not hmac.compare_digest(enclave.report_data[32:64], bound):
+        raise ReportDataError(
+            f"the enclave's quote does not bind the result key {ack.enclave} it announced"
+        )
     quote_id = bytes.fromhex(enclave.quote_id)
     digest = channel_binding(
         quote_id=quote_id, server_nonce=ack.server_nonce, session_id=ack.session_id, device=device
@@ -173,7 +183,7 @@ async def _handshake(
             now=int(clock()), expected_key_spki=spki, nonce=nonce,
         )  # fmt: skip
     measurement = enclave.mrenclave or hashlib.sha256(enclave.mrtd).digest()
-    return EnclaveBinding(bytes.fromhex(ack.enclave[2:]), measurement, quote_id)
+    return EnclaveBinding(address, measurement, quote_id)
 
 
 def _expect(event: Event, kind: type[E]) -> E:

@@ -26,6 +26,7 @@ from secure_ci.attestation import (
 from secure_ci.edge._config import format_address
 from secure_ci.ledger._journal import JournalEntry
 from secure_ci.ledger._records import address_of
+from secure_ci.protocol._binding import enclave_key_binding
 
 __all__ = ["EnclaveIdentity", "MemoryJournal", "RecordSink", "create_identity"]
 
@@ -61,7 +62,10 @@ def create_identity(
             break
         except ValueError:  # zero or >= n: astronomically rare, draw again
             continue
-    credentials = make_ratls_certificate(provider, now=now)
+    address = address_of(key)
+    # The certificate's quote binds the TLS key (report_data[0:32]) and this signing key's
+    # address (report_data[32:64]), so results are attributable from the quote alone.
+    credentials = make_ratls_certificate(provider, now=now, nonce=enclave_key_binding(address))
     quote = parse_quote(credentials.quote)
     body = quote.body
     measurement = (
@@ -70,7 +74,7 @@ def create_identity(
     return EnclaveIdentity(
         credentials=credentials,
         signing_key=key,
-        address=address_of(key),
+        address=address,
         measurement=measurement,
         quote_id=bytes.fromhex(quote.quote_id),
         spki_der=spki_der_of(credentials.key),

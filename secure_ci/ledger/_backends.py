@@ -22,6 +22,7 @@ from eth_abi.abi import encode as abi_encode
 from eth_account.signers.local import LocalAccount
 from eth_tester.exceptions import TransactionFailed
 from eth_typing import HexStr
+from eth_utils.exceptions import ValidationError
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.exceptions import ContractCustomError, ContractLogicError, Web3Exception
 from web3.providers.async_base import AsyncBaseProvider
@@ -38,6 +39,7 @@ INPROCESS = "inprocess"
 
 _ERROR_STRING = bytes.fromhex("08c379a0")  # selector of Error(string)
 _REVERTED = 3  # the JSON-RPC error code geth and anvil use for execution reverted
+_REJECTED = -32000  # geth's code for a transaction it will not accept
 
 
 def _revert_data(exc: TransactionFailed) -> bytes:
@@ -119,6 +121,8 @@ class InProcessProvider(AsyncEthereumTesterProvider):
             data = "0x" + _revert_data(exc).hex()
             error = {"code": _REVERTED, "message": "execution reverted", "data": data}
             return self._response(error=error)
+        except ValidationError as exc:  # a node rejects such transactions (funds, nonce, gas)
+            return self._response(error={"code": _REJECTED, "message": str(exc)[:1000]})
         return self._response(result)
 
 

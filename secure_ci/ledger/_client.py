@@ -275,9 +275,13 @@ class LedgerClient:
                     "chainId": self.chain_id,
                     "value": 0,
                 }
-                tx_hash = await eth.send_raw_transaction(
-                    account.sign_transaction(tx).raw_transaction
-                )
+                try:
+                    tx_hash = await eth.send_raw_transaction(
+                        account.sign_transaction(tx).raw_transaction
+                    )
+                except Web3Exception:  # rejected (funds, nonce): a revert explains it better
+                    await eth.call({"from": account.address, "to": self.address, "data": data})
+                    raise
                 receipt = await eth.wait_for_transaction_receipt(
                     tx_hash, timeout=self._receipt_timeout, poll_latency=0.02
                 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,10 @@ RESULT_TYPE = (
 )
 _REQUEST_TYPEHASH = keccak256(REQUEST_TYPE.encode())
 _RESULT_TYPEHASH = keccak256(RESULT_TYPE.encode())
+# ``typeHash || fields`` as 32-byte words in one pack: addresses and uints are left-padded
+# (values are range-checked at construction, so uint64 and smaller fit the last 8 bytes)
+_REQUEST_WORDS = struct.Struct(">32s32s12x20s24xQ32s24xQ32s12x20s24xQ")
+_RESULT_WORDS = struct.Struct(">32s32s32s32s32s32s24xQ24xQ24xQ")
 
 
 def _eip712(domain: LedgerDomain, struct_hash: bytes) -> bytes:
@@ -159,18 +164,11 @@ class TaskRequest:
     def struct_hash(self) -> bytes:
         """EIP-712 ``hashStruct`` of this request (the result's ``requestHash``)."""
         return keccak256(
-            _REQUEST_TYPEHASH
-            + self.task_id
-            + _ZERO12
-            + self.device
-            + _word(self.device_seq)
-            + self.model_id
-            + _word(self.cut)
-            + self.input_commitment
-            + _ZERO12
-            + self.edge
-            + _word(self.deadline)
-        )
+            _REQUEST_WORDS.pack(
+                _REQUEST_TYPEHASH, self.task_id, self.device, self.device_seq, self.model_id,
+                self.cut, self.input_commitment, self.edge, self.deadline,
+            )
+        )  # fmt: skip
 
     def digest(self, domain: LedgerDomain) -> bytes:
         return _eip712(domain, self.struct_hash())
@@ -208,16 +206,11 @@ class TaskResult:
 
     def struct_hash(self) -> bytes:
         return keccak256(
-            _RESULT_TYPEHASH
-            + self.task_id
-            + self.request_hash
-            + self.output_commitment
-            + self.measurement
-            + self.quote_id
-            + _word(self.status)
-            + _word(self.latency_ms)
-            + _word(self.edge_seq)
-        )
+            _RESULT_WORDS.pack(
+                _RESULT_TYPEHASH, self.task_id, self.request_hash, self.output_commitment,
+                self.measurement, self.quote_id, self.status, self.latency_ms, self.edge_seq,
+            )
+        )  # fmt: skip
 
     def digest(self, domain: LedgerDomain) -> bytes:
         """The EIP-712 digest, which is also the task's ``recordHash`` on the ledger."""

@@ -6,7 +6,7 @@ Imports no torch, asyncio, ssl or socket: the asyncio layer (``secure_ci.channel
 
 from __future__ import annotations
 
-from secure_ci.protocol._binding import channel_binding
+from secure_ci.protocol._binding import channel_binding, enclave_key_binding
 from secure_ci.protocol._codes import PROTOCOL_VERSIONS, ErrorCode, Role
 from secure_ci.protocol._connection import NEED_DATA, Connection, NeedData
 from secure_ci.protocol._events import (
@@ -49,6 +49,7 @@ __all__ = [
     "State",
     "channel_binding",
     "decode_event",
+    "enclave_key_binding",
     "encode_event",
     "encode_frame",
 ]

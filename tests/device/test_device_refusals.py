@@ -45,6 +45,7 @@ from secure_ci.protocol import (
     InferRequest,
     InferResult,
     Role,
+    enclave_key_binding,
 )
 from secure_ci.testing import DEV_NOW, DevEnclave, dev_enclave
 
@@ -55,11 +56,15 @@ Script = Callable[[FramedStream, Event, DevEnclave, bytes], Awaitable[None]]
 
 @contextlib.asynccontextmanager
 async def scripted_edge(
-    script: Script, received: list[bytes]
+    script: Script, received: list[bytes], *, bound_key: bytes = EDGE_KEY
 ) -> AsyncIterator[tuple[int, DevEnclave]]:
-    """A TLS server with the dev enclave's RA-TLS certificate running ``script`` per event."""
+    """A TLS server with the dev enclave's RA-TLS certificate running ``script`` per event.
+
+    The certificate's quote binds ``bound_key``'s address; the edge announces ``EDGE_KEY``'s.
+    """
     enclave = dev_enclave(DEV_NOW)
-    credentials = make_ratls_certificate(enclave.provider, now=DEV_NOW)
+    binding = enclave_key_binding(address_of(bound_key))
+    credentials = make_ratls_certificate(enclave.provider, now=DEV_NOW, nonce=binding)
     spki = spki_der_of(credentials.key)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -159,6 +164,19 @@ async def test_silent_edge_gives_deadline_exceeded() -> None:
     ):
         with pytest.raises(DeadlineExceeded):
             await session.infer(torch.ones(1, 4))
+
+
+async def test_announced_key_not_bound_by_the_quote_is_refused() -> None:
+    received: list[bytes] = []
+    with pytest.raises(ReportDataError, match="does not bind the result key"):
+        async with (
+            scripted_edge(handshake_then(_ignore), received, bound_key=b"\x43" * 32) as (
+                port,
+                enclave,
+            ),
+            _session(port, enclave),
+        ):
+            pass
 
 
 async def test_result_signed_by_another_key_is_refused() -> None:

@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 from eth_abi.abi import encode
+from eth_account import Account
 from hexbytes import HexBytes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from secure_ci.exceptions import ChainError, ContractRevertError
+from secure_ci.exceptions import ChainError, ContractRevertError, LedgerError
 from secure_ci.ledger import LedgerClient, open_ledger
 from secure_ci.ledger._anchor_tx import (
     ANCHOR_EXECUTION_GAS,
@@ -86,6 +87,13 @@ async def test_reverts_keep_their_custom_error(world: LedgerWorld) -> None:
         await ledger._send_data(edge, data, 21_000 + 10 * calldata_tokens(data))
     assert (await ledger.edge_state(edge.address)).next_batch_id == 0
     await ledger.anchor_batch(edge, 0, keccak256(b"r"), 0, 1, ZERO, b"")
+
+
+@ON_MODULE_LOOP
+async def test_rejected_transaction_is_a_ledger_error(ledger: LedgerClient) -> None:
+    """A node refuses a transaction its sender cannot pay for: LedgerError, not py-evm's."""
+    with pytest.raises(LedgerError, match="balance"):
+        await ledger.anchor_batch(Account.create(), 0, keccak256(b"r"), 0, 1, ZERO, b"")
 
 
 @given(st.binary(max_size=600))

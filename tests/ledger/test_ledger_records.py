@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 from eth_account.messages import _hash_eip191_message, encode_typed_data
+from eth_hash.auto import keccak as eth_keccak
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -192,3 +193,8 @@ def test_signer_matches_raw_key_signing() -> None:
     assert recover_signer(signer.sign(digest), digest) == signer.address
     with pytest.raises(SignatureError):
         Signer(b"\x00" * 32)
+
+
+@given(st.binary(max_size=4096))
+def test_keccak256_matches_eth_hash(data: bytes) -> None:
+    assert keccak256(data) == eth_keccak(data)
