@@ -26,6 +26,17 @@ contract SecureCILedger is EIP712, Ownable {
         uint64 edgeSeq;
     }
 
+    struct TaskRequest {
+        bytes32 taskId;
+        address device;
+        uint64 deviceSeq;
+        bytes32 modelId;
+        uint16 cut;
+        bytes32 inputCommitment;
+        address edge;
+        uint64 deadline;
+    }
+
     struct Edge {
         uint64 partyId;
         bool registered;
@@ -57,7 +68,7 @@ contract SecureCILedger is EIP712, Ownable {
 
     struct Dispute {
         bytes32 taskId;
-        bytes32 requestHash;
+        bytes32 inputKey; // keccak256(abi.encode(device, inputCommitment))
         address edgeA;
         address edgeB;
         bytes32 outputA;
@@ -323,34 +334,48 @@ contract SecureCILedger is EIP712, Ownable {
 
     // ---------------------------------------------------------------- disputes
 
-    /// @notice Record two conflicting results for the same request signed by two edges.
+    /// @notice Record two conflicting results for one task that a device sent to two edges.
+    /// @dev Each result commits to its own request (whose `edge` field names that edge), so
+    /// the requests are passed too: they must be the same task from the same device on the
+    /// same input, model and cut, and each must be answered by the edge it names. Whether the
+    /// outputs disagree is the device's judgement (outputs are salted commitments, nothing
+    /// secret goes on chain); the record is the two edges' signed, conflicting commitments.
     function dispute(
+        TaskRequest calldata reqA,
         TaskResult calldata a,
         bytes calldata sigA,
+        TaskRequest calldata reqB,
         TaskResult calldata b,
         bytes calldata sigB
     ) external returns (uint256 disputeId) {
-        if (a.taskId != b.taskId || a.requestHash != b.requestHash) revert DisputeTaskMismatch();
+        if (
+            hashTaskRequest(reqA) != a.requestHash || hashTaskRequest(reqB) != b.requestHash
+                || a.taskId != reqA.taskId || b.taskId != reqB.taskId || reqA.taskId != reqB.taskId
+                || reqA.device != reqB.device || reqA.modelId != reqB.modelId || reqA.cut != reqB.cut
+                || reqA.inputCommitment != reqB.inputCommitment
+        ) revert DisputeTaskMismatch();
         if (a.outputCommitment == b.outputCommitment) revert SameOutput();
         address edgeA = _recoverEdge(hashTaskResult(a), sigA);
         address edgeB = _recoverEdge(hashTaskResult(b), sigB);
+        if (edgeA != reqA.edge || edgeB != reqB.edge) revert DisputeTaskMismatch();
         if (edgeA == edgeB) revert SameEdge();
-        disputeId = _recordDispute(a.taskId, a.requestHash, edgeA, edgeB, a.outputCommitment, b.outputCommitment);
+        bytes32 input = keccak256(abi.encode(reqA.device, reqA.inputCommitment));
+        disputeId = _recordDispute(a.taskId, input, edgeA, edgeB, a.outputCommitment, b.outputCommitment);
     }
 
     function _recordDispute(
         bytes32 taskId,
-        bytes32 requestHash,
+        bytes32 inputKey,
         address edgeA,
         address edgeB,
         bytes32 outputA,
         bytes32 outputB
     ) private returns (uint256 disputeId) {
         (address lo, address hi) = edgeA < edgeB ? (edgeA, edgeB) : (edgeB, edgeA);
-        bytes32 key = keccak256(abi.encode(taskId, requestHash, lo, hi));
+        bytes32 key = keccak256(abi.encode(taskId, inputKey, lo, hi));
         if (disputeOf[key] != 0) revert DisputeExists(disputeOf[key]);
         disputeId = ++disputeCount;
-        _disputes[disputeId] = Dispute(taskId, requestHash, edgeA, edgeB, outputA, outputB, msg.sender);
+        _disputes[disputeId] = Dispute(taskId, inputKey, edgeA, edgeB, outputA, outputB, msg.sender);
         disputeOf[key] = disputeId;
         emit DisputeRecorded(disputeId, taskId, edgeA, edgeB, outputA, outputB);
     }
@@ -425,6 +450,23 @@ contract SecureCILedger is EIP712, Ownable {
                     r.latencyMs,
                     r.edgeSeq
                 )
+            )
+        );
+    }
+
+    /// @notice EIP-712 struct hash of a TaskRequest (what a TaskResult's requestHash holds).
+    function hashTaskRequest(TaskRequest calldata q) public pure returns (bytes32) {
+        return keccak256(
+            abi.encode(
+                TASK_REQUEST_TYPEHASH,
+                q.taskId,
+                q.device,
+                q.deviceSeq,
+                q.modelId,
+                q.cut,
+                q.inputCommitment,
+                q.edge,
+                q.deadline
             )
         );
     }

@@ -22,6 +22,7 @@ __all__ = [
     "as_address",
     "as_bytes32",
     "as_proof",
+    "as_task_request",
     "as_task_result",
 ]
 
@@ -109,10 +110,10 @@ class ChallengeInfo:
 
 @dataclass(frozen=True)
 class DisputeInfo:
-    """Two conflicting results for one request, signed by two edges."""
+    """Two conflicting results for one task (same device and input), signed by two edges."""
 
     task_id: bytes
-    request_hash: bytes
+    input_key: bytes  # keccak256(abi.encode(device, inputCommitment))
     edge_a: str
     edge_b: str
     output_a: bytes
@@ -176,3 +177,20 @@ def as_task_result(result: object) -> tuple[Any, ...]:
         bits = _UINT_BITS.get(name)
         checked.append(as_bytes32(value, name) if bits is None else as_uint(value, name, bits))
     return tuple(checked)
+
+
+def as_task_request(request: Any) -> tuple[Any, ...]:
+    """The ABI tuple of a TaskRequest dataclass (``secure_ci.ledger.TaskRequest``)."""
+    try:
+        return (
+            as_bytes32(request.task_id, "task_id"),
+            as_address(request.device, "device"),
+            as_uint(request.device_seq, "device_seq", 64),
+            as_bytes32(request.model_id, "model_id"),
+            as_uint(request.cut, "cut", 16),
+            as_bytes32(request.input_commitment, "input_commitment"),
+            as_address(request.edge, "edge"),
+            as_uint(request.deadline, "deadline", 64),
+        )
+    except AttributeError as exc:
+        raise RecordError(f"task request: missing field ({exc})") from exc

@@ -12,7 +12,7 @@ from eth_account.signers.local import LocalAccount
 from secure_ci.ledger._chain import AnchorReceipt
 from secure_ci.ledger._client import LedgerClient
 from secure_ci.ledger._merkle import MerkleTree, leaf_hash
-from secure_ci.ledger._records import TaskResult, keccak256
+from secure_ci.ledger._records import TaskRequest, TaskResult, commitment, keccak256
 
 __all__ = ["LedgerWorld", "ledger_world"]
 
@@ -44,6 +44,37 @@ class LedgerWorld:
             7,
             seq,
         )
+
+    def redundant(
+        self,
+        edges: tuple[LocalAccount, LocalAccount],
+        *,
+        task: bytes = b"redundant",
+        outputs: tuple[bytes, bytes] = (b"cat", b"dog"),
+        seq: int = 50,
+    ) -> tuple[tuple[TaskRequest, TaskResult, bytes], tuple[TaskRequest, TaskResult, bytes]]:
+        """One task a device sent to two edges, and each edge's signed answer: ((request,
+        result, edge signature) per edge), as a device holds them for a dispute."""
+        device = bytes.fromhex(self.devices[0].address[2:])
+        answers = []
+        for k, (edge, output) in enumerate(zip(edges, outputs, strict=True)):
+            request = TaskRequest(
+                task_id=keccak256(b"task" + task),
+                device=device,
+                device_seq=1,
+                model_id=keccak256(b"model"),
+                cut=3,
+                input_commitment=commitment(b"\x01" * 32, b"input" + task),
+                edge=bytes.fromhex(edge.address[2:]),
+                deadline=2**40,
+            )
+            result = TaskResult(
+                request.task_id, request.struct_hash(),
+                commitment(bytes([k + 2]) * 32, output), self.measurement, self.quote_id,
+                0, 7, seq + k,
+            )  # fmt: skip
+            answers.append((request, result, self.sign(edge, result)))
+        return answers[0], answers[1]
 
     def sign(self, edge: LocalAccount, result: TaskResult) -> bytes:
         """The edge's EIP-712 signature over ``result`` on this ledger's domain."""

@@ -75,10 +75,9 @@ async def test_whole_flow(ledger: LedgerClient) -> None:
     await ledger.advance_time(await ledger.challenge_window() + 1)
     await ledger.finalize_challenge(device, missing)
     assert (await ledger.edge_state(edge.address)).omissions == 1
-    # two edges disagree on the same request
-    a = world.result(100, task=b"shared", output=b"a")
-    b = world.result(100, task=b"shared", output=b"b")
-    did = await ledger.dispute(device, a, world.sign(edge, a), b, world.sign(other, b))
+    # a device sent one task to two edges and they disagree
+    (req_a, a, sig_a), (req_b, b, sig_b) = world.redundant((edge, other), task=b"shared")
+    did = await ledger.dispute(world.devices[0], req_a, a, sig_a, req_b, b, sig_b)
     assert (await ledger.dispute_info(did)).edge_b == other.address
 
 
