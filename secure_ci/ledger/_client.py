@@ -37,6 +37,7 @@ from secure_ci.ledger._chain import (
     as_address,
     as_bytes32,
     as_proof,
+    as_task_request,
     as_task_result,
     as_uint,
 )
@@ -398,22 +399,34 @@ class LedgerClient:
         return ChallengeInfo(device, edge, seq, state, deadline, bytes(record_hash))
 
     async def dispute(
-        self, caller: LocalAccount, a: object, sig_a: bytes, b: object, sig_b: bytes
+        self,
+        caller: LocalAccount,
+        request_a: object,
+        a: object,
+        sig_a: bytes,
+        request_b: object,
+        b: object,
+        sig_b: bytes,
     ) -> int:
-        """Record two conflicting edge-signed results for one request; the dispute id."""
+        """Record two conflicting edge-signed results for one task sent to two edges.
+
+        ``request_a``/``request_b`` are the device's requests to each edge (the same task,
+        device, model, cut and input; each names its edge), ``a``/``b`` their results.
+        """
         fn = self._contract.functions.dispute(
-            as_task_result(a), bytes(sig_a), as_task_result(b), bytes(sig_b)
-        )
+            as_task_request(request_a), as_task_result(a), bytes(sig_a),
+            as_task_request(request_b), as_task_result(b), bytes(sig_b),
+        )  # fmt: skip
         receipt = await self._transact(caller, fn)
         return int(self._event_args("DisputeRecorded", receipt)["disputeId"])
 
     async def dispute_info(self, dispute_id: int) -> DisputeInfo:
         """A recorded dispute (all zero when unknown)."""
         fn = self._contract.functions.getDispute(as_uint(dispute_id, "dispute_id", 256))
-        task_id, request_hash, edge_a, edge_b, out_a, out_b, reporter = await self._call(fn)
+        task_id, input_key, edge_a, edge_b, out_a, out_b, reporter = await self._call(fn)
         return DisputeInfo(
             bytes(task_id),
-            bytes(request_hash),
+            bytes(input_key),
             edge_a,
             edge_b,
             bytes(out_a),
