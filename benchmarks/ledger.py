@@ -215,7 +215,7 @@ async def _cancun_gas(n: int, workdir: Path) -> float:
 
 
 async def _main(quick: bool) -> dict[str, Any]:
-    n = 3 * BATCH if quick else 10 * BATCH
+    n = 5 * BATCH if quick else 10 * BATCH
     audit_records = 20_000 if quick else 1_000_000
     out: dict[str, Any] = {
         "batch_size": BATCH,

@@ -225,6 +225,10 @@ class Journal:
 
     def close_batch(self, max_records: int) -> Batch | None:
         """Close the next batch from up to ``max_records`` pending records (None if none)."""
+        with self._lock:  # atomic: the anchorer may close from a worker thread
+            return self._close_batch_locked(max_records)
+
+    def _close_batch_locked(self, max_records: int) -> Batch | None:
         count = min(max_records, self.pending)
         if count <= 0:
             return None
