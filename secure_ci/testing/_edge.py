@@ -16,13 +16,13 @@ from typing import Any
 
 from secure_ci.attestation import Collateral, DevPKI, Policy, SimulatedProvider, VerifiedEnclave
 from secure_ci.channel import FramedStream, connect_attested
+from secure_ci.device._identity import DeviceIdentity
+from secure_ci.device._tasks import EnclaveBinding, sign_request
 from secure_ci.edge._config import format_address, parse_address
 from secure_ci.exceptions import RemoteProtocolError
 from secure_ci.ledger._records import (
     LedgerDomain,
-    TaskRequest,
     address_of,
-    commitment,
     sign_digest,
 )
 from secure_ci.protocol import (
@@ -149,31 +149,21 @@ class RawDevice:
         task_id: bytes | None = None,
         seq: int | None = None,
     ) -> InferRequest:
-        """A correctly signed request for ``payload``."""
-        salt = os.urandom(32)
-        task_id = task_id or os.urandom(32)
-        seq = next(self._seq) if seq is None else seq
-        record = TaskRequest(
-            task_id=task_id,
-            device=self.address,
-            device_seq=seq,
-            model_id=model_id,
-            cut=cut,
-            input_commitment=commitment(salt, payload),
-            edge=self.edge_address,
-            deadline=deadline,
-        )
-        return InferRequest(
-            task_id=task_id,
+        """A correctly signed request for ``payload`` (the device library's own signing)."""
+        event, _ = sign_request(
+            DeviceIdentity(self.key),
+            enclave=EnclaveBinding(self.edge_address, bytes(32), bytes(32)),
+            domain=self.domain,
+            task_id=task_id or os.urandom(32),
             model_id=model_id,
             cut=cut,
             codec=codec,
-            device_seq=seq,
+            device_seq=next(self._seq) if seq is None else seq,
             deadline=deadline,
-            salt=salt,
+            salt=os.urandom(32),
             payload=payload,
-            signature=record.sign(self.key, self.domain),
         )
+        return event
 
     async def send(self, event: Event) -> None:
         await self.stream.send(event)
