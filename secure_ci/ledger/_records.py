@@ -138,8 +138,30 @@ def _eip712(domain: LedgerDomain, struct_hash: bytes) -> bytes:
     return keccak256(b"\x19\x01" + domain.separator() + struct_hash)
 
 
+class _TypedRecord:
+    """EIP-712 digest, signing and recovery for a record that defines ``struct_hash``.
+
+    For a TaskResult the digest is also the task's ``recordHash`` on the ledger.
+    """
+
+    __slots__ = ()
+
+    def struct_hash(self) -> bytes:
+        raise NotImplementedError
+
+    def digest(self, domain: LedgerDomain) -> bytes:
+        return _eip712(domain, self.struct_hash())
+
+    def sign(self, key: bytes | Signer, domain: LedgerDomain) -> bytes:
+        return sign_digest(key, self.digest(domain))
+
+    def recover(self, signature: bytes, domain: LedgerDomain) -> bytes:
+        """The address that signed this record (SignatureError if the signature is invalid)."""
+        return recover_signer(signature, self.digest(domain))
+
+
 @dataclass(frozen=True, slots=True)
-class TaskRequest:
+class TaskRequest(_TypedRecord):
     """What a device asks an edge to run; signed by the device key."""
 
     task_id: bytes
@@ -170,19 +192,9 @@ class TaskRequest:
             )
         )  # fmt: skip
 
-    def digest(self, domain: LedgerDomain) -> bytes:
-        return _eip712(domain, self.struct_hash())
-
-    def sign(self, key: bytes | Signer, domain: LedgerDomain) -> bytes:
-        return sign_digest(key, self.digest(domain))
-
-    def recover(self, signature: bytes, domain: LedgerDomain) -> bytes:
-        """The address that signed this request (SignatureError if the signature is invalid)."""
-        return recover_signer(signature, self.digest(domain))
-
 
 @dataclass(frozen=True, slots=True)
-class TaskResult:
+class TaskResult(_TypedRecord):
     """What the enclave returns for a request; signed by the edge's enclave key."""
 
     task_id: bytes
@@ -211,16 +223,6 @@ class TaskResult:
                 self.measurement, self.quote_id, self.status, self.latency_ms, self.edge_seq,
             )
         )  # fmt: skip
-
-    def digest(self, domain: LedgerDomain) -> bytes:
-        """The EIP-712 digest, which is also the task's ``recordHash`` on the ledger."""
-        return _eip712(domain, self.struct_hash())
-
-    def sign(self, key: bytes | Signer, domain: LedgerDomain) -> bytes:
-        return sign_digest(key, self.digest(domain))
-
-    def recover(self, signature: bytes, domain: LedgerDomain) -> bytes:
-        return recover_signer(signature, self.digest(domain))
 
     def matches(self, request: TaskRequest) -> bool:
         """True when this result answers ``request`` (same task id and request hash)."""
