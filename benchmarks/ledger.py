@@ -98,7 +98,7 @@ async def _edge_pipeline(
     of the journal, so a signing worker runs while this loop builds, journals and anchors.
     """
     domain = ledger.domain
-    pool = signing or SigningPool(edge.key, workers=0)
+    pool = signing or SigningPool(edge.key, workers=0)  # inline: no process, nothing to close
     anchorer = Anchorer(journal, ledger, edge, max_records=BATCH, max_seconds=0.5)
     first, stop = journal.next_seq, asyncio.Event()
     signed: deque[tuple[list[tuple[TaskRequest, bytes, TaskResult, bytes]], Future[list[bytes]]]]
@@ -140,10 +140,7 @@ async def _edge_pipeline(
         if commit is not None:
             await commit
         stop.set()
-    seconds = time.perf_counter() - start
-    if signing is None:
-        pool.close()
-    return seconds, anchorer.gas_used
+    return time.perf_counter() - start, anchorer.gas_used
 
 
 def _tokens(records: bytes) -> int:

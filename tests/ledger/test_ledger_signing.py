@@ -9,14 +9,21 @@ import os
 import signal
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from eth_account import Account
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secure_ci.exceptions import LedgerError, RecordError, SignatureError
+from secure_ci.ledger import open_ledger
+from secure_ci.ledger._anchor import Anchorer
+from secure_ci.ledger._journal import Journal
 from secure_ci.ledger._records import Signer, keccak256, recover_signer
 from secure_ci.ledger._signing import MAX_DIGESTS, SigningPool, serve
+from secure_ci.testing import sample_tasks
 
 KEY = keccak256(b"signing-pool-test-key")
 SIGNER = Signer(KEY)
@@ -157,3 +164,25 @@ def test_serve_mutated_frames_fail_only_with_ledger_error(
     except LedgerError:
         return
     assert len(out) >= 2 * 65 + 8 or data[32:36] != KEY[:0] + struct.pack(">I", 2)
+
+
+async def test_pool_signed_records_anchor_on_the_in_process_chain(
+    pool: SigningPool, tmp_path: Path
+) -> None:
+    edge = Account.from_key(KEY)
+    async with open_ledger("inprocess") as ledger:
+        admin = Account.create()
+        await ledger.fund(admin.address, 10**21)
+        await ledger.fund(edge.address, 10**21)
+        party = await ledger.register_party(admin.address)
+        await ledger.allow_measurement(b"\x11" * 32)
+        await ledger.register_edge(admin, party, edge.address, b"\x11" * 32, b"\x22" * 32, "t:1")
+        inline = sample_tasks(30, edge_key=KEY, domain=ledger.domain)
+        signatures = await pool.sign([e.record_hash for e in inline])
+        entries = [replace(e, edge_sig=s) for e, s in zip(inline, signatures, strict=True)]
+        assert entries == inline  # RFC 6979: the worker signs exactly as the caller would
+        with Journal.open(tmp_path / "edge.db", edge=SIGNER.address) as journal:
+            journal.append_many(entries)
+            receipts = await Anchorer(journal, ledger, edge, max_records=20).flush()
+            state = await ledger.edge_state(edge.address)
+            assert (len(receipts), state.next_seq, state.head) == (2, 30, journal.head)
