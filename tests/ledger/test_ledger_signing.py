@@ -68,7 +68,7 @@ def test_inline_pool_has_the_same_interface() -> None:
         future = inline.submit(DIGESTS[:5])
         assert future.done()
         assert future.result() == [SIGNER.sign(d) for d in DIGESTS[:5]]
-        assert inline.cpu_seconds > 0
+        assert inline.cpu_seconds == 0  # the caller's own CPU time
     with pytest.raises(LedgerError, match="closed"):
         inline.submit(DIGESTS[:1])
 
