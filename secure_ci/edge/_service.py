@@ -27,7 +27,7 @@ from secure_ci.edge._models import ModelRegistry, TailEntry
 from secure_ci.edge._session import Job, check_request, serve_session
 from secure_ci.exceptions import ConfigError, ProtocolError
 from secure_ci.ledger._journal import JournalEntry
-from secure_ci.ledger._records import LedgerDomain, TaskResult, commitment
+from secure_ci.ledger._records import LedgerDomain, TaskResult, commitment, sign_digest
 from secure_ci.protocol import ErrorCode, InferRequest, InferResult, Limits
 
 __all__ = ["EdgeService", "open_edge"]
@@ -181,12 +181,9 @@ class EdgeService:
                 edge_seq=seq,
             )
             seq += 1
-            signature = record.sign(self.identity.signing_key, self.domain)
-            journaled.append(
-                JournalEntry(
-                    job.request, record, job.device_sig, signature, record.digest(self.domain)
-                )
-            )
+            digest = record.digest(self.domain)  # the record hash: signed and journaled
+            signature = sign_digest(self.identity.signing_key, digest)
+            journaled.append(JournalEntry(job.request, record, job.device_sig, signature, digest))
             results.append(
                 InferResult(
                     task_id=record.task_id,
