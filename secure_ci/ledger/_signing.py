@@ -95,16 +95,25 @@ class _Worker:
         self._calls: deque[tuple[int, Future[list[bytes]]]] = deque()
         self._ready = threading.Condition()
         self._closing = False
-        self.process = subprocess.Popen(  # noqa: S603  (our interpreter, fixed argv)
-            [sys.executable, "-c", _BOOT, _ROOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
+        try:
+            self.process = subprocess.Popen(  # noqa: S603  (our interpreter, fixed argv)
+                [sys.executable, "-c", _BOOT, _ROOT],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+        except (OSError, ValueError) as exc:
+            raise LedgerError(f"cannot start a signing worker: {exc}") from exc
         self._stdin: BinaryIO = self.process.stdin  # type: ignore[assignment]
         self._stdout: BinaryIO = self.process.stdout  # type: ignore[assignment]
         self._reader = threading.Thread(
             target=self._read_replies, name=f"secure-ci-signing-{index}", daemon=True
         )
         self._reader.start()
-        self._write(key)
+        try:
+            self._write(key)
+        except LedgerError:
+            self.close()
+            raise
 
     def _write(self, data: bytes) -> None:
         try:
@@ -184,7 +193,13 @@ class SigningPool:
         self._cpu = 0.0
         self._pending = 0
         self._closed = False
-        self._workers = [_Worker(bytes(key), self, i) for i in range(workers)]
+        self._workers: list[_Worker] = []
+        try:
+            for i in range(workers):
+                self._workers.append(_Worker(bytes(key), self, i))
+        except LedgerError:
+            self.close()
+            raise
         self._turn = itertools.cycle(self._workers)
 
     @property

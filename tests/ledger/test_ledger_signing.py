@@ -8,6 +8,7 @@ import io
 import os
 import signal
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -89,6 +90,12 @@ def test_malformed_digests_are_refused_before_sending(
     with pytest.raises(RecordError):
         pool.submit(digests)
     assert pool.pending == 0
+
+
+def test_a_worker_that_cannot_start_is_a_ledger_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with pytest.raises(LedgerError, match="cannot start"):
+        SigningPool(KEY, workers=2)
 
 
 def test_bad_configuration_is_refused() -> None:
