@@ -41,6 +41,7 @@ from secure_ci.ledger._audit import AuditIndex
 from secure_ci.ledger._calldata import BatchRecords, encode_batch
 from secure_ci.ledger._journal import Journal, sign_entry
 from secure_ci.ledger._records import LedgerDomain, Signer, TaskRequest, TaskResult, keccak256
+from secure_ci.testing import sample_requests
 
 BATCH = 2000
 GROUP = 256
@@ -52,18 +53,8 @@ ANCHOR_SELECTOR = keccak256(b"anchorBatch(uint64,bytes32,uint64,uint32,bytes32,b
 def _requests(
     n: int, domain: LedgerDomain, edge: bytes, first: int = 0
 ) -> list[tuple[TaskRequest, bytes]]:
-    keys = [Signer(keccak256(b"bench-device" + bytes([i]))) for i in range(16)]
-    addrs = [k.address for k in keys]
-    out = []
-    for seq in range(first, first + n):
-        d = seq % len(keys)
-        tag = seq.to_bytes(8, "big")
-        request = TaskRequest(
-            keccak256(b"task" + tag), addrs[d], seq // len(keys), keccak256(b"model"),
-            3, keccak256(b"in" + tag), edge, 1_700_000_000 + seq,
-        )  # fmt: skip
-        out.append((request, request.sign(keys[d], domain)))
-    return out
+    """Signed requests of 16 devices, each chained as the device library chains them."""
+    return sample_requests(n, edge=edge, domain=domain, first_seq=first, devices=16)
 
 
 async def _registered(ledger: Any, edge: Any) -> None:
@@ -166,11 +157,13 @@ async def _audit(backend: str, records: int, samples: int, workdir: Path) -> dic
         await _registered(ledger, edge)
         edge_bytes = bytes.fromhex(edge.address[2:])
         build = time.perf_counter()
+        task_ids: list[bytes] = []
         with Journal.open(workdir / "audit-edge.db", edge=edge_bytes) as journal:
             for first in range(0, records, 20 * BATCH):
                 chunk = _requests(
                     min(20 * BATCH, records - first), ledger.domain, edge_bytes, first
                 )
+                task_ids.extend(request.task_id for request, _ in chunk)
                 await _edge_pipeline(ledger, edge, journal, chunk)
         anchored = time.perf_counter() - build
         with AuditIndex(workdir / "audit.db", ledger.domain) as index:
@@ -182,7 +175,7 @@ async def _audit(backend: str, records: int, samples: int, workdir: Path) -> dic
             offline: list[float] = []
             proof_bytes = []
             for _ in range(samples):
-                task_id = keccak256(b"task" + rng.randrange(records).to_bytes(8, "big"))
+                task_id = rng.choice(task_ids)
                 for chain, times in ((ledger, fresh), (None, offline)):
                     start = time.perf_counter()
                     (verified,) = await index.verify(task_id, chain)

@@ -35,6 +35,7 @@ contract SecureCILedger is EIP712, Ownable {
         bytes32 inputCommitment;
         address edge;
         uint64 deadline;
+        bytes32 prevRequest; // struct hash of the device's previous request on the session
     }
 
     struct Edge {
@@ -78,7 +79,7 @@ contract SecureCILedger is EIP712, Ownable {
 
     bytes32 public constant TASK_REQUEST_TYPEHASH = keccak256(
         "TaskRequest(bytes32 taskId,address device,uint64 deviceSeq,bytes32 modelId,uint16 cut,"
-        "bytes32 inputCommitment,address edge,uint64 deadline)"
+        "bytes32 inputCommitment,address edge,uint64 deadline,bytes32 prevRequest)"
     );
     bytes32 public constant TASK_RESULT_TYPEHASH = keccak256(
         "TaskResult(bytes32 taskId,bytes32 requestHash,bytes32 outputCommitment,bytes32 measurement,"
@@ -466,7 +467,8 @@ contract SecureCILedger is EIP712, Ownable {
                 q.cut,
                 q.inputCommitment,
                 q.edge,
-                q.deadline
+                q.deadline,
+                q.prevRequest
             )
         );
     }

@@ -36,6 +36,7 @@ from secure_ci.ledger._records import (
     new_salt,
     recover_signer,
     sign_digest,
+    task_id_for,
 )
 
 __all__ = [
@@ -84,5 +85,6 @@ __all__ = [
     "run_anvil",
     "sign_digest",
     "sign_entry",
+    "task_id_for",
     "verify_proof",
 ]

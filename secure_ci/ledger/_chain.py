@@ -191,6 +191,7 @@ def as_task_request(request: Any) -> tuple[Any, ...]:
             as_bytes32(request.input_commitment, "input_commitment"),
             as_address(request.edge, "edge"),
             as_uint(request.deadline, "deadline", 64),
+            as_bytes32(request.prev_request, "prev_request"),
         )
     except AttributeError as exc:
         raise RecordError(f"task request: missing field ({exc})") from exc

@@ -21,12 +21,19 @@ from typing import Any
 from secure_ci.exceptions import JournalError
 from secure_ci.ledger._calldata import AnchoredRecord
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash
-from secure_ci.ledger._records import LedgerDomain, Signer, TaskRequest, TaskResult, sign_digest
+from secure_ci.ledger._records import (
+    REQUEST_ROW,
+    RESULT_ROW,
+    LedgerDomain,
+    Signer,
+    TaskRequest,
+    TaskResult,
+    sign_digest,
+)
 
 __all__ = ["Batch", "Journal", "JournalEntry", "sign_entry"]
 
-_REQ = struct.Struct(">32s20sQ32sH32s20sQ")
-_RES = struct.Struct(">32s32s32s32s32sBIQ")
+_REQ, _RES = REQUEST_ROW, RESULT_ROW
 _GENESIS = bytes(32)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -176,7 +183,7 @@ class Journal:
                     r.edge_seq,
                     pack_req(
                         q.task_id, q.device, q.device_seq, q.model_id, q.cut,
-                        q.input_commitment, q.edge, q.deadline,
+                        q.input_commitment, q.edge, q.deadline, q.prev_request,
                     ),
                     pack_res(
                         r.task_id, r.request_hash, r.output_commitment, r.measurement,

@@ -13,7 +13,7 @@ from secure_ci.ledger._anchor import Anchorer
 from secure_ci.ledger._audit import AuditIndex, _proof_from_blob
 from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
 from secure_ci.ledger._journal import Journal
-from secure_ci.ledger._merkle import MerkleTree
+from secure_ci.ledger._merkle import MerkleTree, leaf_hash
 from secure_ci.ledger._receipts import ReceiptBook, find_receipt
 from secure_ci.ledger._records import keccak256
 from secure_ci.testing import MemoryLedger, sample_tasks
@@ -177,3 +177,47 @@ async def test_inprocess_chain_end_to_end(tmp_path: Path) -> None:
         state = await ledger.edge_state(EDGE.address)
         assert (state.next_seq, state.head) == (13, journal.head)
         journal.close()
+
+
+async def test_every_task_verifies_through_its_request_chain(tmp_path: Path) -> None:
+    ledger, _journal = await _ledger(tmp_path, n=80)
+    with AuditIndex(":memory:", ledger.domain) as index:
+        await index.sync(ledger, [EDGE.address])
+        tasks = index.tasks(limit=100)
+        unsigned = [t for t in tasks if not t.record.device_sig]
+        # batches of 8 from 4 devices: the first of each device's two requests rides on the second
+        assert len(unsigned) == len(tasks) // 2
+        assert all(t.next_seq > t.record.result.edge_seq for t in unsigned)
+        assert unsigned[0].as_json()["device_sig_covered_by_seq"] == unsigned[0].next_seq
+        for task in tasks:
+            await index.verify_task(task, None)
+
+
+async def test_a_changed_record_under_a_later_signature_fails_verify(tmp_path: Path) -> None:
+    """An edge that anchors a record the device did not send, keeping its chain intact."""
+    ledger, journal = await _ledger(tmp_path, n=8)
+    entries = journal.entries(0, 8)
+    records = [e.anchored() for e in entries]
+    # record 1 is covered by record 5's signature; change its input but keep the chain hashes
+    forged = replace(records[1].request, input_commitment=b"\x01" * 32)
+    records[1] = replace(
+        records[1],
+        request=forged,
+        result=replace(
+            records[1].result, task_id=forged.task_id, request_hash=forged.struct_hash()
+        ),
+    )
+    batch = BatchRecords(EDGE_BYTES, 0, tuple(records))
+    tree = MerkleTree.build(
+        [leaf_hash(r.result.edge_seq, r.result.digest(ledger.domain)) for r in records]
+    )
+    with AuditIndex(":memory:", ledger.domain) as index:
+        index.add_batch(EDGE_BYTES, 0, tree.root, 1, encode_batch(batch), b"\x11" * 32)
+        (task,) = index.show(forged.task_id)
+        with pytest.raises(SignatureError):
+            await index.verify_task(task, None)
+        # a record whose covering request is missing from the index is refused too
+        (honest,) = index.show(records[2].request.task_id)
+        assert not honest.record.device_sig
+        with pytest.raises(SignatureError, match="missing"):
+            await index.verify_task(replace(honest, next_seq=-1), None)
