@@ -56,6 +56,7 @@ contract SecureCILedger is EIP712, Ownable {
         uint64 firstSeq;
         uint32 count;
         uint64 blockNumber;
+        bytes32 measurement; // the edge's (allowed) measurement when the batch was anchored
     }
 
     struct Challenge {
@@ -274,7 +275,8 @@ contract SecureCILedger is EIP712, Ownable {
         if (firstSeq != e.nextSeq) revert FirstSeqMismatch(e.nextSeq, firstSeq);
         if (prevHead != e.head) revert PrevHeadMismatch(e.head, prevHead);
         bytes32 newHead = keccak256(abi.encode(prevHead, root, firstSeq, count));
-        _batches[msg.sender][batchId] = Batch(root, firstSeq, count, uint64(block.number));
+        _batches[msg.sender][batchId] =
+            Batch(root, firstSeq, count, uint64(block.number), e.measurement);
         e.nextBatchId = expected + 1;
         e.nextSeq = firstSeq + count;
         e.head = newHead;
@@ -416,11 +418,11 @@ contract SecureCILedger is EIP712, Ownable {
     function batchInfo(address edge, uint64 batchId)
         external
         view
-        returns (bytes32 root, uint64 firstSeq, uint32 count, uint64 blockNumber)
+        returns (bytes32 root, uint64 firstSeq, uint32 count, uint64 blockNumber, bytes32 measurement)
     {
         if (batchId >= _edges[edge].nextBatchId) revert UnknownBatch(edge, batchId);
         Batch storage b = _batches[edge][batchId];
-        return (b.root, b.firstSeq, b.count, b.blockNumber);
+        return (b.root, b.firstSeq, b.count, b.blockNumber, b.measurement);
     }
 
     function getChallenge(uint256 challengeId) external view returns (Challenge memory) {

@@ -11,8 +11,10 @@ the request's device (or, where the batch left it out, the signature of a later 
 the device's chain, whose ``prevRequest`` hashes lead back to this one); the enclave is the
 edge that anchored (the transaction that carried the records was sent by the edge's
 registered enclave key, which the contract checks, so it stands for the per-record enclave
-signature); the result's measurement is the edge's registered one (the contract refuses
-batches from edges whose measurement is not allowed).
+signature); the result's measurement is the one the contract recorded with the batch: the
+edge's registered measurement when the batch was anchored, which the contract anchors only
+while it is on the allow-list (a later re-registration or allow-list change does not
+rewrite history); and the edge is still registered.
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ class AuditIndex:
     ) -> int:
         """Index one anchored batch from its calldata; return the number of records.
 
-        ``root``, ``first_seq``, ``count`` and the edge's registered ``measurement`` are as the
+        ``root``, ``first_seq``, ``count`` and the batch's ``measurement`` are as the
         chain holds them. Calldata that does not rebuild exactly the anchored root over exactly
         the anchored sequence range is refused: records outside it were never committed.
         """
@@ -260,7 +262,7 @@ class AuditIndex:
                     bytes(info.root),
                     int(info.block_number),
                     calldata,
-                    bytes(state.measurement),
+                    bytes(info.measurement),
                     first_seq=int(info.first_seq),
                     count=int(info.count),
                 )
@@ -343,11 +345,13 @@ class AuditIndex:
             if not info.first_seq <= result.edge_seq < info.first_seq + info.count:
                 raise ProofError("the chain's batch does not cover the task's sequence number")
             state = await ledger.edge_state(addr)
-            root, measurement, registered = info.root, state.measurement, state.registered
+            root, measurement, registered = info.root, info.measurement, state.registered
         verify_proof(bytes(root), leaf_hash(result.edge_seq, record_hash), proof)
         self._check_device_signature(task)
-        if not registered or bytes(measurement) != result.measurement:
-            raise SignatureError("the result's measurement is not the edge's registered one")
+        if not registered:
+            raise SignatureError("the edge is no longer registered")
+        if bytes(measurement) != result.measurement:
+            raise SignatureError("the result's measurement is not the one anchored with its batch")
         return VerifiedTask(task, record_hash, bytes(root), tuple(proof))
 
     def _check_device_signature(self, task: IndexedTask) -> None:

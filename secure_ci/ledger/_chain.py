@@ -74,12 +74,17 @@ class EdgeInfo:
 
 @dataclass(frozen=True)
 class BatchInfo:
-    """What the contract stores per anchored batch."""
+    """What the contract stores per anchored batch.
+
+    ``measurement`` is the edge's registered measurement when the batch was anchored (the
+    contract anchors only while it is on the allow-list).
+    """
 
     root: bytes
     first_seq: int
     count: int
     block_number: int
+    measurement: bytes
 
 
 @dataclass(frozen=True)

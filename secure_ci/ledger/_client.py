@@ -213,8 +213,8 @@ class LedgerClient(ContractSession):
         fn = self._contract.functions.batchInfo(
             as_address(edge_addr, "edge"), as_uint(batch_id, "batch_id", 64)
         )
-        root, first_seq, count, block_number = await self._call(fn)
-        return BatchInfo(bytes(root), first_seq, count, block_number)
+        root, first_seq, count, block_number, measurement = await self._call(fn)
+        return BatchInfo(bytes(root), first_seq, count, block_number, bytes(measurement))
 
     async def batches(
         self, edge_addr: object | None = None, from_block: int = 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from secure_ci.exceptions import ContractRevertError
+from secure_ci.ledger._chain import BatchInfo
 from secure_ci.ledger._journal import JournalEntry, sign_entry
 from secure_ci.ledger._merkle import chain_head, leaf_hash, root_from_proof
 from secure_ci.ledger._records import (
@@ -46,14 +47,6 @@ class _EdgeState:
 
 
 @dataclass(frozen=True)
-class _BatchInfo:
-    root: bytes
-    first_seq: int
-    count: int
-    block_number: int
-
-
-@dataclass(frozen=True)
 class _Receipt:
     tx_hash: bytes
     block_number: int
@@ -64,7 +57,7 @@ class _Receipt:
 @dataclass
 class _Edge:
     measurement: bytes
-    batches: list[_BatchInfo] = field(default_factory=list)
+    batches: list[BatchInfo] = field(default_factory=list)
     calldata: list[bytes] = field(default_factory=list)
     head: bytes = bytes(32)
     next_seq: int = 0
@@ -134,14 +127,14 @@ class MemoryLedger:
             raise ContractRevertError("PrevHeadMismatch")
         self.block += 1
         e.head = chain_head(prev_head, root, first_seq, count)
-        e.batches.append(_BatchInfo(root, first_seq, count, self.block))
+        e.batches.append(BatchInfo(root, first_seq, count, self.block, e.measurement))
         e.calldata.append(records)
         e.next_seq += count
         return _Receipt(
             self.block.to_bytes(32, "big"), self.block, 21_000 + 16 * len(records), e.head
         )
 
-    async def batch(self, addr: Any, batch_id: int) -> _BatchInfo:
+    async def batch(self, addr: Any, batch_id: int) -> BatchInfo:
         e = self.edges.get(_addr(addr))
         if e is None or batch_id >= len(e.batches):
             raise ContractRevertError("UnknownBatch")

@@ -88,12 +88,19 @@ async def test_tampered_record_proof_signature_fail(tmp_path: Path) -> None:
     index._conn.execute("UPDATE batches SET nodes = zeroblob(length(nodes)) WHERE batch_id = 0")
     with pytest.raises(ProofError):
         await index.verify_task(task, ledger)
-    # the edge's registered measurement no longer matches the record
+    # the edge re-registers with a new measurement: its anchored history stays valid
     index2 = AuditIndex(":memory:", ledger.domain)
     await index2.sync(ledger, [EDGE_BYTES])
     ledger.edges[EDGE_BYTES].measurement = b"\x99" * 32
-    with pytest.raises(SignatureError):
+    await index2.verify(task.record.request.task_id, ledger)
+    # but a record whose measurement is not the one anchored with its batch fails
+    batches = ledger.edges[EDGE_BYTES].batches
+    batches[0] = replace(batches[0], measurement=b"\x99" * 32)
+    with pytest.raises(SignatureError, match="anchored with its batch"):
         await index2.verify(task.record.request.task_id, ledger)
+    index2._conn.execute("UPDATE batches SET measurement = zeroblob(32) WHERE batch_id = 0")
+    with pytest.raises(SignatureError, match="anchored with its batch"):
+        await index2.verify(task.record.request.task_id, None)
 
 
 async def test_calldata_that_disagrees_with_the_root_fails_verify(tmp_path: Path) -> None:
