@@ -63,7 +63,7 @@ async def _registered(ledger: Any, edge: Any) -> None:
         await ledger.fund(who.address, 10**21)
     party = await ledger.register_party(admin.address)
     await ledger.allow_measurement(MEASUREMENT)
-    await ledger.register_edge(admin, party, edge.address, MEASUREMENT, QUOTE_ID, "bench:1")
+    await ledger.register_edge(admin, party, edge, MEASUREMENT, QUOTE_ID, "bench:1")
 
 
 async def _edge_pipeline(

@@ -20,6 +20,7 @@ import coincurve
 from secure_ci.exceptions import RecordError, SignatureError
 
 __all__ = [
+    "KeyRegistration",
     "LedgerDomain",
     "Signer",
     "TaskRequest",
@@ -127,7 +128,9 @@ RESULT_TYPE = (
     "TaskResult(bytes32 taskId,bytes32 requestHash,bytes32 outputCommitment,bytes32 measurement,"
     "bytes32 quoteId,uint8 status,uint32 latencyMs,uint64 edgeSeq)"
 )
+KEY_REGISTRATION_TYPE = "KeyRegistration(uint64 partyId,address key,bytes32 detail)"
 _REQUEST_TYPEHASH = keccak256(REQUEST_TYPE.encode())
+_KEY_REGISTRATION_TYPEHASH = keccak256(KEY_REGISTRATION_TYPE.encode())
 _RESULT_TYPEHASH = keccak256(RESULT_TYPE.encode())
 # ``typeHash || fields`` as 32-byte words in one pack: addresses and uints are left-padded
 # (values are range-checked at construction, so uint64 and smaller fit the last 8 bytes)
@@ -239,6 +242,36 @@ class TaskResult(_TypedRecord):
     def matches(self, request: TaskRequest) -> bool:
         """True when this result answers ``request`` (same task id and request hash)."""
         return self.task_id == request.task_id and self.request_hash == request.struct_hash()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRegistration(_TypedRecord):
+    """A key's proof of possession for its registration, signed by that key.
+
+    ``detail`` is zero for a device and :meth:`edge_detail` for an edge, so an enclave key
+    vouches for the measurement, quote id and endpoint it is registered with.
+    """
+
+    party_id: int
+    key: bytes
+    detail: bytes = bytes(32)
+
+    def __post_init__(self) -> None:
+        _uint("party_id", self.party_id, 64)
+        _addr("key", self.key)
+        _b32("detail", self.detail)
+
+    @staticmethod
+    def edge_detail(measurement: bytes, quote_id: bytes, endpoint: str) -> bytes:
+        """``keccak256(abi.encode(measurement, quoteId, keccak256(bytes(endpoint))))``."""
+        _b32("measurement", measurement)
+        _b32("quote_id", quote_id)
+        return keccak256(measurement + quote_id + keccak256(endpoint.encode()))
+
+    def struct_hash(self) -> bytes:
+        return keccak256(
+            _KEY_REGISTRATION_TYPEHASH + _word(self.party_id) + _ZERO12 + self.key + self.detail
+        )
 
 
 def task_id_for(device: bytes, input_commitment: bytes) -> bytes:

@@ -84,9 +84,7 @@ def test_verify_against_anvil(tmp_path: Path) -> None:
                 await ledger.fund(EDGE.address, 10**20)
                 party = await ledger.register_party(admin.address)
                 await ledger.allow_measurement(b"\x11" * 32)
-                await ledger.register_edge(
-                    admin, party, EDGE.address, b"\x11" * 32, b"\x22" * 32, "e:1"
-                )
+                await ledger.register_edge(admin, party, EDGE, b"\x11" * 32, b"\x22" * 32, "e:1")
                 entries = sample_tasks(5, edge_key=EDGE_KEY, domain=ledger.domain)
                 with Journal.open(tmp_path / "e.db", edge=bytes.fromhex(EDGE.address[2:])) as j:
                     j.append_many(entries)

@@ -136,8 +136,8 @@ async def test_inprocess_chain_end_to_end(tmp_path: Path) -> None:
             await ledger.fund(who.address, 10**20)
         party = await ledger.register_party(admin.address)
         await ledger.allow_measurement(b"\x11" * 32)
-        await ledger.register_edge(admin, party, EDGE.address, b"\x11" * 32, b"\x22" * 32, "e:1")
-        await ledger.register_device(admin, party, device.address)
+        await ledger.register_edge(admin, party, EDGE, b"\x11" * 32, b"\x22" * 32, "e:1")
+        await ledger.register_device(admin, party, device)
         domain = ledger.domain
         entries = sample_tasks(13, edge_key=EDGE_KEY, domain=domain)
         # the contract's EIP-712 hashing agrees with ours
