@@ -3,7 +3,8 @@
 ``records_per_s``: end to end on one edge — build the result, enclave signature, durable
 journal (group commits of ``GROUP`` records, fsync each), close batches of ``BATCH`` records,
 encode calldata, anchor on the chain (in-process py-evm and, when installed, anvil). Device
-request signatures are made beforehand (devices sign, not the edge). ``records_per_cpu_s``
+request signatures are made beforehand (devices sign, not the edge), by 16 devices whose
+requests are chained as the device library chains them. ``records_per_cpu_s``
 divides by this process's CPU time instead of wall time (the machine is shared). The edge
 signs and journals the next group while the previous group's fsync and the anchoring
 transaction are in flight; a record counts as durable once its group commit returned.
@@ -16,8 +17,8 @@ transaction under 16.7 M gas at Prague prices (EIP-7825's per-transaction cap, d
 and half the 30 M block gas limit of py-evm and anvil.
 ``audit_verify_ms``: one ``AuditIndex.verify`` among ``records`` anchored records: indexed
 lookup, leaf rebuilt, proof checked against the batch root the chain anchored (read from the
-chain when the index was synced; anchored roots never change), device signature, the edge's
-registered measurement. ``live_chain`` re-reads the root and the edge's current registration
+chain when the index was synced; anchored roots never change), device signature (through
+the request chain where the batch left it out), the measurement anchored with the batch. ``live_chain`` re-reads the root and the edge's current registration
 from the node for every audit (two JSON-RPC round trips).
 """
 
