@@ -45,6 +45,7 @@ from secure_ci.ledger._records import (
 __all__ = ["AuditIndex", "AuditLedger", "IndexedTask", "VerifiedTask"]
 
 _REQ, _RES = REQUEST_ROW, RESULT_ROW
+_FORMAT = b"2"  # 2: chained requests (next_seq column)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS batches (
@@ -152,6 +153,13 @@ class AuditIndex:
             row = self._conn.execute("SELECT value FROM meta WHERE key = 'domain'").fetchone()
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open audit index {path}: {exc}") from exc
+        try:
+            version = self._conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read audit index {path}: {exc}") from exc
+        if row is not None and (version is None or bytes(version[0]) != _FORMAT):
+            self._conn.close()
+            raise LedgerError(f"audit index {path} has an older format: delete it to rebuild it")
         stored = None
         if row is not None:
             raw = bytes(row[0])
@@ -164,6 +172,7 @@ class AuditIndex:
         elif stored is None:
             value = domain.contract + domain.chain_id.to_bytes(32, "big")
             self._conn.execute("INSERT INTO meta VALUES ('domain', ?)", (value,))
+            self._conn.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
         elif stored != domain:
             self._conn.close()
             raise LedgerError(f"audit index {path} belongs to another chain or contract")

@@ -35,6 +35,7 @@ __all__ = ["Batch", "Journal", "JournalEntry", "sign_entry"]
 
 _REQ, _RES = REQUEST_ROW, RESULT_ROW
 _GENESIS = bytes(32)
+_FORMAT = b"2"  # 2: TaskRequest with prevRequest
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -105,11 +106,19 @@ class Journal:
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key = 'edge'").fetchone()
+            version = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('edge', ?)", (edge,))
+                conn.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
             elif bytes(row[0]) != edge:
                 conn.close()
                 raise JournalError("journal belongs to another edge")
+            elif version is None or bytes(version[0]) != _FORMAT:
+                conn.close()
+                raise JournalError(
+                    f"journal {path} has an older record format: let the version that wrote it"
+                    " anchor it, then move it away"
+                )
             return cls(conn, edge)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {path}: {exc}") from exc

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from eth_account import Account
 
-from secure_ci.exceptions import ContractRevertError, ProofError, RecordError, SignatureError
+from secure_ci.exceptions import (
+    ContractRevertError,
+    LedgerError,
+    ProofError,
+    RecordError,
+    SignatureError,
+)
 from secure_ci.ledger._anchor import Anchorer
 from secure_ci.ledger._audit import AuditIndex, _proof_from_blob
 from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
@@ -184,6 +191,15 @@ async def test_inprocess_chain_end_to_end(tmp_path: Path) -> None:
         state = await ledger.edge_state(EDGE.address)
         assert (state.next_seq, state.head) == (13, journal.head)
         journal.close()
+
+
+def test_an_index_of_an_older_format_is_refused(tmp_path: Path) -> None:
+    domain = MemoryLedger().domain
+    AuditIndex(tmp_path / "old.db", domain).close()
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'format'")
+    with pytest.raises(LedgerError, match="older format"):
+        AuditIndex(tmp_path / "old.db", domain)
 
 
 async def test_every_task_verifies_through_its_request_chain(tmp_path: Path) -> None:
