@@ -103,9 +103,8 @@ class IndexedTask:
             for name in type(obj).__slots__:
                 value = getattr(obj, name)
                 out[name] = "0x" + value.hex() if isinstance(value, bytes) else value
-        out["device_sig"] = "0x" + self.record.device_sig.hex()
-        if not self.record.device_sig:
-            out["device_sig_covered_by_seq"] = self.next_seq
+        out["device_sig"] = "0x" + self.record.device_sig.hex()  # "0x": covered by chain_next_seq
+        out["chain_next_seq"] = self.next_seq
         return out
 
 

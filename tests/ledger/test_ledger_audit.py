@@ -211,7 +211,8 @@ async def test_every_task_verifies_through_its_request_chain(tmp_path: Path) -> 
         # batches of 8 from 4 devices: the first of each device's two requests rides on the second
         assert len(unsigned) == len(tasks) // 2
         assert all(t.next_seq > t.record.result.edge_seq for t in unsigned)
-        assert unsigned[0].as_json()["device_sig_covered_by_seq"] == unsigned[0].next_seq
+        assert unsigned[0].as_json()["chain_next_seq"] == unsigned[0].next_seq
+        assert unsigned[0].as_json().keys() == tasks[-1].as_json().keys()  # one CSV header
         for task in tasks:
             await index.verify_task(task, None)
 
