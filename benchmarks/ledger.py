@@ -18,8 +18,10 @@ and half the 30 M block gas limit of py-evm and anvil.
 ``audit_verify_ms``: one ``AuditIndex.verify`` among ``records`` anchored records: indexed
 lookup, leaf rebuilt, proof checked against the batch root the chain anchored (read from the
 chain when the index was synced; anchored roots never change), device signature (through
-the request chain where the batch left it out), the measurement anchored with the batch. ``live_chain`` re-reads the root and the edge's current registration
-from the node for every audit (two JSON-RPC round trips).
+the request chain where the batch left it out), the measurement anchored with the batch.
+``live_chain`` re-reads the root and the edge's current registration from the node for
+every audit (two JSON-RPC round trips). ``by_devices_per_batch``: calldata and floor gas
+per task when a batch's records come from more devices.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from secure_ci.ledger._audit import AuditIndex
 from secure_ci.ledger._calldata import BatchRecords, encode_batch
 from secure_ci.ledger._journal import Journal, sign_entry
 from secure_ci.ledger._records import LedgerDomain, Signer, TaskRequest, TaskResult, keccak256
-from secure_ci.testing import sample_requests
+from secure_ci.testing import sample_requests, sample_tasks
 
 BATCH = 2000
 GROUP = 256
@@ -202,6 +204,25 @@ async def _audit(backend: str, records: int, samples: int, workdir: Path) -> dic
     }
 
 
+def _gas_by_devices() -> dict[str, dict[str, float]]:
+    """Calldata bytes and Prague floor gas per task when a batch's ``BATCH`` records come from
+    more devices (shorter request chains, more chain starts and kept signatures). The floor
+    (``21000 + 10 * tokens``) is what an anchoring transaction pays: its execution gas is far
+    below the calldata floor."""
+    out = {}
+    domain, key = LedgerDomain(1, b"\x01" * 20), keccak256(b"bench-edge")
+    for devices in (16, 200, 1000, BATCH):
+        entries = sample_tasks(BATCH, edge_key=key, domain=domain, devices=devices)
+        data = encode_batch(
+            BatchRecords(entries[0].request.edge, 0, tuple(e.anchored() for e in entries))
+        )
+        out[str(devices)] = {
+            "calldata_bytes_per_task": len(data) / BATCH,
+            "prague_gas_per_task": (21_000 + 10 * _tokens(data)) / BATCH,
+        }
+    return out
+
+
 async def _cancun_gas(n: int, workdir: Path) -> float:
     """Gas per task measured on anvil with the Cancun rules (16 gas per non-zero calldata
     byte, before EIP-7623's calldata floor of Prague, which the project's chains run)."""
@@ -240,6 +261,7 @@ async def _main(quick: bool) -> dict[str, Any]:
         "cancun_derived": main["gas_per_task_cancun_derived"],
     }
     out["calldata_bytes_per_task"] = main["calldata_bytes_per_task"]
+    out["by_devices_per_batch"] = _gas_by_devices()
     out["load_avg_1m_at_end"] = os.getloadavg()[0]
     return out
 

@@ -207,7 +207,7 @@ def sample_requests(
     form one chain (``prevRequest``); without it every request starts a chain.
     """
     keys = [
-        Signer(keccak256(b"device-key" + seed.to_bytes(8, "big") + bytes([i])))
+        Signer(keccak256(b"device-key" + seed.to_bytes(8, "big") + i.to_bytes(4, "big")))
         for i in range(devices)
     ]
     prev = [bytes(32)] * devices
