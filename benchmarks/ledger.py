@@ -3,13 +3,14 @@
 ``records_per_s``: end to end on one edge — build the result, enclave signature, durable
 journal (group commits of ``GROUP`` records, fsync each), close batches of ``BATCH`` records,
 encode calldata, anchor on the chain (in-process py-evm and, when installed, anvil). Device
-request signatures are made beforehand (devices sign, not the edge). The enclave key signs
-in ``SIGNING_WORKERS`` worker process(es) (``secure_ci.ledger._signing``), up to
-``SIGN_AHEAD`` groups ahead, while this process builds, journals and anchors; the worker
-starts with the edge, before the clock. ``records_per_cpu_s`` divides by the CPU time of this
-process plus its signing worker instead of wall time (the machine is shared). The edge
-journals the next group while the previous group's fsync and the anchoring transaction are
-in flight; a record counts as durable once its group commit returned.
+request signatures are made beforehand (devices sign, not the edge), by 16 devices whose
+requests are chained as the device library chains them. The enclave key signs in
+``SIGNING_WORKERS`` worker process(es) (``secure_ci.ledger._signing``), up to ``SIGN_AHEAD``
+groups ahead, while this process builds, journals and anchors; the worker starts with the
+edge, before the clock. ``records_per_cpu_s`` divides by the CPU time of this process plus
+its signing worker instead of wall time (the machine is shared). The edge journals the next
+group while the previous group's fsync and the anchoring transaction are in flight; a record
+counts as durable once its group commit returned.
 ``gas_per_task``: gas of the anchoring transactions divided by the records they carry:
 ``prague`` on the chains' default fork (EIP-7623's calldata floor: 40 gas per non-zero byte),
 ``cancun`` measured on anvil started with ``--hardfork cancun`` (16 gas per non-zero byte;
@@ -19,9 +20,11 @@ transaction under 16.7 M gas at Prague prices (EIP-7825's per-transaction cap, d
 and half the 30 M block gas limit of py-evm and anvil.
 ``audit_verify_ms``: one ``AuditIndex.verify`` among ``records`` anchored records: indexed
 lookup, leaf rebuilt, proof checked against the batch root the chain anchored (read from the
-chain when the index was synced; anchored roots never change), device signature, the edge's
-registered measurement. ``live_chain`` re-reads the root and the edge's current registration
-from the node for every audit (two JSON-RPC round trips).
+chain when the index was synced; anchored roots never change), device signature (through
+the request chain where the batch left it out), the measurement anchored with the batch.
+``live_chain`` re-reads the root and the edge's current registration from the node for
+every audit (two JSON-RPC round trips). ``by_devices_per_batch``: calldata and floor gas
+per task when a batch's records come from more devices.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ from secure_ci.ledger._anchor import Anchorer
 from secure_ci.ledger._audit import AuditIndex
 from secure_ci.ledger._calldata import BatchRecords, encode_batch
 from secure_ci.ledger._journal import Journal, JournalEntry, sign_entry
-from secure_ci.ledger._records import LedgerDomain, Signer, TaskRequest, TaskResult, keccak256
+from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, keccak256
 from secure_ci.ledger._signing import SigningPool
+from secure_ci.testing import sample_requests, sample_tasks
 
 BATCH = 2000
 GROUP = 256
@@ -60,18 +64,8 @@ ANCHOR_SELECTOR = keccak256(b"anchorBatch(uint64,bytes32,uint64,uint32,bytes32,b
 def _requests(
     n: int, domain: LedgerDomain, edge: bytes, first: int = 0
 ) -> list[tuple[TaskRequest, bytes]]:
-    keys = [Signer(keccak256(b"bench-device" + bytes([i]))) for i in range(16)]
-    addrs = [k.address for k in keys]
-    out = []
-    for seq in range(first, first + n):
-        d = seq % len(keys)
-        tag = seq.to_bytes(8, "big")
-        request = TaskRequest(
-            keccak256(b"task" + tag), addrs[d], seq // len(keys), keccak256(b"model"),
-            3, keccak256(b"in" + tag), edge, 1_700_000_000 + seq,
-        )  # fmt: skip
-        out.append((request, request.sign(keys[d], domain)))
-    return out
+    """Signed requests of 16 devices, each chained as the device library chains them."""
+    return sample_requests(n, edge=edge, domain=domain, first_seq=first, devices=16)
 
 
 async def _registered(ledger: Any, edge: Any) -> None:
@@ -80,7 +74,7 @@ async def _registered(ledger: Any, edge: Any) -> None:
         await ledger.fund(who.address, 10**21)
     party = await ledger.register_party(admin.address)
     await ledger.allow_measurement(MEASUREMENT)
-    await ledger.register_edge(admin, party, edge.address, MEASUREMENT, QUOTE_ID, "bench:1")
+    await ledger.register_edge(admin, party, edge, MEASUREMENT, QUOTE_ID, "bench:1")
 
 
 async def _edge_pipeline(
@@ -201,11 +195,13 @@ async def _audit(backend: str, records: int, samples: int, workdir: Path) -> dic
         await _registered(ledger, edge)
         edge_bytes = bytes.fromhex(edge.address[2:])
         build = time.perf_counter()
+        task_ids: list[bytes] = []
         with Journal.open(workdir / "audit-edge.db", edge=edge_bytes) as journal:
             for first in range(0, records, 20 * BATCH):
                 chunk = _requests(
                     min(20 * BATCH, records - first), ledger.domain, edge_bytes, first
                 )
+                task_ids.extend(request.task_id for request, _ in chunk)
                 await _edge_pipeline(ledger, edge, journal, chunk)
         anchored = time.perf_counter() - build
         with AuditIndex(workdir / "audit.db", ledger.domain) as index:
@@ -217,7 +213,7 @@ async def _audit(backend: str, records: int, samples: int, workdir: Path) -> dic
             offline: list[float] = []
             proof_bytes = []
             for _ in range(samples):
-                task_id = keccak256(b"task" + rng.randrange(records).to_bytes(8, "big"))
+                task_id = rng.choice(task_ids)
                 for chain, times in ((ledger, fresh), (None, offline)):
                     start = time.perf_counter()
                     (verified,) = await index.verify(task_id, chain)
@@ -241,6 +237,25 @@ async def _audit(backend: str, records: int, samples: int, workdir: Path) -> dic
         },
         "proof_bytes": statistics.mean(proof_bytes),
     }
+
+
+def _gas_by_devices() -> dict[str, dict[str, float]]:
+    """Calldata bytes and Prague floor gas per task when a batch's ``BATCH`` records come from
+    more devices (shorter request chains, more chain starts and kept signatures). The floor
+    (``21000 + 10 * tokens``) is what an anchoring transaction pays: its execution gas is far
+    below the calldata floor."""
+    out = {}
+    domain, key = LedgerDomain(1, b"\x01" * 20), keccak256(b"bench-edge")
+    for devices in (16, 200, 1000, BATCH):
+        entries = sample_tasks(BATCH, edge_key=key, domain=domain, devices=devices)
+        data = encode_batch(
+            BatchRecords(entries[0].request.edge, 0, tuple(e.anchored() for e in entries))
+        )
+        out[str(devices)] = {
+            "calldata_bytes_per_task": len(data) / BATCH,
+            "prague_gas_per_task": (21_000 + 10 * _tokens(data)) / BATCH,
+        }
+    return out
 
 
 async def _cancun_gas(n: int, workdir: Path) -> float:
@@ -281,6 +296,7 @@ async def _main(quick: bool) -> dict[str, Any]:
         "cancun_derived": main["gas_per_task_cancun_derived"],
     }
     out["calldata_bytes_per_task"] = main["calldata_bytes_per_task"]
+    out["by_devices_per_batch"] = _gas_by_devices()
     out["load_avg_1m_at_end"] = os.getloadavg()[0]
     return out
 

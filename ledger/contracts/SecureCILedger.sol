@@ -35,6 +35,7 @@ contract SecureCILedger is EIP712, Ownable {
         bytes32 inputCommitment;
         address edge;
         uint64 deadline;
+        bytes32 prevRequest; // struct hash of the device's previous request on the session
     }
 
     struct Edge {
@@ -55,6 +56,7 @@ contract SecureCILedger is EIP712, Ownable {
         uint64 firstSeq;
         uint32 count;
         uint64 blockNumber;
+        bytes32 measurement; // the edge's (allowed) measurement when the batch was anchored
     }
 
     struct Challenge {
@@ -78,12 +80,17 @@ contract SecureCILedger is EIP712, Ownable {
 
     bytes32 public constant TASK_REQUEST_TYPEHASH = keccak256(
         "TaskRequest(bytes32 taskId,address device,uint64 deviceSeq,bytes32 modelId,uint16 cut,"
-        "bytes32 inputCommitment,address edge,uint64 deadline)"
+        "bytes32 inputCommitment,address edge,uint64 deadline,bytes32 prevRequest)"
     );
     bytes32 public constant TASK_RESULT_TYPEHASH = keccak256(
         "TaskResult(bytes32 taskId,bytes32 requestHash,bytes32 outputCommitment,bytes32 measurement,"
         "bytes32 quoteId,uint8 status,uint32 latencyMs,uint64 edgeSeq)"
     );
+
+    /// detail: 0 for a device; keccak256(abi.encode(measurement, quoteId, keccak256(endpoint)))
+    /// for an edge, so the enclave key vouches for what it is registered with.
+    bytes32 public constant KEY_REGISTRATION_TYPEHASH =
+        keccak256("KeyRegistration(uint64 partyId,address key,bytes32 detail)");
 
     uint8 public constant CHALLENGE_OPEN = 1;
     uint8 public constant CHALLENGE_RESOLVED = 2;
@@ -150,6 +157,8 @@ contract SecureCILedger is EIP712, Ownable {
     error UnknownDevice(address device);
     error UnknownEdge(address edge);
     error MeasurementNotAllowed(bytes32 measurement);
+    error NoKeyPossession(address key);
+    error NotTaskDevice(address caller);
     error EmptyBatch();
     error BatchGap(uint64 expected, uint64 got);
     error BatchReplay(uint64 expected, uint64 got);
@@ -195,8 +204,14 @@ contract SecureCILedger is EIP712, Ownable {
     }
 
     /// @notice Register (or re-activate) a device key for a party.
-    function registerDevice(uint64 partyId, address device) external onlyPartyAdmin(partyId) {
+    /// @notice Register `device` for the party; `proof` is the device key's EIP-712 signature
+    /// of KeyRegistration(partyId, device, 0), so no admin can claim another party's key.
+    function registerDevice(uint64 partyId, address device, bytes calldata proof)
+        external
+        onlyPartyAdmin(partyId)
+    {
         if (device == address(0)) revert ZeroAddress();
+        _checkPossession(partyId, device, bytes32(0), proof);
         uint64 owner_ = deviceParty[device];
         if (owner_ != 0 && owner_ != partyId) revert DeviceTaken(device, owner_);
         deviceParty[device] = partyId;
@@ -218,9 +233,12 @@ contract SecureCILedger is EIP712, Ownable {
         address edgeKey,
         bytes32 measurement,
         bytes32 quoteId,
-        string calldata endpoint
+        string calldata endpoint,
+        bytes calldata proof
     ) external onlyPartyAdmin(partyId) {
         if (edgeKey == address(0)) revert ZeroAddress();
+        bytes32 detail = keccak256(abi.encode(measurement, quoteId, keccak256(bytes(endpoint))));
+        _checkPossession(partyId, edgeKey, detail, proof);
         Edge storage e = _edges[edgeKey];
         if (e.registered && e.partyId != partyId) revert EdgeTaken(edgeKey, e.partyId);
         if (!e.registered) {
@@ -273,7 +291,8 @@ contract SecureCILedger is EIP712, Ownable {
         if (firstSeq != e.nextSeq) revert FirstSeqMismatch(e.nextSeq, firstSeq);
         if (prevHead != e.head) revert PrevHeadMismatch(e.head, prevHead);
         bytes32 newHead = keccak256(abi.encode(prevHead, root, firstSeq, count));
-        _batches[msg.sender][batchId] = Batch(root, firstSeq, count, uint64(block.number));
+        _batches[msg.sender][batchId] =
+            Batch(root, firstSeq, count, uint64(block.number), e.measurement);
         e.nextBatchId = expected + 1;
         e.nextSeq = firstSeq + count;
         e.head = newHead;
@@ -339,7 +358,8 @@ contract SecureCILedger is EIP712, Ownable {
     /// the requests are passed too: they must be the same task from the same device on the
     /// same input, model and cut, and each must be answered by the edge it names. Whether the
     /// outputs disagree is the device's judgement (outputs are salted commitments, nothing
-    /// secret goes on chain); the record is the two edges' signed, conflicting commitments.
+    /// secret goes on chain), so only that device may file it; the record is the two edges'
+    /// signed, conflicting commitments.
     function dispute(
         TaskRequest calldata reqA,
         TaskResult calldata a,
@@ -354,6 +374,7 @@ contract SecureCILedger is EIP712, Ownable {
                 || reqA.device != reqB.device || reqA.modelId != reqB.modelId || reqA.cut != reqB.cut
                 || reqA.inputCommitment != reqB.inputCommitment
         ) revert DisputeTaskMismatch();
+        if (msg.sender != reqA.device) revert NotTaskDevice(msg.sender);
         if (a.outputCommitment == b.outputCommitment) revert SameOutput();
         address edgeA = _recoverEdge(hashTaskResult(a), sigA);
         address edgeB = _recoverEdge(hashTaskResult(b), sigB);
@@ -415,11 +436,11 @@ contract SecureCILedger is EIP712, Ownable {
     function batchInfo(address edge, uint64 batchId)
         external
         view
-        returns (bytes32 root, uint64 firstSeq, uint32 count, uint64 blockNumber)
+        returns (bytes32 root, uint64 firstSeq, uint32 count, uint64 blockNumber, bytes32 measurement)
     {
         if (batchId >= _edges[edge].nextBatchId) revert UnknownBatch(edge, batchId);
         Batch storage b = _batches[edge][batchId];
-        return (b.root, b.firstSeq, b.count, b.blockNumber);
+        return (b.root, b.firstSeq, b.count, b.blockNumber, b.measurement);
     }
 
     function getChallenge(uint256 challengeId) external view returns (Challenge memory) {
@@ -466,7 +487,8 @@ contract SecureCILedger is EIP712, Ownable {
                 q.cut,
                 q.inputCommitment,
                 q.edge,
-                q.deadline
+                q.deadline,
+                q.prevRequest
             )
         );
     }
@@ -477,6 +499,17 @@ contract SecureCILedger is EIP712, Ownable {
     }
 
     // ---------------------------------------------------------------- internals
+
+    /// @dev The key itself signed KeyRegistration(partyId, key, detail) under this domain.
+    function _checkPossession(uint64 partyId, address key, bytes32 detail, bytes calldata proof)
+        private
+        view
+    {
+        bytes32 digest =
+            _hashTypedDataV4(keccak256(abi.encode(KEY_REGISTRATION_TYPEHASH, partyId, key, detail)));
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, proof);
+        if (err != ECDSA.RecoverError.NoError || signer != key) revert NoKeyPossession(key);
+    }
 
     function _recoverEdge(bytes32 digest, bytes calldata sig) private view returns (address edge) {
         (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, sig);

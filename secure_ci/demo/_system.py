@@ -166,14 +166,14 @@ async def run_system_demo(
         fleet_parties = [await ledger.register_party(f.address) for f in fleets]
         await ledger.allow_measurement(identity.measurement)
         await ledger.register_edge(
-            operator, edge_party, edge_account.address, identity.measurement,
+            operator, edge_party, edge_account, identity.measurement,
             identity.quote_id, "127.0.0.1",
         )  # fmt: skip
         await ledger.register_model(
             fleets[0], fleet_parties[0], bytes.fromhex(trained.partitioner.model_id)
         )
         for k, device in enumerate(devices):
-            await ledger.register_device(fleets[k % 2], fleet_parties[k % 2], device.address_text)
+            await ledger.register_device(fleets[k % 2], fleet_parties[k % 2], device)
         # The edge admits exactly the devices the chain's registry holds.
         allowed = frozenset(
             [d.address for d in devices if await ledger.is_registered_device(d.address_text)]

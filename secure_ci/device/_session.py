@@ -111,6 +111,7 @@ class Session:
         self._clock = clock
         self._random = random_bytes
         self._next_seq = first_seq
+        self._prev_request = bytes(32)  # struct hash of the last request sent (request chain)
         self._tasks: dict[bytes, _Task] = {}
         self._slots = asyncio.Semaphore(stream.connection.max_in_flight)
         self._failure: SecureCIError | None = None
@@ -216,7 +217,6 @@ class Session:
             self.identity,
             enclave=self.binding,
             domain=self.domain,
-            task_id=self._random(32),
             model_id=self._model_id,
             cut=self.plan.cut,
             codec=self.plan.codec,
@@ -224,7 +224,9 @@ class Session:
             deadline=int(self._clock() + self.timeout) + 1,
             salt=self._random(32),
             payload=payload,
+            prev_request=self._prev_request,
         )
+        self._prev_request = record.struct_hash()
         task = _Task(event, record, asyncio.get_running_loop().create_future())
         self._tasks[event.task_id] = task
         try:

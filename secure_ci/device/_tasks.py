@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from secure_ci.device._identity import DeviceIdentity
 from secure_ci.exceptions import RecordError, SignatureError
-from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment
+from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment, task_id_for
 from secure_ci.protocol import InferRequest, InferResult
 
 __all__ = ["EnclaveBinding", "TaskReceipt", "sign_request", "verify_result"]
@@ -44,7 +44,7 @@ def sign_request(
     *,
     enclave: EnclaveBinding,
     domain: LedgerDomain,
-    task_id: bytes,
+    task_id: bytes | None = None,
     model_id: bytes,
     cut: int,
     codec: str,
@@ -52,19 +52,29 @@ def sign_request(
     deadline: int,
     salt: bytes,
     payload: bytes,
+    prev_request: bytes = bytes(32),
 ) -> tuple[InferRequest, TaskRequest]:
-    """The ``InferRequest`` event and the ``TaskRequest`` record it carries, signed."""
+    """The ``InferRequest`` event and the ``TaskRequest`` record it carries, signed.
+
+    ``task_id`` defaults to :func:`~secure_ci.ledger.task_id_for` (which calldata leaves out);
+    ``prev_request`` is the struct hash of the previous request on the session (zero first).
+    """
+    input_commitment = commitment(salt, payload)
+    if task_id is None:
+        task_id = task_id_for(identity.address, input_commitment)
     record = TaskRequest(
         task_id=task_id,
         device=identity.address,
         device_seq=device_seq,
         model_id=model_id,
         cut=cut,
-        input_commitment=commitment(salt, payload),
+        input_commitment=input_commitment,
         edge=enclave.address,
         deadline=deadline,
+        prev_request=prev_request,
     )
     event = InferRequest(
+        prev_request=prev_request,
         task_id=task_id,
         model_id=model_id,
         cut=cut,

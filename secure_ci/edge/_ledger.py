@@ -246,7 +246,7 @@ async def open_edge_ledger(
                 )
             endpoint = _endpoint(config, settings)
             await client.register_edge(
-                operator, settings.party_id, enclave.address, identity.measurement,
+                operator, settings.party_id, enclave, identity.measurement,
                 identity.quote_id, endpoint,
             )  # fmt: skip
             with translate_errors(artifact):

@@ -234,6 +234,7 @@ def check_request(
             input_commitment=commitment(request.salt, request.payload),
             edge=edge.identity.address,
             deadline=request.deadline,
+            prev_request=request.prev_request,
         )
         signer = record.recover(request.signature, edge.domain)
     except (RecordError, SignatureError) as exc:

@@ -27,6 +27,7 @@ from secure_ci.ledger._journal import Batch, Journal, JournalEntry, sign_entry
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, verify_proof
 from secure_ci.ledger._receipts import Receipt, ReceiptBook, find_receipt
 from secure_ci.ledger._records import (
+    KeyRegistration,
     LedgerDomain,
     Signer,
     TaskRequest,
@@ -36,6 +37,7 @@ from secure_ci.ledger._records import (
     new_salt,
     recover_signer,
     sign_digest,
+    task_id_for,
 )
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "IndexedTask",
     "Journal",
     "JournalEntry",
+    "KeyRegistration",
     "LedgerClient",
     "LedgerDomain",
     "MerkleTree",
@@ -84,5 +87,6 @@ __all__ = [
     "run_anvil",
     "sign_digest",
     "sign_entry",
+    "task_id_for",
     "verify_proof",
 ]

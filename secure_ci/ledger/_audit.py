@@ -7,30 +7,45 @@ lookup, a proof slice, a few hashes, two signature recoveries and two chain read
 
 :meth:`AuditIndex.verify` checks, raising on the first failure: the leaf rebuilt from the
 record is under the root *the chain* holds for that batch; the device signature recovers to
-the request's device; the enclave is the edge that anchored (the transaction that carried
-the records was sent by the edge's registered enclave key, which the contract checks, so it
-stands for the per-record enclave signature); the result's measurement is the edge's
-registered one (the contract refuses batches from edges whose measurement is not allowed).
+the request's device (or, where the batch left it out, the signature of a later request of
+the device's chain, whose ``prevRequest`` hashes lead back to this one); the enclave is the
+edge that anchored (the transaction that carried the records was sent by the edge's
+registered enclave key, which the contract checks, so it stands for the per-record enclave
+signature); the result's measurement is the one the contract recorded with the batch: the
+edge's registered measurement when the batch was anchored, which the contract anchors only
+while it is on the allow-list (a later re-registration or allow-list change does not
+rewrite history); and the edge is still registered.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from secure_ci.exceptions import LedgerError, ProofError, RecordError, SignatureError
-from secure_ci.ledger._calldata import AnchoredRecord, decode_batch
+from secure_ci.ledger._calldata import (
+    SIGNATURE_INTERVAL,
+    AnchoredRecord,
+    chain_links,
+    chain_successors,
+    decode_batch,
+)
 from secure_ci.ledger._merkle import MerkleTree, leaf_hash, verify_proof
-from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult
+from secure_ci.ledger._records import (
+    REQUEST_ROW,
+    RESULT_ROW,
+    LedgerDomain,
+    TaskRequest,
+    TaskResult,
+)
 
 __all__ = ["AuditIndex", "AuditLedger", "IndexedTask", "VerifiedTask"]
 
-_REQ = struct.Struct(">32s20sQ32sH32s20sQ")
-_RES = struct.Struct(">32s32s32s32s32sBIQ")
+_REQ, _RES = REQUEST_ROW, RESULT_ROW
+_FORMAT = b"2"  # 2: chained requests (next_seq column)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS batches (
@@ -40,16 +55,20 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS tasks (
     task_id BLOB NOT NULL, edge BLOB NOT NULL, batch_id INTEGER NOT NULL, seq INTEGER NOT NULL,
     device BLOB NOT NULL, model_id BLOB NOT NULL, deadline INTEGER NOT NULL,
-    request BLOB NOT NULL, result BLOB NOT NULL, device_sig BLOB NOT NULL);
+    request BLOB NOT NULL, result BLOB NOT NULL, device_sig BLOB NOT NULL,
+    next_seq INTEGER NOT NULL);
 """
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS tasks_task ON tasks (task_id);
 CREATE INDEX IF NOT EXISTS tasks_device ON tasks (device);
 CREATE INDEX IF NOT EXISTS tasks_edge ON tasks (edge, seq);
 """
-_COLUMNS = "task_id, edge, batch_id, seq, device, model_id, deadline, request, result, device_sig"
+_COLUMNS = (
+    "task_id, edge, batch_id, seq, device, model_id, deadline, request, result, device_sig,"
+    " next_seq"
+)
 # Only constant column names and "?" placeholders are ever spliced into SQL.
-_INSERT_TASK = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 10)})"  # noqa: S608
+_INSERT_TASK = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 11)})"  # noqa: S608
 _SELECT_TASKS = f"SELECT {_COLUMNS} FROM tasks"  # noqa: S608
 
 
@@ -66,11 +85,16 @@ class AuditLedger(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class IndexedTask:
-    """A task as the index holds it."""
+    """A task as the index holds it.
+
+    ``next_seq`` is the edge sequence number of the next request of the device's chain in the
+    same batch (-1 if none): it carries the device signature when the record's was left out.
+    """
 
     edge: bytes
     batch_id: int
     record: AnchoredRecord
+    next_seq: int = -1
 
     def as_json(self) -> dict[str, Any]:
         q, r = self.record.request, self.record.result
@@ -79,7 +103,8 @@ class IndexedTask:
             for name in type(obj).__slots__:
                 value = getattr(obj, name)
                 out[name] = "0x" + value.hex() if isinstance(value, bytes) else value
-        out["device_sig"] = "0x" + self.record.device_sig.hex()
+        out["device_sig"] = "0x" + self.record.device_sig.hex()  # "0x": covered by chain_next_seq
+        out["chain_next_seq"] = self.next_seq
         return out
 
 
@@ -127,6 +152,13 @@ class AuditIndex:
             row = self._conn.execute("SELECT value FROM meta WHERE key = 'domain'").fetchone()
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open audit index {path}: {exc}") from exc
+        try:
+            version = self._conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read audit index {path}: {exc}") from exc
+        if row is not None and (version is None or bytes(version[0]) != _FORMAT):
+            self._conn.close()
+            raise LedgerError(f"audit index {path} has an older format: delete it to rebuild it")
         stored = None
         if row is not None:
             raw = bytes(row[0])
@@ -139,6 +171,7 @@ class AuditIndex:
         elif stored is None:
             value = domain.contract + domain.chain_id.to_bytes(32, "big")
             self._conn.execute("INSERT INTO meta VALUES ('domain', ?)", (value,))
+            self._conn.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
         elif stored != domain:
             self._conn.close()
             raise LedgerError(f"audit index {path} belongs to another chain or contract")
@@ -167,7 +200,7 @@ class AuditIndex:
     ) -> int:
         """Index one anchored batch from its calldata; return the number of records.
 
-        ``root``, ``first_seq``, ``count`` and the edge's registered ``measurement`` are as the
+        ``root``, ``first_seq``, ``count`` and the batch's ``measurement`` are as the
         chain holds them. Calldata that does not rebuild exactly the anchored root over exactly
         the anchored sequence range is refused: records outside it were never committed.
         """
@@ -182,15 +215,16 @@ class AuditIndex:
         tree = MerkleTree.build(leaves)
         if tree.root != root:
             raise ProofError("the records in calldata do not rebuild the anchored Merkle root")
+        successors = chain_successors(chain_links(batch.records))
         rows = (
             (
                 r.request.task_id, edge, batch_id, r.result.edge_seq, r.request.device,
                 r.request.model_id, r.request.deadline,
                 _REQ.pack(*(getattr(r.request, f) for f in TaskRequest.__slots__)),
                 _RES.pack(*(getattr(r.result, f) for f in TaskResult.__slots__)),
-                r.device_sig,
+                r.device_sig, batch.first_seq + nxt if nxt >= 0 else -1,
             )
-            for r in batch.records
+            for r, nxt in zip(batch.records, successors, strict=True)
         )  # fmt: skip
         nodes = _nodes_blob(tree)
         try:
@@ -236,18 +270,18 @@ class AuditIndex:
                     bytes(info.root),
                     int(info.block_number),
                     calldata,
-                    bytes(state.measurement),
+                    bytes(info.measurement),
                     first_seq=int(info.first_seq),
                     count=int(info.count),
                 )
         return added
 
     def _rows_to_tasks(self, rows: Iterable[Any]) -> Iterator[IndexedTask]:
-        for _task, edge, batch_id, _s, _d, _m, _dl, req, res, sig in rows:
+        for _task, edge, batch_id, _s, _d, _m, _dl, req, res, sig, next_seq in rows:
             record = AnchoredRecord(
                 TaskRequest(*_REQ.unpack(req)), TaskResult(*_RES.unpack(res)), bytes(sig)
             )
-            yield IndexedTask(bytes(edge), int(batch_id), record)
+            yield IndexedTask(bytes(edge), int(batch_id), record, int(next_seq))
 
     def show(self, task_id: bytes) -> list[IndexedTask]:
         """Every indexed record of ``task_id`` (more than one means several edges ran it)."""
@@ -319,10 +353,39 @@ class AuditIndex:
             if not info.first_seq <= result.edge_seq < info.first_seq + info.count:
                 raise ProofError("the chain's batch does not cover the task's sequence number")
             state = await ledger.edge_state(addr)
-            root, measurement, registered = info.root, state.measurement, state.registered
+            root, measurement, registered = info.root, info.measurement, state.registered
         verify_proof(bytes(root), leaf_hash(result.edge_seq, record_hash), proof)
-        if request.recover(task.record.device_sig, self.domain) != request.device:
-            raise SignatureError("device signature does not match the request's device")
-        if not registered or bytes(measurement) != result.measurement:
-            raise SignatureError("the result's measurement is not the edge's registered one")
+        self._check_device_signature(task)
+        if not registered:
+            raise SignatureError("the edge is no longer registered")
+        if bytes(measurement) != result.measurement:
+            raise SignatureError("the result's measurement is not the one anchored with its batch")
         return VerifiedTask(task, record_hash, bytes(root), tuple(proof))
+
+    def _check_device_signature(self, task: IndexedTask) -> None:
+        """The device signed the request, directly or through a later request of its chain.
+
+        A batch leaves out a signature when the next request of the chain is in the batch:
+        that request's ``prevRequest`` is this request's struct hash, so its signature (or,
+        in turn, its successor's) covers this one. At most ``SIGNATURE_INTERVAL`` steps.
+        """
+        request, signature, next_seq = task.record.request, task.record.device_sig, task.next_seq
+        current = request
+        for _ in range(SIGNATURE_INTERVAL):
+            if signature:
+                break
+            row = self._conn.execute(
+                "SELECT request, device_sig, next_seq FROM tasks WHERE edge = ? AND seq = ?",
+                (task.edge, next_seq),
+            ).fetchone()
+            if next_seq < 0 or row is None:
+                raise SignatureError("the device signature is missing and no request covers it")
+            successor = TaskRequest(*_REQ.unpack(row[0]))
+            if (
+                successor.prev_request != current.struct_hash()
+                or successor.device != request.device
+            ):
+                raise SignatureError("the request chain that covers the device signature is broken")
+            current, signature, next_seq = successor, bytes(row[1]), int(row[2])
+        if not signature or current.recover(signature, self.domain) != request.device:
+            raise SignatureError("device signature does not match the request's device")

@@ -74,12 +74,17 @@ class EdgeInfo:
 
 @dataclass(frozen=True)
 class BatchInfo:
-    """What the contract stores per anchored batch."""
+    """What the contract stores per anchored batch.
+
+    ``measurement`` is the edge's registered measurement when the batch was anchored (the
+    contract anchors only while it is on the allow-list).
+    """
 
     root: bytes
     first_seq: int
     count: int
     block_number: int
+    measurement: bytes
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,7 @@ def as_task_request(request: Any) -> tuple[Any, ...]:
             as_bytes32(request.input_commitment, "input_commitment"),
             as_address(request.edge, "edge"),
             as_uint(request.deadline, "deadline", 64),
+            as_bytes32(request.prev_request, "prev_request"),
         )
     except AttributeError as exc:
         raise RecordError(f"task request: missing field ({exc})") from exc

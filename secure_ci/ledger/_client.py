@@ -18,7 +18,7 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3.exceptions import Web3Exception
 
-from secure_ci.exceptions import ChainError, ContractRevertError, LedgerError
+from secure_ci.exceptions import ChainError, ContractRevertError, LedgerError, RecordError
 from secure_ci.ledger._anchor_tx import anchor_call_data, anchor_gas_limit, anchored_head
 from secure_ci.ledger._chain import (
     AnchorReceipt,
@@ -35,6 +35,7 @@ from secure_ci.ledger._chain import (
     as_task_result,
     as_uint,
 )
+from secure_ci.ledger._records import KeyRegistration
 from secure_ci.ledger._session import ContractSession
 
 __all__ = ["LedgerClient"]
@@ -56,10 +57,20 @@ class LedgerClient(ContractSession):
         fn = self._contract.functions.allowMeasurement(as_bytes32(m, "measurement"), allowed)
         await self._transact(self.owner, fn)
 
-    async def register_device(self, admin: LocalAccount, party_id: int, device: object) -> None:
-        """Register a device key for the party ``admin`` administers."""
+    async def register_device(
+        self, admin: LocalAccount, party_id: int, device: object, proof: bytes | None = None
+    ) -> None:
+        """Register a device key for the party ``admin`` administers.
+
+        ``proof`` is the device key's signature of its :class:`KeyRegistration`; when
+        ``device`` is an account holding its key (``.key``), it is made here.
+        """
+        address = as_address(device, "device")
+        registration = KeyRegistration(party_id, bytes.fromhex(address[2:]))
         fn = self._contract.functions.registerDevice(
-            as_uint(party_id, "party_id", 64), as_address(device, "device")
+            as_uint(party_id, "party_id", 64),
+            address,
+            self._possession(registration, device, proof),
         )
         await self._transact(admin, fn)
 
@@ -71,16 +82,36 @@ class LedgerClient(ContractSession):
         measurement: bytes,
         quote_id: bytes,
         endpoint: str,
+        proof: bytes | None = None,
     ) -> None:
-        """Register (or re-attest) an edge's enclave key for the party ``admin`` administers."""
+        """Register (or re-attest) an edge's enclave key for the party ``admin`` administers.
+
+        ``proof`` is the enclave key's signature of its :class:`KeyRegistration` (detail:
+        measurement, quote id, endpoint); made here when ``edge_key`` holds its key.
+        """
+        address = as_address(edge_key, "edge_key")
+        measurement = as_bytes32(measurement, "measurement")
+        quote_id = as_bytes32(quote_id, "quote_id")
+        detail = KeyRegistration.edge_detail(measurement, quote_id, endpoint)
+        registration = KeyRegistration(party_id, bytes.fromhex(address[2:]), detail)
         fn = self._contract.functions.registerEdge(
-            as_uint(party_id, "party_id", 64),
-            as_address(edge_key, "edge_key"),
-            as_bytes32(measurement, "measurement"),
-            as_bytes32(quote_id, "quote_id"),
-            endpoint,
-        )
+            as_uint(party_id, "party_id", 64), address, measurement, quote_id, endpoint,
+            self._possession(registration, edge_key, proof),
+        )  # fmt: skip
         await self._transact(admin, fn)
+
+    def _possession(
+        self, registration: KeyRegistration, holder: object, proof: bytes | None
+    ) -> bytes:
+        if proof is not None:
+            return bytes(proof)
+        key = getattr(holder, "key", None)
+        if key is None:
+            raise RecordError(
+                "registering a key needs its proof of possession: pass the account holding the"
+                " key, or proof= (the key's signature of KeyRegistration)"
+            )
+        return registration.sign(bytes(key), self.domain)
 
     async def register_model(self, admin: LocalAccount, party_id: int, model_id: bytes) -> None:
         """Register a model id as owned by the party ``admin`` administers."""
@@ -213,8 +244,8 @@ class LedgerClient(ContractSession):
         fn = self._contract.functions.batchInfo(
             as_address(edge_addr, "edge"), as_uint(batch_id, "batch_id", 64)
         )
-        root, first_seq, count, block_number = await self._call(fn)
-        return BatchInfo(bytes(root), first_seq, count, block_number)
+        root, first_seq, count, block_number, measurement = await self._call(fn)
+        return BatchInfo(bytes(root), first_seq, count, block_number, bytes(measurement))
 
     async def batches(
         self, edge_addr: object | None = None, from_block: int = 0

@@ -21,13 +21,21 @@ from typing import Any
 from secure_ci.exceptions import JournalError
 from secure_ci.ledger._calldata import AnchoredRecord
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash
-from secure_ci.ledger._records import LedgerDomain, Signer, TaskRequest, TaskResult, sign_digest
+from secure_ci.ledger._records import (
+    REQUEST_ROW,
+    RESULT_ROW,
+    LedgerDomain,
+    Signer,
+    TaskRequest,
+    TaskResult,
+    sign_digest,
+)
 
 __all__ = ["Batch", "Journal", "JournalEntry", "sign_entry"]
 
-_REQ = struct.Struct(">32s20sQ32sH32s20sQ")
-_RES = struct.Struct(">32s32s32s32s32sBIQ")
+_REQ, _RES = REQUEST_ROW, RESULT_ROW
 _GENESIS = bytes(32)
+_FORMAT = b"2"  # 2: TaskRequest with prevRequest
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -98,11 +106,19 @@ class Journal:
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key = 'edge'").fetchone()
+            version = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('edge', ?)", (edge,))
+                conn.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
             elif bytes(row[0]) != edge:
                 conn.close()
                 raise JournalError("journal belongs to another edge")
+            elif version is None or bytes(version[0]) != _FORMAT:
+                conn.close()
+                raise JournalError(
+                    f"journal {path} has an older record format: let the version that wrote it"
+                    " anchor it, then move it away"
+                )
             return cls(conn, edge)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {path}: {exc}") from exc
@@ -176,7 +192,7 @@ class Journal:
                     r.edge_seq,
                     pack_req(
                         q.task_id, q.device, q.device_seq, q.model_id, q.cut,
-                        q.input_commitment, q.edge, q.deadline,
+                        q.input_commitment, q.edge, q.deadline, q.prev_request,
                     ),
                     pack_res(
                         r.task_id, r.request_hash, r.output_commitment, r.measurement,

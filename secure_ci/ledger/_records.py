@@ -20,6 +20,7 @@ import coincurve
 from secure_ci.exceptions import RecordError, SignatureError
 
 __all__ = [
+    "KeyRegistration",
     "LedgerDomain",
     "Signer",
     "TaskRequest",
@@ -30,6 +31,7 @@ __all__ = [
     "new_salt",
     "recover_signer",
     "sign_digest",
+    "task_id_for",
 ]
 
 _local = threading.local()
@@ -120,18 +122,23 @@ _DOMAIN_TYPEHASH = keccak256(
 _SEPARATORS: dict[LedgerDomain, bytes] = {}
 REQUEST_TYPE = (
     "TaskRequest(bytes32 taskId,address device,uint64 deviceSeq,bytes32 modelId,uint16 cut,"
-    "bytes32 inputCommitment,address edge,uint64 deadline)"
+    "bytes32 inputCommitment,address edge,uint64 deadline,bytes32 prevRequest)"
 )
 RESULT_TYPE = (
     "TaskResult(bytes32 taskId,bytes32 requestHash,bytes32 outputCommitment,bytes32 measurement,"
     "bytes32 quoteId,uint8 status,uint32 latencyMs,uint64 edgeSeq)"
 )
+KEY_REGISTRATION_TYPE = "KeyRegistration(uint64 partyId,address key,bytes32 detail)"
 _REQUEST_TYPEHASH = keccak256(REQUEST_TYPE.encode())
+_KEY_REGISTRATION_TYPEHASH = keccak256(KEY_REGISTRATION_TYPE.encode())
 _RESULT_TYPEHASH = keccak256(RESULT_TYPE.encode())
 # ``typeHash || fields`` as 32-byte words in one pack: addresses and uints are left-padded
 # (values are range-checked at construction, so uint64 and smaller fit the last 8 bytes)
-_REQUEST_WORDS = struct.Struct(">32s32s12x20s24xQ32s24xQ32s12x20s24xQ")
+_REQUEST_WORDS = struct.Struct(">32s32s12x20s24xQ32s24xQ32s12x20s24xQ32s")
 _RESULT_WORDS = struct.Struct(">32s32s32s32s32s32s24xQ24xQ24xQ")
+# Fixed-width rows of every field in declaration order, for local stores (journal, audit index)
+REQUEST_ROW = struct.Struct(">32s20sQ32sH32s20sQ32s")
+RESULT_ROW = struct.Struct(">32s32s32s32s32sBIQ")
 
 
 def _eip712(domain: LedgerDomain, struct_hash: bytes) -> bytes:
@@ -162,7 +169,13 @@ class _TypedRecord:
 
 @dataclass(frozen=True, slots=True)
 class TaskRequest(_TypedRecord):
-    """What a device asks an edge to run; signed by the device key."""
+    """What a device asks an edge to run; signed by the device key.
+
+    ``prev_request`` chains a device's requests to one edge: it is the struct hash of the
+    device's previous request on the same session (zero for the first). A signature on a
+    request therefore covers every earlier request of the chain, which lets a batch's calldata
+    carry one device signature per run of chained records instead of one per record.
+    """
 
     task_id: bytes
     device: bytes
@@ -172,6 +185,7 @@ class TaskRequest(_TypedRecord):
     input_commitment: bytes
     edge: bytes
     deadline: int
+    prev_request: bytes = bytes(32)
 
     def __post_init__(self) -> None:
         _b32("task_id", self.task_id)
@@ -182,13 +196,14 @@ class TaskRequest(_TypedRecord):
         _b32("input_commitment", self.input_commitment)
         _addr("edge", self.edge)
         _uint("deadline", self.deadline, 64)
+        _b32("prev_request", self.prev_request)
 
     def struct_hash(self) -> bytes:
         """EIP-712 ``hashStruct`` of this request (the result's ``requestHash``)."""
         return keccak256(
             _REQUEST_WORDS.pack(
                 _REQUEST_TYPEHASH, self.task_id, self.device, self.device_seq, self.model_id,
-                self.cut, self.input_commitment, self.edge, self.deadline,
+                self.cut, self.input_commitment, self.edge, self.deadline, self.prev_request,
             )
         )  # fmt: skip
 
@@ -227,6 +242,48 @@ class TaskResult(_TypedRecord):
     def matches(self, request: TaskRequest) -> bool:
         """True when this result answers ``request`` (same task id and request hash)."""
         return self.task_id == request.task_id and self.request_hash == request.struct_hash()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRegistration(_TypedRecord):
+    """A key's proof of possession for its registration, signed by that key.
+
+    ``detail`` is zero for a device and :meth:`edge_detail` for an edge, so an enclave key
+    vouches for the measurement, quote id and endpoint it is registered with.
+    """
+
+    party_id: int
+    key: bytes
+    detail: bytes = bytes(32)
+
+    def __post_init__(self) -> None:
+        _uint("party_id", self.party_id, 64)
+        _addr("key", self.key)
+        _b32("detail", self.detail)
+
+    @staticmethod
+    def edge_detail(measurement: bytes, quote_id: bytes, endpoint: str) -> bytes:
+        """``keccak256(abi.encode(measurement, quoteId, keccak256(bytes(endpoint))))``."""
+        _b32("measurement", measurement)
+        _b32("quote_id", quote_id)
+        return keccak256(measurement + quote_id + keccak256(endpoint.encode()))
+
+    def struct_hash(self) -> bytes:
+        return keccak256(
+            _KEY_REGISTRATION_TYPEHASH + _word(self.party_id) + _ZERO12 + self.key + self.detail
+        )
+
+
+def task_id_for(device: bytes, input_commitment: bytes) -> bytes:
+    """The default task id: ``keccak256(device || inputCommitment)``.
+
+    Commitments are salted afresh per task, so the id is unique; a device that sends one task
+    to k edges (same salt, same features) gets the same id at every edge, as disputes need.
+    Batch calldata leaves out task ids that equal this value.
+    """
+    _addr("device", device)
+    _b32("input_commitment", input_commitment)
+    return keccak256(device + input_commitment)
 
 
 def commitment(salt: bytes, data: bytes) -> bytes:

@@ -221,6 +221,7 @@ class InferRequest(Event):
         salt="id32",
         payload="blob",
         signature="sig65",
+        prev_request="id32",
     )
     PAYLOAD = "payload"
     task_id: bytes
@@ -232,6 +233,7 @@ class InferRequest(Event):
     salt: bytes
     payload: bytes
     signature: bytes
+    prev_request: bytes = bytes(32)  # the TaskRequest's prevRequest (request chain)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from secure_ci.testing._attestation import (
 )
 from secure_ci.testing._edge import DevEnclave, RawDevice, dev_enclave, new_device_key
 from secure_ci.testing._ledger_world import LedgerWorld, ledger_world
-from secure_ci.testing._memory_ledger import MemoryLedger, sample_tasks
+from secure_ci.testing._memory_ledger import MemoryLedger, sample_requests, sample_tasks
 from secure_ci.testing._protocol import connected_pair, pump, sample_events, sample_request
 from secure_ci.testing._quote_fuzz import FuzzReport, fuzz_verifier, mutate_quote, quote_regions
 
@@ -38,5 +38,6 @@ __all__: list[str] = [
     "quote_regions",
     "sample_events",
     "sample_request",
+    "sample_requests",
     "sample_tasks",
 ]

@@ -154,7 +154,7 @@ class RawDevice:
             DeviceIdentity(self.key),
             enclave=EnclaveBinding(self.edge_address, bytes(32), bytes(32)),
             domain=self.domain,
-            task_id=task_id or os.urandom(32),
+            task_id=task_id,
             model_id=model_id,
             cut=cut,
             codec=codec,

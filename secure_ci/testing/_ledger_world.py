@@ -119,9 +119,9 @@ async def ledger_world(
     await ledger.allow_measurement(measurement)
     for i, edge in enumerate(edge_accounts):
         endpoint = f"127.0.0.1:{9000 + i}"
-        await ledger.register_edge(admin, party_id, edge.address, measurement, quote_id, endpoint)
+        await ledger.register_edge(admin, party_id, edge, measurement, quote_id, endpoint)
     for device in device_accounts:
-        await ledger.register_device(admin, party_id, device.address)
+        await ledger.register_device(admin, party_id, device)
     return LedgerWorld(
         ledger, party_id, admin, edge_accounts, device_accounts, measurement, quote_id
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from secure_ci.exceptions import ContractRevertError
+from secure_ci.ledger._chain import BatchInfo
 from secure_ci.ledger._journal import JournalEntry, sign_entry
 from secure_ci.ledger._merkle import chain_head, leaf_hash, root_from_proof
 from secure_ci.ledger._records import (
@@ -22,9 +23,10 @@ from secure_ci.ledger._records import (
     TaskResult,
     keccak256,
     recover_signer,
+    task_id_for,
 )
 
-__all__ = ["MemoryLedger", "sample_tasks"]
+__all__ = ["MemoryLedger", "sample_requests", "sample_tasks"]
 
 
 def _addr(value: Any) -> bytes:
@@ -45,14 +47,6 @@ class _EdgeState:
 
 
 @dataclass(frozen=True)
-class _BatchInfo:
-    root: bytes
-    first_seq: int
-    count: int
-    block_number: int
-
-
-@dataclass(frozen=True)
 class _Receipt:
     tx_hash: bytes
     block_number: int
@@ -63,7 +57,7 @@ class _Receipt:
 @dataclass
 class _Edge:
     measurement: bytes
-    batches: list[_BatchInfo] = field(default_factory=list)
+    batches: list[BatchInfo] = field(default_factory=list)
     calldata: list[bytes] = field(default_factory=list)
     head: bytes = bytes(32)
     next_seq: int = 0
@@ -133,14 +127,14 @@ class MemoryLedger:
             raise ContractRevertError("PrevHeadMismatch")
         self.block += 1
         e.head = chain_head(prev_head, root, first_seq, count)
-        e.batches.append(_BatchInfo(root, first_seq, count, self.block))
+        e.batches.append(BatchInfo(root, first_seq, count, self.block, e.measurement))
         e.calldata.append(records)
         e.next_seq += count
         return _Receipt(
             self.block.to_bytes(32, "big"), self.block, 21_000 + 16 * len(records), e.head
         )
 
-    async def batch(self, addr: Any, batch_id: int) -> _BatchInfo:
+    async def batch(self, addr: Any, batch_id: int) -> BatchInfo:
         e = self.edges.get(_addr(addr))
         if e is None or batch_id >= len(e.batches):
             raise ContractRevertError("UnknownBatch")
@@ -197,6 +191,41 @@ class MemoryLedger:
         self.challenges[challenge_id] = (edge, result, deadline, True)
 
 
+def sample_requests(
+    n: int,
+    *,
+    edge: bytes,
+    domain: LedgerDomain,
+    first_seq: int = 0,
+    devices: int = 4,
+    seed: int = 0,
+    chained: bool = True,
+) -> list[tuple[TaskRequest, bytes]]:
+    """``n`` deterministic signed requests to ``edge`` from ``devices`` round-robin devices.
+
+    Like the device library's: default task ids, and with ``chained`` each device's requests
+    form one chain (``prevRequest``); without it every request starts a chain.
+    """
+    keys = [
+        Signer(keccak256(b"device-key" + seed.to_bytes(8, "big") + i.to_bytes(4, "big")))
+        for i in range(devices)
+    ]
+    prev = [bytes(32)] * devices
+    out = []
+    for i in range(n):
+        seq, d = first_seq + i, i % devices
+        input_c = keccak256(b"in" + seed.to_bytes(8, "big") + seq.to_bytes(8, "big"))
+        device = keys[d].address
+        request = TaskRequest(
+            task_id_for(device, input_c), device, seq // devices, keccak256(b"model"), 3,
+            input_c, edge, 1_700_000_000 + seq, prev[d],
+        )  # fmt: skip
+        if chained:
+            prev[d] = request.struct_hash()
+        out.append((request, request.sign(keys[d], domain)))
+    return out
+
+
 def sample_tasks(
     n: int,
     *,
@@ -207,28 +236,21 @@ def sample_tasks(
     seed: int = 0,
     measurement: bytes = b"\x11" * 32,
     quote_id: bytes = b"\x22" * 32,
+    chained: bool = True,
 ) -> list[JournalEntry]:
     """``n`` deterministic, correctly signed task records of the edge with key ``edge_key``."""
     edge_signer = Signer(edge_key)
-    keys = [
-        Signer(keccak256(b"device-key" + seed.to_bytes(8, "big") + bytes([i])))
-        for i in range(devices)
-    ]
-    edge, addrs = edge_signer.address, [k.address for k in keys]
+    requests = sample_requests(
+        n, edge=edge_signer.address, domain=domain, first_seq=first_seq, devices=devices,
+        seed=seed, chained=chained,
+    )  # fmt: skip
     entries = []
-    for i in range(n):
+    for i, (request, device_sig) in enumerate(requests):
         seq = first_seq + i
         tag = seed.to_bytes(8, "big") + seq.to_bytes(8, "big")
-        d = i % devices
-        request = TaskRequest(
-            keccak256(b"task" + tag), addrs[d], seq // devices, keccak256(b"model"),
-            3, keccak256(b"in" + tag), edge, 1_700_000_000 + seq,
-        )  # fmt: skip
         result = TaskResult(
             request.task_id, request.struct_hash(), keccak256(b"out" + tag),
             measurement, quote_id, 0, 5 + i % 50, seq,
         )  # fmt: skip
-        entries.append(
-            sign_entry(request, request.sign(keys[d], domain), result, edge_signer, domain)
-        )
+        entries.append(sign_entry(request, device_sig, result, edge_signer, domain))
     return entries

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from secure_ci.edge._identity import MemoryJournal
 from secure_ci.edge._models import load_zoo_tails
 from secure_ci.edge._service import EdgeService, open_edge
 from secure_ci.exceptions import MeasurementError, PartitionError, RemoteProtocolError
+from secure_ci.ledger import task_id_for
 from secure_ci.partition import Partitioner, PartitionPlan
 from secure_ci.protocol import ErrorCode
 from secure_ci.testing import DEV_NOW, DevEnclave, dev_enclave
@@ -139,6 +141,12 @@ async def test_receipts_are_signed_records_the_ledger_accepts(setup: Setup) -> N
     journaled = {e.request.task_id for e in setup.journal.entries}
     assert journaled == {r.request.task_id for r in session.receipts}
     assert all(len(r.input_salt) == 32 for r in session.receipts)
+    # The session chains its requests and uses default task ids (both shrink calldata).
+    requests = sorted((r.request for r in session.receipts), key=lambda q: q.device_seq)
+    assert requests[0].prev_request == bytes(32)
+    for before, after in itertools.pairwise(requests):
+        assert after.prev_request == before.struct_hash()
+    assert all(q.task_id == task_id_for(q.device, q.input_commitment) for q in requests)
 
 
 async def test_fresh_evidence_is_checked_when_the_policy_requires_it(setup: Setup) -> None:

@@ -324,7 +324,7 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
     enclave = dev_enclave(DEV_NOW)
     identity = create_identity(enclave.provider, now=DEV_NOW)
     member, late, stranger = (DeviceIdentity.generate() for _ in range(3))
-    await chain.ledger.register_device(chain.fleet, chain.fleet_party, member.address_text)
+    await chain.ledger.register_device(chain.fleet, chain.fleet_party, member)
     # not yet allowed: the edge refuses to start (its batches would revert)
     settings = LedgerSettings(
         chain.node.url, bytes.fromhex(chain.ledger.address[2:]), chain.party,
@@ -360,12 +360,12 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
                     book.track(r.request, r.result, r.device_sig, r.edge_sig)
             assert await _refused(edge.port, stranger, enclave, chain) == ErrorCode.UNAUTHORIZED
             # registered while the edge runs: admitted from the next refresh on
-            await chain.ledger.register_device(chain.fleet, chain.fleet_party, late.address_text)
+            await chain.ledger.register_device(chain.fleet, chain.fleet_party, late)
             await _until(lambda: late.address in on_chain.devices)
             async with _session(edge.port, late, enclave, chain) as session:
                 await session.infer(xs[0])
             # revoked: refused from the next refresh on
-            await chain.ledger.revoke_device(chain.fleet, late.address_text)
+            await chain.ledger.revoke_device(chain.fleet, late)
             await _until(lambda: late.address not in on_chain.devices)
             assert await _refused(edge.port, late, enclave, chain) == ErrorCode.UNAUTHORIZED
         tasks = len(xs) + 1
@@ -448,7 +448,7 @@ async def _header(stdout: asyncio.StreamReader) -> dict[str, str]:
 @pytest.mark.slow
 async def test_edge_serve_cli_on_the_ledger(chain: Chain, tmp_path: Path) -> None:
     member, stranger = DeviceIdentity.generate(), DeviceIdentity.generate()
-    await chain.ledger.register_device(chain.fleet, chain.fleet_party, member.address_text)
+    await chain.ledger.register_device(chain.fleet, chain.fleet_party, member)
     await chain.ledger.allow_measurement(DEV_MRENCLAVE)
     config = _cli_config(tmp_path, chain)
     proc = await asyncio.create_subprocess_exec(
@@ -495,7 +495,7 @@ async def _serve_then_revoke(chain: Chain, tmp_path: Path) -> Journal:
     enclave = dev_enclave(DEV_NOW)
     identity = create_identity(enclave.provider, now=DEV_NOW)
     member = DeviceIdentity.generate()
-    await chain.ledger.register_device(chain.fleet, chain.fleet_party, member.address_text)
+    await chain.ledger.register_device(chain.fleet, chain.fleet_party, member)
     await chain.ledger.allow_measurement(identity.measurement)
     settings = LedgerSettings(
         chain.node.url, bytes.fromhex(chain.ledger.address[2:]), chain.party,

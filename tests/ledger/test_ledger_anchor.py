@@ -195,7 +195,7 @@ async def test_run_loop_in_a_task_group(tmp_path: Path) -> None:
 async def _register(ledger: Any, admin: Any) -> None:
     party = await ledger.register_party(admin.address)
     await ledger.allow_measurement(MEASUREMENT)
-    await ledger.register_edge(admin, party, EDGE.address, MEASUREMENT, b"\x22" * 32, "e:1")
+    await ledger.register_edge(admin, party, EDGE, MEASUREMENT, b"\x22" * 32, "e:1")
 
 
 @pytest.mark.anvil

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from eth_account import Account
 
-from secure_ci.exceptions import ContractRevertError, ProofError, RecordError, SignatureError
+from secure_ci.exceptions import (
+    ContractRevertError,
+    LedgerError,
+    ProofError,
+    RecordError,
+    SignatureError,
+)
 from secure_ci.ledger._anchor import Anchorer
 from secure_ci.ledger._audit import AuditIndex, _proof_from_blob
 from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
 from secure_ci.ledger._journal import Journal
-from secure_ci.ledger._merkle import MerkleTree
+from secure_ci.ledger._merkle import MerkleTree, leaf_hash
 from secure_ci.ledger._receipts import ReceiptBook, find_receipt
 from secure_ci.ledger._records import keccak256
 from secure_ci.testing import MemoryLedger, sample_tasks
@@ -88,12 +95,19 @@ async def test_tampered_record_proof_signature_fail(tmp_path: Path) -> None:
     index._conn.execute("UPDATE batches SET nodes = zeroblob(length(nodes)) WHERE batch_id = 0")
     with pytest.raises(ProofError):
         await index.verify_task(task, ledger)
-    # the edge's registered measurement no longer matches the record
+    # the edge re-registers with a new measurement: its anchored history stays valid
     index2 = AuditIndex(":memory:", ledger.domain)
     await index2.sync(ledger, [EDGE_BYTES])
     ledger.edges[EDGE_BYTES].measurement = b"\x99" * 32
-    with pytest.raises(SignatureError):
+    await index2.verify(task.record.request.task_id, ledger)
+    # but a record whose measurement is not the one anchored with its batch fails
+    batches = ledger.edges[EDGE_BYTES].batches
+    batches[0] = replace(batches[0], measurement=b"\x99" * 32)
+    with pytest.raises(SignatureError, match="anchored with its batch"):
         await index2.verify(task.record.request.task_id, ledger)
+    index2._conn.execute("UPDATE batches SET measurement = zeroblob(32) WHERE batch_id = 0")
+    with pytest.raises(SignatureError, match="anchored with its batch"):
+        await index2.verify(task.record.request.task_id, None)
 
 
 async def test_calldata_that_disagrees_with_the_root_fails_verify(tmp_path: Path) -> None:
@@ -129,8 +143,8 @@ async def test_inprocess_chain_end_to_end(tmp_path: Path) -> None:
             await ledger.fund(who.address, 10**20)
         party = await ledger.register_party(admin.address)
         await ledger.allow_measurement(b"\x11" * 32)
-        await ledger.register_edge(admin, party, EDGE.address, b"\x11" * 32, b"\x22" * 32, "e:1")
-        await ledger.register_device(admin, party, device.address)
+        await ledger.register_edge(admin, party, EDGE, b"\x11" * 32, b"\x22" * 32, "e:1")
+        await ledger.register_device(admin, party, device)
         domain = ledger.domain
         entries = sample_tasks(13, edge_key=EDGE_KEY, domain=domain)
         # the contract's EIP-712 hashing agrees with ours
@@ -177,3 +191,57 @@ async def test_inprocess_chain_end_to_end(tmp_path: Path) -> None:
         state = await ledger.edge_state(EDGE.address)
         assert (state.next_seq, state.head) == (13, journal.head)
         journal.close()
+
+
+def test_an_index_of_an_older_format_is_refused(tmp_path: Path) -> None:
+    domain = MemoryLedger().domain
+    AuditIndex(tmp_path / "old.db", domain).close()
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'format'")
+    with pytest.raises(LedgerError, match="older format"):
+        AuditIndex(tmp_path / "old.db", domain)
+
+
+async def test_every_task_verifies_through_its_request_chain(tmp_path: Path) -> None:
+    ledger, _journal = await _ledger(tmp_path, n=80)
+    with AuditIndex(":memory:", ledger.domain) as index:
+        await index.sync(ledger, [EDGE.address])
+        tasks = index.tasks(limit=100)
+        unsigned = [t for t in tasks if not t.record.device_sig]
+        # batches of 8 from 4 devices: the first of each device's two requests rides on the second
+        assert len(unsigned) == len(tasks) // 2
+        assert all(t.next_seq > t.record.result.edge_seq for t in unsigned)
+        assert unsigned[0].as_json()["chain_next_seq"] == unsigned[0].next_seq
+        assert unsigned[0].as_json().keys() == tasks[-1].as_json().keys()  # one CSV header
+        for task in tasks:
+            await index.verify_task(task, None)
+
+
+async def test_a_changed_record_under_a_later_signature_fails_verify(tmp_path: Path) -> None:
+    """An edge that anchors a record the device did not send, keeping its chain intact."""
+    ledger, journal = await _ledger(tmp_path, n=8)
+    entries = journal.entries(0, 8)
+    records = [e.anchored() for e in entries]
+    # record 1 is covered by record 5's signature; change its input but keep the chain hashes
+    forged = replace(records[1].request, input_commitment=b"\x01" * 32)
+    records[1] = replace(
+        records[1],
+        request=forged,
+        result=replace(
+            records[1].result, task_id=forged.task_id, request_hash=forged.struct_hash()
+        ),
+    )
+    batch = BatchRecords(EDGE_BYTES, 0, tuple(records))
+    tree = MerkleTree.build(
+        [leaf_hash(r.result.edge_seq, r.result.digest(ledger.domain)) for r in records]
+    )
+    with AuditIndex(":memory:", ledger.domain) as index:
+        index.add_batch(EDGE_BYTES, 0, tree.root, 1, encode_batch(batch), b"\x11" * 32)
+        (task,) = index.show(forged.task_id)
+        with pytest.raises(SignatureError):
+            await index.verify_task(task, None)
+        # a record whose covering request is missing from the index is refused too
+        (honest,) = index.show(records[2].request.task_id)
+        assert not honest.record.device_sig
+        with pytest.raises(SignatureError, match="missing"):
+            await index.verify_task(replace(honest, next_seq=-1), None)

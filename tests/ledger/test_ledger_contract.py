@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 from eth_account import Account
 
-from secure_ci.exceptions import ContractRevertError
+from secure_ci.exceptions import ContractRevertError, RecordError
 from secure_ci.ledger import LedgerClient, open_ledger
 from secure_ci.ledger._merkle import chain_head
-from secure_ci.ledger._records import keccak256
+from secure_ci.ledger._records import KeyRegistration, keccak256
 from secure_ci.testing import LedgerWorld, ledger_world
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -65,10 +66,11 @@ async def test_registry_reverts(world: LedgerWorld) -> None:
     stranger = Account.create()
     await ledger.fund(stranger.address, 10**18)
     other_pid = await ledger.register_party(stranger.address)
-    new = Account.create().address
+    new = Account.create()
     await reverts("NotPartyAdmin", ledger.register_device(stranger, pid, new))
     await reverts("UnknownParty", ledger.register_device(admin, 999, new))
-    await reverts("ZeroAddress", ledger.register_device(admin, pid, "0x" + "00" * 20))
+    zero = "0x" + "00" * 20
+    await reverts("ZeroAddress", ledger.register_device(admin, pid, zero, proof=bytes(65)))
     await reverts("DeviceTaken", ledger.register_device(stranger, other_pid, world.devices[0]))
     await reverts(
         "EdgeTaken",
@@ -145,6 +147,37 @@ async def test_anchor_reverts(world: LedgerWorld) -> None:
         await ledger.allow_measurement(world.measurement)
     await ledger.anchor_batch(edge, 1, root, 1, 1, s.head, b"")
     assert (await ledger.edge_state(edge.address)).next_batch_id == 2
+
+
+async def test_registration_needs_proof_of_key_possession(world: LedgerWorld) -> None:
+    """No admin can register a key it does not hold (another party's device, say)."""
+    ledger, admin, pid = world.ledger, world.admin, world.party_id
+    device, other = Account.create(), Account.create()
+    for_device = KeyRegistration(pid, bytes.fromhex(device.address[2:]))
+    wrong_key = for_device.sign(other.key, ledger.domain)
+    wrong_party = KeyRegistration(pid + 1, for_device.key).sign(device.key, ledger.domain)
+    for proof in (wrong_key, wrong_party, b"\x01" * 65, b""):
+        await reverts(
+            "NoKeyPossession", ledger.register_device(admin, pid, device.address, proof=proof)
+        )
+    with pytest.raises(RecordError, match="proof of possession"):
+        await ledger.register_device(admin, pid, device.address)
+    await ledger.register_device(
+        admin, pid, device.address, proof=for_device.sign(device.key, ledger.domain)
+    )
+    assert await ledger.is_registered_device(device.address)
+    # an edge's proof covers its measurement, quote id and endpoint
+    edge = Account.create()
+    detail = KeyRegistration.edge_detail(world.measurement, world.quote_id, "127.0.0.1:1")
+    proof = KeyRegistration(pid, bytes.fromhex(edge.address[2:]), detail).sign(
+        edge.key, ledger.domain
+    )
+    register = functools.partial(
+        ledger.register_edge, admin, pid, edge.address, world.measurement, world.quote_id
+    )
+    await reverts("NoKeyPossession", register("127.0.0.1:2", proof=proof))
+    await register("127.0.0.1:1", proof=proof)
+    assert (await ledger.edge_state(edge.address)).registered
 
 
 async def test_revoked_edge_cannot_anchor(world: LedgerWorld) -> None:
@@ -233,6 +266,9 @@ async def test_disputes(world: LedgerWorld) -> None:
     assert (info.output_a, info.output_b) == (a.output_commitment, b.output_commitment)
     assert info.task_id == req_a.task_id
     await reverts("DisputeExists", dispute(req_b, b, sig_b, req_a, a, sig_a))
+    other_device = world.devices[1]
+    (q1, y1, t1), (q2, y2, t2) = world.redundant((a_edge, b_edge), task=b"not yours")
+    await reverts("NotTaskDevice", ledger.dispute(other_device, q1, y1, t1, q2, y2, t2))
     assert same_a.output_commitment != same_b.output_commitment  # salted: the device judges
     assert same_sig
 

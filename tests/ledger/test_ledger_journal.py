@@ -67,6 +67,11 @@ def test_rejects_gaps_foreign_edges_and_other_journals(tmp_path: Path) -> None:
             journal.entries(0, 4)
     with pytest.raises(JournalError):
         Journal.open(tmp_path / "j.db", edge=b"\x01" * 20)
+    # a journal written before request chaining (no format marker) is refused, clearly
+    with sqlite3.connect(tmp_path / "j.db") as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'format'")
+    with pytest.raises(JournalError, match="older record format"):
+        Journal.open(tmp_path / "j.db", edge=EDGE)
 
 
 def test_corruption_is_a_journal_error(tmp_path: Path) -> None:

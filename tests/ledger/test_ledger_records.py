@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -13,7 +14,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from secure_ci.exceptions import RecordError, SignatureError
-from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
+from secure_ci.ledger._calldata import (
+    SIGNATURE_INTERVAL,
+    BatchRecords,
+    chain_links,
+    decode_batch,
+    encode_batch,
+    published,
+)
 from secure_ci.ledger._records import (
     LedgerDomain,
     Signer,
@@ -23,6 +31,7 @@ from secure_ci.ledger._records import (
     keccak256,
     recover_signer,
     sign_digest,
+    task_id_for,
 )
 from secure_ci.testing import sample_tasks
 
@@ -112,19 +121,90 @@ def test_constructors_reject_bad_fields(raw: bytes, number: int) -> None:
         assert ok
 
 
-def _batch(n: int, seed: int = 0) -> BatchRecords:
-    entries = sample_tasks(n, edge_key=EDGE_KEY, domain=DOMAIN, first_seq=7, seed=seed)
+def _batch(n: int, seed: int = 0, *, chained: bool = True, devices: int = 4) -> BatchRecords:
+    entries = sample_tasks(
+        n, edge_key=EDGE_KEY, domain=DOMAIN, first_seq=7, seed=seed, chained=chained,
+        devices=devices,
+    )  # fmt: skip
     return BatchRecords(address_of(EDGE_KEY), 7, tuple(e.anchored() for e in entries))
 
 
 def test_calldata_roundtrip_and_size() -> None:
-    batch = _batch(50)
+    batch = _batch(200)
+    data = encode_batch(batch)
+    decoded = decode_batch(data)
+    assert decoded == published(batch)
+    assert [r.request for r in decoded.records] == [r.request for r in batch.records]
+    # four chains of 50: a signature at each chain's end and every SIGNATURE_INTERVAL-th link
+    kept = [i for i, r in enumerate(decoded.records) if r.device_sig]
+    assert len(kept) == 4 + 4 * (50 // SIGNATURE_INTERVAL)
+    assert all(decoded.records[i].device_sig == batch.records[i].device_sig for i in kept)
+    # two commitments plus ~30 bytes of small fields per record, signatures amortised
+    assert len(data) < 200 * 100 + 4 * 65 * 3 + 400
+    linked = BatchRecords(batch.edge, 7, batch.records, (b"\x33" * 32, 2))
+    assert decode_batch(encode_batch(linked)) == published(linked)
+
+
+def test_calldata_unchained_records_keep_every_signature() -> None:
+    batch = _batch(20, chained=False)
     data = encode_batch(batch)
     assert decode_batch(data) == batch
-    # 190 bytes per record plus a small header and tables
-    assert len(data) < 50 * 190 + 400
-    linked = BatchRecords(batch.edge, 7, batch.records, (b"\x33" * 32, 2))
-    assert decode_batch(encode_batch(linked)) == linked
+    assert len(data) > 20 * (95 + 32 + 65)
+
+
+def test_calldata_chain_links_need_the_same_device_and_the_exact_hash() -> None:
+    batch = _batch(8, devices=2)
+    assert chain_links(batch.records) == [-1, -1, 0, 1, 2, 3, 4, 5]
+    records = list(batch.records)
+    # a request of another device naming device 0's request as its predecessor starts a chain
+    other = replace(records[3].request, prev_request=records[0].result.request_hash)
+    records[3] = _rebuilt(records[3], other)
+    assert chain_links(records)[3] == -1
+    data = encode_batch(BatchRecords(batch.edge, 7, tuple(records)))
+    assert decode_batch(data).records[3].request == other
+
+
+def test_calldata_explicit_task_ids_roundtrip() -> None:
+    batch = _batch(6)
+    records = list(batch.records)
+    request = replace(records[4].request, task_id=b"\x42" * 32)
+    assert request.task_id != task_id_for(request.device, request.input_commitment)
+    records[4] = _rebuilt(records[4], request)
+    mixed = BatchRecords(batch.edge, 7, tuple(records))
+    assert decode_batch(encode_batch(mixed)) == published(mixed)
+    assert len(encode_batch(mixed)) == len(encode_batch(batch)) + 32
+
+
+def test_calldata_encoder_needs_the_signatures_it_keeps() -> None:
+    batch = _batch(8)
+    records = list(batch.records)
+    records[-1] = replace(records[-1], device_sig=b"")
+    with pytest.raises(RecordError, match="signature"):
+        encode_batch(BatchRecords(batch.edge, 7, tuple(records)))
+
+
+@given(
+    st.integers(1, 70),
+    st.integers(1, 5),
+    st.booleans(),
+    st.lists(st.integers(0, 69), max_size=6),
+)
+def test_calldata_roundtrips_any_chain_shape(
+    n: int, devices: int, chained: bool, shuffled: list[int]
+) -> None:
+    records = list(_batch(n, chained=chained, devices=devices).records)
+    # journal order need not be chain order: move some records later (new seq numbers)
+    for i in shuffled:
+        if i < len(records):
+            records.append(records.pop(i))
+    records = [replace(r, result=replace(r.result, edge_seq=7 + k)) for k, r in enumerate(records)]
+    batch = BatchRecords(address_of(EDGE_KEY), 7, tuple(records))
+    assert decode_batch(encode_batch(batch)) == published(batch)
+
+
+def _rebuilt(record: Any, request: TaskRequest) -> Any:
+    result = replace(record.result, task_id=request.task_id, request_hash=request.struct_hash())
+    return replace(record, request=request, result=result)
 
 
 def test_calldata_encoder_rejects_foreign_records() -> None:

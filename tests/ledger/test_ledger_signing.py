@@ -183,7 +183,7 @@ async def test_pool_signed_records_anchor_on_the_in_process_chain(
         await ledger.fund(edge.address, 10**21)
         party = await ledger.register_party(admin.address)
         await ledger.allow_measurement(b"\x11" * 32)
-        await ledger.register_edge(admin, party, edge.address, b"\x11" * 32, b"\x22" * 32, "t:1")
+        await ledger.register_edge(admin, party, edge, b"\x11" * 32, b"\x22" * 32, "t:1")
         inline = sample_tasks(30, edge_key=KEY, domain=ledger.domain)
         signatures = await pool.sign([e.record_hash for e in inline])
         entries = [replace(e, edge_sig=s) for e, s in zip(inline, signatures, strict=True)]
