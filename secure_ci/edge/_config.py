@@ -55,6 +55,7 @@ from typing import Any
 
 from secure_ci.exceptions import ConfigError
 from secure_ci.ledger._records import keccak256
+from secure_ci.ledger._signing import MAX_WORKERS
 
 __all__ = [
     "EdgeConfig",
@@ -105,6 +106,7 @@ class EdgeLimits:
     max_batch: int = 32
     max_wait_ms: float = 2.0
     max_queue: int = 1024
+    signing_workers: int = 0  # processes that sign result records (0: the tail thread signs)
 
     def __post_init__(self) -> None:
         _bounded("max_frame_bytes", self.max_frame_bytes, 1024, 256 << 20)
@@ -115,6 +117,9 @@ class EdgeLimits:
         for name in ("handshake_timeout", "idle_timeout", "request_timeout", "drain_timeout"):
             _bounded(name, getattr(self, name), 0.001, 86_400.0)
         _bounded("max_wait_ms", self.max_wait_ms, 0.0, 10_000.0)
+        _bounded("signing_workers", self.signing_workers, 0, MAX_WORKERS)
+        if not isinstance(self.signing_workers, int):
+            raise ConfigError("signing_workers must be a whole number")
 
 
 def _bounded(name: str, value: object, low: float, high: float) -> None:

@@ -27,7 +27,8 @@ from secure_ci.edge._models import ModelRegistry, TailEntry
 from secure_ci.edge._session import Job, check_request, serve_session
 from secure_ci.exceptions import ConfigError, ProtocolError
 from secure_ci.ledger._journal import JournalEntry
-from secure_ci.ledger._records import LedgerDomain, TaskResult, commitment, sign_digest
+from secure_ci.ledger._records import LedgerDomain, TaskResult, commitment
+from secure_ci.ledger._signing import SigningPool
 from secure_ci.protocol import ErrorCode, InferRequest, InferResult, Limits
 
 __all__ = ["EdgeService", "open_edge"]
@@ -79,6 +80,9 @@ class EdgeService:
         self._idle = asyncio.Event()
         self._idle.set()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="secure-ci-tail")
+        # Result records are signed inline (workers=0) or in worker processes, which keeps the
+        # signatures off a GIL the event loop is busy with (see secure_ci.ledger._signing).
+        self._signing = SigningPool(identity.signing_key, workers=limits.signing_workers)
         self._checkers = ThreadPoolExecutor(2, thread_name_prefix="secure-ci-check")
         batch_limits = BatchLimits(
             max_batch=limits.max_batch,
@@ -165,40 +169,50 @@ class EdgeService:
     def _sign_and_journal(self, done: Sequence[tuple[Job, bytes]]) -> list[InferResult]:
         """Sign each result record and journal them in one group commit (worker thread)."""
         finished = time.monotonic()
-        results, journaled = [], []
         seq = self.journal.next_seq  # only this thread appends
-        for job, output in done:
-            salt = self.random_bytes(32)
+        salts = [self.random_bytes(32) for _ in done]
+        records = []
+        for offset, ((job, output), salt) in enumerate(zip(done, salts, strict=True)):
             latency_ms = min(max(0, int((finished - job.received_at) * 1000)), 2**32 - 1)
-            record = TaskResult(
-                task_id=job.request.task_id,
-                request_hash=job.request.struct_hash(),
-                output_commitment=commitment(salt, output),
-                measurement=self.identity.measurement,
-                quote_id=self.identity.quote_id,
-                status=0,
-                latency_ms=latency_ms,
-                edge_seq=seq,
-            )
-            seq += 1
-            digest = record.digest(self.domain)  # the record hash: signed and journaled
-            signature = sign_digest(self.identity.signing_key, digest)
-            journaled.append(JournalEntry(job.request, record, job.device_sig, signature, digest))
-            results.append(
-                InferResult(
-                    task_id=record.task_id,
+            records.append(
+                TaskResult(
+                    task_id=job.request.task_id,
+                    request_hash=job.request.struct_hash(),
+                    output_commitment=commitment(salt, output),
+                    measurement=self.identity.measurement,
+                    quote_id=self.identity.quote_id,
                     status=0,
-                    payload=output,
-                    salt=salt,
-                    edge_seq=record.edge_seq,
                     latency_ms=latency_ms,
-                    signature=signature,
+                    edge_seq=seq + offset,
                 )
             )
-        self.journal.append_many(journaled)  # answered only once journaled
-        return results
+        digests = [record.digest(self.domain) for record in records]  # the record hashes
+        signatures = self._signing.submit(digests).result()
+        self.journal.append_many(
+            [
+                JournalEntry(job.request, record, job.device_sig, signature, digest)
+                for (job, _), record, signature, digest in zip(
+                    done, records, signatures, digests, strict=True
+                )
+            ]
+        )  # answered only once journaled
+        return [
+            InferResult(
+                task_id=record.task_id,
+                status=0,
+                payload=output,
+                salt=salt,
+                edge_seq=record.edge_seq,
+                latency_ms=record.latency_ms,
+                signature=signature,
+            )
+            for (_, output), salt, record, signature in zip(
+                done, salts, records, signatures, strict=True
+            )
+        ]
 
     async def _start(self) -> None:
+        await asyncio.to_thread(self._signing.start)  # worker processes import first (~1 s)
         for batcher in self._batchers.values():
             await batcher.__aenter__()
 
@@ -219,8 +233,13 @@ class EdgeService:
             await asyncio.wait(sessions, timeout=self.config.limits.drain_timeout)
         for batcher in self._batchers.values():
             await batcher.drain()
+        self._release()
+
+    def _release(self) -> None:
+        """Stop the worker threads and signing processes (after a drain, or a failed start)."""
         for executor in (self._executor, self._checkers):
             executor.shutdown(wait=True)
+        self._signing.close()
 
 
 @asynccontextmanager
@@ -265,18 +284,22 @@ async def open_edge(
         finally:
             sessions.discard(task)
 
-    ctx = server_context(
-        identity.credentials.cert_pem.encode(), identity.credentials.key_pem.encode()
-    )
-    await edge._start()
-    server = await asyncio.start_server(
-        on_connect,
-        config.host,
-        config.port,
-        ssl=ctx,
-        ssl_handshake_timeout=config.limits.handshake_timeout,
-        limit=1 << 16,
-    )
+    try:
+        ctx = server_context(
+            identity.credentials.cert_pem.encode(), identity.credentials.key_pem.encode()
+        )
+        await edge._start()
+        server = await asyncio.start_server(
+            on_connect,
+            config.host,
+            config.port,
+            ssl=ctx,
+            ssl_handshake_timeout=config.limits.handshake_timeout,
+            limit=1 << 16,
+        )
+    except BaseException:
+        edge._release()
+        raise
     edge.port = server.sockets[0].getsockname()[1]
     try:
         yield edge

@@ -10,6 +10,7 @@ import pytest
 import torch
 from edge_helpers import CUT, Served
 
+from secure_ci.edge import EdgeLimits
 from secure_ci.exceptions import RemoteProtocolError, SecureCIError
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment
 from secure_ci.partition import decode_features, encode_features
@@ -28,6 +29,12 @@ def _features(served: Served, x: torch.Tensor, codec: str = "float32") -> bytes:
         return encode_features(served.head(x), codec)
 
 
+@pytest.mark.parametrize(
+    "served",
+    [EdgeLimits(max_wait_ms=1.0), EdgeLimits(max_wait_ms=1.0, signing_workers=1)],
+    indirect=True,
+    ids=["inline-signing", "signing-process"],
+)
 async def test_pipelined_requests_match_local_inference_and_are_signed(served: Served) -> None:
     device = await _device(served)
     await device.handshake()
