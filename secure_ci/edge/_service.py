@@ -25,7 +25,7 @@ from secure_ci.edge._config import EdgeConfig
 from secure_ci.edge._identity import EnclaveIdentity, MemoryJournal, RecordSink, create_identity
 from secure_ci.edge._models import ModelRegistry, TailEntry
 from secure_ci.edge._session import Job, check_request, serve_session
-from secure_ci.exceptions import ConfigError, ProtocolError
+from secure_ci.exceptions import ConfigError, LedgerError, ProtocolError
 from secure_ci.ledger._journal import JournalEntry
 from secure_ci.ledger._records import LedgerDomain, TaskResult, commitment
 from secure_ci.ledger._signing import SigningPool
@@ -187,7 +187,7 @@ class EdgeService:
                 )
             )
         digests = [record.digest(self.domain) for record in records]  # the record hashes
-        signatures = self._signing.submit(digests).result()
+        signatures = self._sign(digests)
         self.journal.append_many(
             [
                 JournalEntry(job.request, record, job.device_sig, signature, digest)
@@ -210,6 +210,18 @@ class EdgeService:
                 done, salts, records, signatures, strict=True
             )
         ]
+
+    def _sign(self, digests: list[bytes]) -> list[bytes]:
+        """Signatures of ``digests``; a failed signing process is replaced by inline signing
+        (the results it owed are signed again here), so the edge keeps answering."""
+        try:
+            return self._signing.submit(digests).result()
+        except LedgerError as exc:
+            log.warning("signing workers failed (%s); signing inline from now on", exc)
+            self.stats["signing_fallbacks"] += 1
+            broken, self._signing = self._signing, SigningPool(self.identity.signing_key, workers=0)
+            broken.close()
+            return self._signing.submit(digests).result()
 
     async def _start(self) -> None:
         await asyncio.to_thread(self._signing.start)  # worker processes import first (~1 s)

@@ -222,3 +222,35 @@ async def test_shutdown_drains_in_flight_requests(served: Served) -> None:
         assert isinstance(event, Error)
         assert event.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.BAD_TENSOR)
     await device.aclose()
+
+
+@pytest.mark.parametrize(
+    "served", [EdgeLimits(max_wait_ms=1.0, signing_workers=1)], indirect=True, ids=["process"]
+)
+async def test_a_dead_signing_process_falls_back_to_inline_signing(served: Served) -> None:
+    device = await _device(served)
+    await device.handshake()
+
+    async def one() -> InferResult:
+        x = torch.randn(1, 1, 32, 32)
+        request = device.request(
+            _features(served, x), model_id=served.model_id, cut=CUT, codec="float32"
+        )
+        await device.send(request)
+        event = await device.receive()
+        assert isinstance(event, InferResult)
+        return event
+
+    await one()
+    worker = served.edge._signing._workers[0].process
+    worker.kill()
+    await asyncio.to_thread(worker.wait)
+    for _ in range(2):
+        await one()
+    assert served.edge.stats["signing_fallbacks"] == 1
+    entries = served.journal.entries
+    assert len(entries) == 3
+    for entry in entries:
+        signer = entry.result.recover(entry.edge_sig, served.edge.domain)
+        assert signer == served.edge.identity.address
+    await device.aclose()
