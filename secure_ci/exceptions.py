@@ -28,6 +28,7 @@ exceptions (torch, ssl, web3, dcap-qvl, sqlite) are translated where they enter
     │   └── DeadlineExceeded         an operation did not finish before its deadline
     ├── AuthorizationError           a peer is authenticated but not allowed to do this
     ├── SignatureError               a record / receipt signature does not verify
+    ├── DisagreementError            edges that ran one task returned no majority result
     └── LedgerError                  the ledger or the journal failed
         ├── ChainError               the chain backend (RPC, in-process EVM) failed
         ├── ContractRevertError      a contract call reverted (carries the reason)
@@ -54,6 +55,7 @@ __all__ = [
     "ContractRevertError",
     "DeadlineExceeded",
     "DebugEnclaveError",
+    "DisagreementError",
     "EvidenceFormatError",
     "EvidenceSignatureError",
     "JournalError",
@@ -173,6 +175,17 @@ class AuthorizationError(SecureCIError):
 
 class SignatureError(SecureCIError):
     """A signature over a record or receipt does not verify."""
+
+
+class DisagreementError(SecureCIError):
+    """Edges that ran the same task returned results without a strict majority.
+
+    ``receipts`` holds each edge's signed task receipt (the evidence for a dispute).
+    """
+
+    def __init__(self, message: str, receipts: tuple[object, ...] = ()) -> None:
+        super().__init__(message)
+        self.receipts = receipts
 
 
 class LedgerError(SecureCIError):

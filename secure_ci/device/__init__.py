@@ -8,12 +8,16 @@
         y = await session.infer(x)
         ys = await session.infer_many(frames, max_in_flight=8)
     session.receipts  # every signed request/result pair, for the ledger
+
+    result = await infer_redundant([s1, s2, s3], x)   # one task, three edges, majority
+    result.disputes()  # (majority receipt, dissenting receipt) pairs for the ledger
 """
 
 from __future__ import annotations
 
 from secure_ci.device._connect import open_session
 from secure_ci.device._identity import DeviceIdentity
+from secure_ci.device._redundant import RedundantResult, infer_redundant, outputs_agree
 from secure_ci.device._session import DEFAULT_DOMAIN, Output, Session, parse_edge_address
 from secure_ci.device._tasks import EnclaveBinding, TaskReceipt, sign_request, verify_result
 
@@ -22,9 +26,12 @@ __all__ = [
     "DeviceIdentity",
     "EnclaveBinding",
     "Output",
+    "RedundantResult",
     "Session",
     "TaskReceipt",
+    "infer_redundant",
     "open_session",
+    "outputs_agree",
     "parse_edge_address",
     "sign_request",
     "verify_result",

@@ -137,10 +137,19 @@ class Session:
         """
         if self._failure is not None:
             raise self._failure
-        payload = await asyncio.to_thread(self._run_head, x)
+        payload = await asyncio.to_thread(self.encode_input, x)
+        output, _ = await self.infer_encoded(payload)
+        return output
+
+    async def infer_encoded(
+        self, payload: bytes, *, salt: bytes | None = None
+    ) -> tuple[Output, TaskReceipt]:
+        """Send features the head already encoded (with this plan's codec); the output and
+        the task's receipt. ``salt`` fixes the input commitment (and so the default task id):
+        the same features with the same salt are the same task at every edge."""
         await self._slots.acquire()
         try:
-            task = await self._submit(payload)
+            task = await self._submit(payload, salt=salt)
         except BaseException:
             self._slots.release()
             raise
@@ -156,7 +165,7 @@ class Session:
             raise RemoteProtocolError(
                 f"the enclave reported status {receipt.result.status}", code=ErrorCode.INTERNAL
             )
-        return await asyncio.to_thread(self._decode_output, result.payload)
+        return await asyncio.to_thread(self._decode_output, result.payload), receipt
 
     async def infer_stream(
         self,
@@ -194,7 +203,8 @@ class Session:
         if not future.cancelled():
             future.exception()  # retrieved: a waiter that timed out does not log it
 
-    def _run_head(self, x: torch.Tensor) -> bytes:
+    def encode_input(self, x: torch.Tensor) -> bytes:
+        """Run the head on ``x`` and encode the boundary with the plan's codec (blocking)."""
         if not isinstance(x, torch.Tensor):
             raise PartitionError(f"input must be a torch.Tensor, not {type(x).__name__}")
         with torch.inference_mode():
@@ -207,7 +217,7 @@ class Session:
         tensors = decode_features(payload, max_bytes=limit)
         return tensors[0] if len(tensors) == 1 else tensors
 
-    async def _submit(self, payload: bytes) -> _Task:
+    async def _submit(self, payload: bytes, *, salt: bytes | None = None) -> _Task:
         if self._failure is not None:
             raise self._failure
         if self._closing:
@@ -222,7 +232,7 @@ class Session:
             codec=self.plan.codec,
             device_seq=seq,
             deadline=int(self._clock() + self.timeout) + 1,
-            salt=self._random(32),
+            salt=self._random(32) if salt is None else salt,
             payload=payload,
             prev_request=self._prev_request,
         )
