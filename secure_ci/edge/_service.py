@@ -212,15 +212,16 @@ class EdgeService:
         ]
 
     def _sign(self, digests: list[bytes]) -> list[bytes]:
-        """Signatures of ``digests``; a failed signing process is replaced by inline signing
-        (the results it owed are signed again here), so the edge keeps answering."""
+        """Signatures of ``digests``; a signing process that fails or hangs (no answer within
+        half the ``request_timeout``) is replaced by inline signing: the edge keeps answering."""
         try:
-            return self._signing.submit(digests).result()
-        except LedgerError as exc:
-            log.warning("signing workers failed (%s); signing inline from now on", exc)
+            # half the request's time: a fallback still answers within request_timeout
+            return self._signing.submit(digests).result(self.config.limits.request_timeout / 2)
+        except (LedgerError, TimeoutError) as exc:
+            log.warning("signing workers failed (%r); signing inline from now on", exc)
             self.stats["signing_fallbacks"] += 1
             broken, self._signing = self._signing, SigningPool(self.identity.signing_key, workers=0)
-            broken.close()
+            broken.close(grace_seconds=0.0)  # given up on: no grace
             return self._signing.submit(digests).result()
 
     async def _start(self) -> None:

@@ -93,7 +93,10 @@ class _Worker:
     def __init__(self, key: bytes, pool: SigningPool, index: int) -> None:
         self._pool = pool
         self._calls: deque[tuple[int, Future[list[bytes]]]] = deque()
+        # _ready guards the queue only and is never held while blocking on a pipe: a writer
+        # blocked on a full stdin must not keep the reader from draining stdout (deadlock)
         self._ready = threading.Condition()
+        self._write_order = threading.Lock()  # frames are written in queue order
         self._closing = False
         try:
             self.process = subprocess.Popen(  # noqa: S603  (our interpreter, fixed argv)
@@ -112,7 +115,7 @@ class _Worker:
         try:
             self._write(key)
         except LedgerError:
-            self.close()
+            self.close(grace=1.0)
             raise
 
     def _write(self, data: bytes) -> None:
@@ -123,16 +126,23 @@ class _Worker:
             raise LedgerError(f"signing worker is gone: {exc}") from exc
 
     def send(self, count: int, digests: bytes, out: Future[list[bytes]]) -> None:
-        with self._ready:  # frames and their futures stay in the same order
-            if self._closing:
-                raise LedgerError("the signing worker is closed or gone")
-            self._calls.append((count, out))
+        call = (count, out)
+        with self._write_order:  # frames and their futures stay in the same order
+            with self._ready:
+                if self._closing:
+                    raise LedgerError("the signing worker is closed or gone")
+                self._calls.append(call)
+                self._ready.notify()
             try:
                 self._write(_COUNT.pack(count) + digests)
             except LedgerError:
-                self._calls.pop()
-                raise
-            self._ready.notify()
+                with self._ready:
+                    queued = call in self._calls
+                    if queued:
+                        self._calls.remove(call)
+                if queued:
+                    raise
+                # else the reader found the worker gone and already failed this call
 
     def _read_replies(self) -> None:
         error = LedgerError("signing worker exited")
@@ -159,20 +169,26 @@ class _Worker:
         for _, out in calls:
             self._pool._done(out, error, 0.0)
 
-    def close(self) -> None:
+    def close(self, grace: float) -> None:
         with self._ready:
             self._closing = True
             self._ready.notify()
+        if not self._write_order.acquire(timeout=grace):  # a writer blocked on a hung worker
+            self.process.kill()
+            self._write_order.acquire()
+        try:
             if not self._stdin.closed:
                 with contextlib.suppress(OSError):
                     self._stdin.close()  # the worker answers what it has read, then exits
-        self._reader.join()
-        self._stdout.close()
+        finally:
+            self._write_order.release()
         try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:  # a hung worker: its pending calls fail
             self.process.kill()
             self.process.wait(timeout=10)
+        self._reader.join()
+        self._stdout.close()
 
 
 class SigningPool:
@@ -262,12 +278,13 @@ class SigningPool:
         elif result is not None:
             out.set_result(result)
 
-    def close(self) -> None:
-        """Let the workers answer what was sent, then stop them (idempotent)."""
+    def close(self, *, grace_seconds: float = 10.0) -> None:
+        """Let the workers answer what was sent, then stop them (idempotent). A worker still
+        running ``grace_seconds`` later is killed and its unanswered calls fail."""
         with self._lock:
             self._closed = True
         for worker in self._workers:
-            worker.close()
+            worker.close(grace_seconds)
 
     def __enter__(self) -> SigningPool:
         return self

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import threading
 
 import pytest
@@ -225,9 +227,15 @@ async def test_shutdown_drains_in_flight_requests(served: Served) -> None:
 
 
 @pytest.mark.parametrize(
-    "served", [EdgeLimits(max_wait_ms=1.0, signing_workers=1)], indirect=True, ids=["process"]
+    "served",
+    [EdgeLimits(max_wait_ms=1.0, signing_workers=1, request_timeout=2.0)],
+    indirect=True,
+    ids=["process"],
 )
-async def test_a_dead_signing_process_falls_back_to_inline_signing(served: Served) -> None:
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["dead", "hung"])
+async def test_a_failed_signing_process_falls_back_to_inline_signing(
+    served: Served, fault: signal.Signals
+) -> None:
     device = await _device(served)
     await device.handshake()
 
@@ -243,8 +251,7 @@ async def test_a_dead_signing_process_falls_back_to_inline_signing(served: Serve
 
     await one()
     worker = served.edge._signing._workers[0].process
-    worker.kill()
-    await asyncio.to_thread(worker.wait)
+    os.kill(worker.pid, fault)
     for _ in range(2):
         await one()
     assert served.edge.stats["signing_fallbacks"] == 1

@@ -4,6 +4,7 @@ the worker's frame parser refuses malformed input with LedgerError."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import os
 import signal
@@ -123,6 +124,28 @@ def test_a_dead_worker_fails_its_calls_with_ledger_error() -> None:
     finally:
         pool.close()
     pool.close()  # idempotent
+
+
+def test_many_large_calls_in_flight_do_not_deadlock() -> None:
+    """Frames and replies far beyond the pipe buffers, all in flight at once."""
+    many = [keccak256(i.to_bytes(4, "big")) for i in range(2000)]
+    with SigningPool(KEY, workers=1) as pool:
+        futures = [pool.submit(many) for _ in range(20)]
+        done, not_done = concurrent.futures.wait(futures, timeout=120)
+        assert not not_done
+        assert all(f.result() == futures[0].result() for f in done)
+        assert futures[0].result()[7] == Signer(KEY).sign(many[7])
+
+
+def test_closing_with_a_hung_worker_ends() -> None:
+    pool = SigningPool(KEY, workers=1)
+    pool.start()
+    (worker,) = pool._workers
+    os.kill(worker.process.pid, signal.SIGSTOP)  # hung: reads and answers nothing
+    future = pool.submit(DIGESTS[:10])
+    pool.close(grace_seconds=0.5)  # kills it after its grace period
+    with pytest.raises(LedgerError):
+        future.result(timeout=30)
 
 
 def test_serve_answers_frames_in_order() -> None:
