@@ -18,7 +18,7 @@ from secure_ci.edge import EdgeConfig, EdgeLimits, ModelRegistry, open_edge
 from secure_ci.edge._identity import MemoryJournal
 from secure_ci.edge._models import load_zoo_tails
 from secure_ci.edge._service import EdgeService
-from secure_ci.exceptions import ConfigError, DisagreementError
+from secure_ci.exceptions import ConfigError, DisagreementError, RemoteProtocolError
 from secure_ci.ledger import LedgerClient, open_ledger, task_id_for
 from secure_ci.partition import Partitioner, PartitionPlan
 from secure_ci.testing import DEV_NOW, DevEnclave, dev_enclave
@@ -28,15 +28,17 @@ CUT = 2
 
 
 class _Deviating(torch.nn.Module):
-    """A tail that answers something else: what a faulty or malicious edge would send."""
+    """A tail that answers something else (``fail``: nothing) as a faulty edge would."""
 
-    def __init__(self, tail: torch.nn.Module) -> None:
+    def __init__(self, tail: torch.nn.Module, mode: str) -> None:
         super().__init__()
-        self.tail = tail
+        self.tail, self.mode = tail, mode
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.tail(*xs)
-        return out.flip(-1) + 1.0
+        if self.mode == "fail":
+            raise RuntimeError("the tail broke")
+        return out.flip(-1) + 1.0 if self.mode == "deviate" else out.double()
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +48,18 @@ def partitioner() -> Partitioner:
     return Partitioner(entry.build(), (torch.zeros(entry.input_shape),))
 
 
-def _models(deviating: bool) -> ModelRegistry:
+def _models(mode: str) -> ModelRegistry:
     models = ModelRegistry()
     for tail in load_zoo_tails("digits_cnn", [CUT], ("int8",), seed=0):
-        models.add(dataclasses.replace(tail, tail=_Deviating(tail.tail)) if deviating else tail)
+        models.add(dataclasses.replace(tail, tail=_Deviating(tail.tail, mode)) if mode else tail)
     return models
 
 
 @contextlib.asynccontextmanager
 async def _world(
-    partitioner: Partitioner, ledger: LedgerClient, deviating: tuple[bool, ...]
+    partitioner: Partitioner, ledger: LedgerClient, modes: tuple[str, ...]
 ) -> AsyncIterator[tuple[list[Any], list[EdgeService], DeviceIdentity]]:
-    """Edges (some deviating) of one dev enclave, and a device session to each."""
+    """Edges of one dev enclave (mode "" honest, else a _Deviating mode), a session to each."""
     enclave: DevEnclave = dev_enclave(DEV_NOW)
     identity = DeviceIdentity.generate()
     config = EdgeConfig(
@@ -71,11 +73,11 @@ async def _world(
         edges = [
             await stack.enter_async_context(
                 open_edge(
-                    config, provider=enclave.provider, models=_models(bad),
+                    config, provider=enclave.provider, models=_models(mode),
                     journal=MemoryJournal(), clock=lambda: float(DEV_NOW),
                 )
             )
-            for bad in deviating
+            for mode in modes
         ]  # fmt: skip
         sessions = [
             await stack.enter_async_context(
@@ -96,14 +98,15 @@ async def test_majority_wins_and_the_dissenter_is_disputed_on_chain(
 ) -> None:
     async with (
         open_ledger("inprocess") as ledger,
-        _world(partitioner, ledger, (False, True, False)) as (sessions, edges, identity),
+        _world(partitioner, ledger, ("", "deviate", "")) as (sessions, edges, identity),
     ):
         x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(3))
         result = await infer_redundant(sessions, x)
         with torch.no_grad():
             torch.testing.assert_close(result.output, partitioner.model(x), rtol=0.1, atol=0.1)
         assert (result.majority, result.dissenters) == ((0, 2), (1,))
-        requests = [r.request for r in result.receipts]
+        assert not result.failures
+        requests = [r.request for r in result.receipts if r is not None]
         assert len({q.task_id for q in requests}) == 1  # one task, three edges
         assert len({q.input_commitment for q in requests}) == 1
         assert requests[0].task_id == task_id_for(identity.address, requests[0].input_commitment)
@@ -134,7 +137,7 @@ async def test_majority_wins_and_the_dissenter_is_disputed_on_chain(
 async def test_two_edges_that_disagree_give_no_result(partitioner: Partitioner) -> None:
     async with (
         open_ledger("inprocess") as ledger,
-        _world(partitioner, ledger, (False, True)) as (sessions, _, _),
+        _world(partitioner, ledger, ("", "deviate")) as (sessions, _, _),
     ):
         with pytest.raises(DisagreementError) as caught:
             await infer_redundant(sessions, torch.randn(1, 1, 32, 32))
@@ -143,6 +146,24 @@ async def test_two_edges_that_disagree_give_no_result(partitioner: Partitioner) 
             await infer_redundant(sessions[:1], torch.randn(1, 1, 32, 32))
         with pytest.raises(ConfigError):
             await infer_redundant([sessions[0], sessions[0]], torch.randn(1, 1, 32, 32))
+
+
+async def test_failed_and_incomparable_answers_are_not_votes(partitioner: Partitioner) -> None:
+    """A failing edge casts no vote; an answer of another dtype dissents instead of crashing."""
+    async with (
+        open_ledger("inprocess") as ledger,
+        _world(partitioner, ledger, ("", "fail", "", "double", "")) as (sessions, _, _),
+    ):
+        result = await infer_redundant(sessions, torch.randn(1, 1, 32, 32))
+        assert (result.majority, result.dissenters) == ((0, 2, 4), (3,))
+        assert list(result.failures) == [1]
+        assert isinstance(result.failures[1], RemoteProtocolError)
+        assert result.receipts[1] is None
+        ((_, dissent),) = result.disputes()
+        assert dissent is result.receipts[3]
+        with pytest.raises(DisagreementError) as caught:  # 2 of 4 is not a strict majority
+            await infer_redundant(sessions[:4], torch.randn(1, 1, 32, 32))
+        assert len(caught.value.receipts) == 3
 
 
 @given(st.lists(st.floats(-100, 100), min_size=1, max_size=8), st.floats(0, 1))
@@ -154,3 +175,5 @@ def test_outputs_agree_is_a_tolerance_check(values: list[float], noise: float) -
     assert not outputs_agree((a,), (a, a))
     assert not outputs_agree(a, a[:-1])
     assert not outputs_agree(a, a + 1.0 + noise)
+    assert not outputs_agree(a, a.double())
+    assert not outputs_agree(a, a + float("nan"))
