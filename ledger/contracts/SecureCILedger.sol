@@ -90,7 +90,7 @@ contract SecureCILedger is EIP712, Ownable {
     /// detail: 0 for a device; keccak256(abi.encode(measurement, quoteId, keccak256(endpoint)))
     /// for an edge, so the enclave key vouches for what it is registered with.
     bytes32 public constant KEY_REGISTRATION_TYPEHASH =
-        keccak256("KeyRegistration(uint64 partyId,address key,bytes32 detail)");
+        keccak256("KeyRegistration(uint64 partyId,address key,bytes32 detail,uint64 nonce)");
 
     uint8 public constant CHALLENGE_OPEN = 1;
     uint8 public constant CHALLENGE_RESOLVED = 2;
@@ -105,6 +105,8 @@ contract SecureCILedger is EIP712, Ownable {
 
     mapping(uint64 partyId => address admin) public partyAdmin;
     mapping(bytes32 measurement => bool allowed) public allowedMeasurement;
+    /// @notice Registrations each key has made: a proof of possession signs the next one.
+    mapping(address key => uint64 nonce) public registrationNonce;
     mapping(address device => uint64 partyId) public deviceParty;
     mapping(address device => bool active) public isRegisteredDevice;
     mapping(bytes32 modelId => uint64 partyId) public modelParty;
@@ -501,12 +503,14 @@ contract SecureCILedger is EIP712, Ownable {
     // ---------------------------------------------------------------- internals
 
     /// @dev The key itself signed KeyRegistration(partyId, key, detail) under this domain.
+    /// Each proof is good once: the key's registration nonce is part of it and moves on.
     function _checkPossession(uint64 partyId, address key, bytes32 detail, bytes calldata proof)
         private
-        view
     {
-        bytes32 digest =
-            _hashTypedDataV4(keccak256(abi.encode(KEY_REGISTRATION_TYPEHASH, partyId, key, detail)));
+        uint64 nonce = registrationNonce[key]++;
+        bytes32 digest = _hashTypedDataV4(
+            keccak256(abi.encode(KEY_REGISTRATION_TYPEHASH, partyId, key, detail, nonce))
+        );
         (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, proof);
         if (err != ECDSA.RecoverError.NoError || signer != key) revert NoKeyPossession(key);
     }

@@ -11,6 +11,7 @@ transport failures become :class:`ChainError`. web3 never leaks out of this pack
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,10 +68,9 @@ class LedgerClient(ContractSession):
         """
         address = as_address(device, "device")
         registration = KeyRegistration(party_id, bytes.fromhex(address[2:]))
+        proof = await self._possession(registration, device, proof)
         fn = self._contract.functions.registerDevice(
-            as_uint(party_id, "party_id", 64),
-            address,
-            self._possession(registration, device, proof),
+            as_uint(party_id, "party_id", 64), address, proof
         )
         await self._transact(admin, fn)
 
@@ -94,13 +94,18 @@ class LedgerClient(ContractSession):
         quote_id = as_bytes32(quote_id, "quote_id")
         detail = KeyRegistration.edge_detail(measurement, quote_id, endpoint)
         registration = KeyRegistration(party_id, bytes.fromhex(address[2:]), detail)
+        proof = await self._possession(registration, edge_key, proof)
         fn = self._contract.functions.registerEdge(
-            as_uint(party_id, "party_id", 64), address, measurement, quote_id, endpoint,
-            self._possession(registration, edge_key, proof),
-        )  # fmt: skip
+            as_uint(party_id, "party_id", 64), address, measurement, quote_id, endpoint, proof
+        )
         await self._transact(admin, fn)
 
-    def _possession(
+    async def registration_nonce(self, key: object) -> int:
+        """The nonce the next :class:`KeyRegistration` proof of ``key`` must carry."""
+        fn = self._contract.functions.registrationNonce(as_address(key, "key"))
+        return int(await self._call(fn))
+
+    async def _possession(
         self, registration: KeyRegistration, holder: object, proof: bytes | None
     ) -> bytes:
         if proof is not None:
@@ -109,9 +114,10 @@ class LedgerClient(ContractSession):
         if key is None:
             raise RecordError(
                 "registering a key needs its proof of possession: pass the account holding the"
-                " key, or proof= (the key's signature of KeyRegistration)"
+                " key, or proof= (the key's signature of KeyRegistration with its nonce)"
             )
-        return registration.sign(bytes(key), self.domain)
+        nonce = await self.registration_nonce(holder)
+        return dataclasses.replace(registration, nonce=nonce).sign(bytes(key), self.domain)
 
     async def register_model(self, admin: LocalAccount, party_id: int, model_id: bytes) -> None:
         """Register a model id as owned by the party ``admin`` administers."""

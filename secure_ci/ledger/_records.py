@@ -128,7 +128,7 @@ RESULT_TYPE = (
     "TaskResult(bytes32 taskId,bytes32 requestHash,bytes32 outputCommitment,bytes32 measurement,"
     "bytes32 quoteId,uint8 status,uint32 latencyMs,uint64 edgeSeq)"
 )
-KEY_REGISTRATION_TYPE = "KeyRegistration(uint64 partyId,address key,bytes32 detail)"
+KEY_REGISTRATION_TYPE = "KeyRegistration(uint64 partyId,address key,bytes32 detail,uint64 nonce)"
 _REQUEST_TYPEHASH = keccak256(REQUEST_TYPE.encode())
 _KEY_REGISTRATION_TYPEHASH = keccak256(KEY_REGISTRATION_TYPE.encode())
 _RESULT_TYPEHASH = keccak256(RESULT_TYPE.encode())
@@ -249,17 +249,21 @@ class KeyRegistration(_TypedRecord):
     """A key's proof of possession for its registration, signed by that key.
 
     ``detail`` is zero for a device and :meth:`edge_detail` for an edge, so an enclave key
-    vouches for the measurement, quote id and endpoint it is registered with.
+    vouches for the measurement, quote id and endpoint it is registered with. ``nonce`` is the
+    contract's ``registrationNonce(key)``: each proof registers once, so a published proof
+    cannot be replayed (say, to re-activate a revoked edge).
     """
 
     party_id: int
     key: bytes
     detail: bytes = bytes(32)
+    nonce: int = 0
 
     def __post_init__(self) -> None:
         _uint("party_id", self.party_id, 64)
         _addr("key", self.key)
         _b32("detail", self.detail)
+        _uint("nonce", self.nonce, 64)
 
     @staticmethod
     def edge_detail(measurement: bytes, quote_id: bytes, endpoint: str) -> bytes:
@@ -270,7 +274,12 @@ class KeyRegistration(_TypedRecord):
 
     def struct_hash(self) -> bytes:
         return keccak256(
-            _KEY_REGISTRATION_TYPEHASH + _word(self.party_id) + _ZERO12 + self.key + self.detail
+            _KEY_REGISTRATION_TYPEHASH
+            + _word(self.party_id)
+            + _ZERO12
+            + self.key
+            + self.detail
+            + _word(self.nonce)
         )
 
 

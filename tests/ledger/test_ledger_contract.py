@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 import pytest_asyncio
@@ -156,28 +157,37 @@ async def test_registration_needs_proof_of_key_possession(world: LedgerWorld) ->
     for_device = KeyRegistration(pid, bytes.fromhex(device.address[2:]))
     wrong_key = for_device.sign(other.key, ledger.domain)
     wrong_party = KeyRegistration(pid + 1, for_device.key).sign(device.key, ledger.domain)
-    for proof in (wrong_key, wrong_party, b"\x01" * 65, b""):
+    wrong_nonce = replace(for_device, nonce=1).sign(device.key, ledger.domain)
+    for proof in (wrong_key, wrong_party, wrong_nonce, b"\x01" * 65, b""):
         await reverts(
             "NoKeyPossession", ledger.register_device(admin, pid, device.address, proof=proof)
         )
     with pytest.raises(RecordError, match="proof of possession"):
         await ledger.register_device(admin, pid, device.address)
-    await ledger.register_device(
-        admin, pid, device.address, proof=for_device.sign(device.key, ledger.domain)
-    )
+    proof = for_device.sign(device.key, ledger.domain)
+    await ledger.register_device(admin, pid, device.address, proof=proof)
     assert await ledger.is_registered_device(device.address)
+    assert await ledger.registration_nonce(device.address) == 1
     # an edge's proof covers its measurement, quote id and endpoint
     edge = Account.create()
     detail = KeyRegistration.edge_detail(world.measurement, world.quote_id, "127.0.0.1:1")
-    proof = KeyRegistration(pid, bytes.fromhex(edge.address[2:]), detail).sign(
+    old = KeyRegistration(pid, bytes.fromhex(edge.address[2:]), detail).sign(
         edge.key, ledger.domain
     )
     register = functools.partial(
         ledger.register_edge, admin, pid, edge.address, world.measurement, world.quote_id
     )
-    await reverts("NoKeyPossession", register("127.0.0.1:2", proof=proof))
-    await register("127.0.0.1:1", proof=proof)
-    assert (await ledger.edge_state(edge.address)).registered
+    await reverts("NoKeyPossession", register("127.0.0.1:2", proof=old))
+    await register("127.0.0.1:1", proof=old)
+    assert (await ledger.edge_state(edge.address)).active
+    # a published proof registers once: after a revocation the admin cannot replay it
+    await ledger.revoke_edge(admin, edge.address)
+    await reverts("NoKeyPossession", register("127.0.0.1:1", proof=old))
+    assert not (await ledger.edge_state(edge.address)).active
+    await ledger.register_edge(
+        admin, pid, edge, world.measurement, world.quote_id, "127.0.0.1:1"
+    )  # the key itself signs a fresh proof
+    assert (await ledger.edge_state(edge.address)).active
 
 
 async def test_revoked_edge_cannot_anchor(world: LedgerWorld) -> None:
