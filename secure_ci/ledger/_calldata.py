@@ -2,7 +2,7 @@
 
 Calldata is priced per byte (16 gas per non-zero byte, and under Prague's EIP-7623 floor 40),
 so a batch carries only what cannot be derived. Per batch: a header and three tables
-(devices, models, enclave identities = measurement || quote id). Per record, about 95 bytes:
+(devices, models, enclave identities = measurement || quote id). Per record, about 97 bytes:
 the two commitments, small fields and table indices. Derived, hence omitted:
 
 - ``request.edge`` (the batch's edge), ``result.taskId`` (= the request's), ``result.requestHash``
@@ -48,6 +48,7 @@ __all__ = [
     "BatchRecords",
     "chain_links",
     "chain_successors",
+    "covering_signature",
     "decode_batch",
     "encode_batch",
     "published",
@@ -306,3 +307,21 @@ def published(batch: BatchRecords) -> BatchRecords:
         for r, k in zip(batch.records, keep, strict=True)
     )
     return BatchRecords(batch.edge, batch.first_seq, records, batch.epoch_link)
+
+
+def covering_signature(
+    records: tuple[AnchoredRecord, ...], successors: list[int], index: int
+) -> tuple[TaskRequest, bytes]:
+    """The request whose device signature covers record ``index``, with that signature.
+
+    The record's own, or that of the first signed request down its chain (decoded records
+    link by construction: each successor's ``prevRequest`` is its predecessor's hash).
+    """
+    i = index
+    for _ in range(SIGNATURE_INTERVAL + 1):
+        if records[i].device_sig:
+            return records[i].request, records[i].device_sig
+        i = successors[i]
+        if i < 0:
+            break
+    raise RecordError(f"no signed request of its chain covers record {index}")

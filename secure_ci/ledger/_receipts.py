@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from secure_ci._encoding import canonical_cbor, decode_cbor
 from secure_ci.exceptions import ProofError, RecordError, SecureCIError, SignatureError
-from secure_ci.ledger._calldata import decode_batch
+from secure_ci.ledger._calldata import (
+    BatchRecords,
+    chain_links,
+    chain_successors,
+    covering_signature,
+    decode_batch,
+)
 from secure_ci.ledger._merkle import MerkleTree, leaf_hash, verify_proof
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult
 
@@ -37,6 +43,10 @@ class ReceiptLedger(Protocol):
         self, addr: Any, batch_id: int, seq: int, record_hash: bytes, proof: list[bytes]
     ) -> bool: ...
     async def challenge(self, device_acct: Any, result: TaskResult, edge_sig: bytes) -> int: ...
+
+
+BatchCache: TypeAlias = dict[tuple[bytes, int], tuple[Any, MerkleTree, BatchRecords, list[int]]]
+"""Decoded batches by (edge, batch id): chain info, Merkle tree, records, chain successors."""
 
 
 def _hex(addr: bytes) -> str:
@@ -136,7 +146,7 @@ async def find_receipt(
     device_sig: bytes,
     edge_sig: bytes,
     *,
-    trees: dict[tuple[bytes, int], tuple[Any, MerkleTree, Any]] | None = None,
+    trees: BatchCache | None = None,
 ) -> Receipt | None:
     """The receipt of an anchored task, or None if the edge has not anchored it yet.
 
@@ -153,10 +163,11 @@ async def find_receipt(
         info = await ledger.batch(edge, batch_id)
         batch = decode_batch(await ledger.batch_calldata(edge, batch_id))
         leaves = [leaf_hash(r.result.edge_seq, r.result.digest(domain)) for r in batch.records]
-        cached = (info, MerkleTree.build(leaves), batch)
+        successors = chain_successors(chain_links(batch.records))
+        cached = (info, MerkleTree.build(leaves), batch, successors)
         if trees is not None:
             trees[(request.edge, batch_id)] = cached
-    info, tree, batch = cached
+    info, tree, batch, successors = cached
     index = result.edge_seq - batch.first_seq
     if not 0 <= index < len(batch.records):
         raise ProofError("batch calldata does not cover the task's sequence number")
@@ -164,6 +175,13 @@ async def find_receipt(
     # the published device signature may be left out (a later request of the chain covers it)
     if (published.request, published.result) != (request, result):
         raise ProofError("the edge anchored a different record at this task's sequence number")
+    # what auditors will check: the published (or chain-covering) device signature
+    try:
+        signed, signature = covering_signature(batch.records, successors, index)
+        if signed.recover(signature, domain) != request.device:
+            raise SignatureError("it recovers to another address")
+    except (RecordError, SignatureError) as exc:
+        raise ProofError(f"the device signature the edge published does not verify: {exc}") from exc
     proof = tuple(tree.proof(index))
     receipt = Receipt(
         request, result, device_sig, edge_sig, batch_id, proof, bytes(info.root), domain
@@ -220,7 +238,7 @@ class ReceiptBook:
         published is under its control, so it must never stop the device from challenging.
         """
         challenged = []
-        trees: dict[tuple[bytes, int], tuple[Any, MerkleTree, Any]] = {}
+        trees: BatchCache = {}
         for task_id, p in list(self.pending.items()):
             try:
                 receipt = await find_receipt(

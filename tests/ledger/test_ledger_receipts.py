@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from secure_ci.exceptions import ContractRevertError, ProofError, RecordError, SignatureError
 from secure_ci.ledger._anchor import Anchorer
+from secure_ci.ledger._calldata import BatchRecords, encode_batch
 from secure_ci.ledger._journal import Journal
 from secure_ci.ledger._receipts import Receipt, ReceiptBook, find_receipt
 from secure_ci.ledger._records import keccak256
@@ -47,6 +48,25 @@ async def test_receipt_of_anchored_task(tmp_path: Path) -> None:
     receipt.verify()
     assert Receipt.decode(receipt.encode()) == receipt
     assert receipt.domain == ledger.domain
+
+
+async def test_a_bad_published_device_signature_is_caught_by_the_device(tmp_path: Path) -> None:
+    """Device signatures are not under the Merkle root: the device checks them like auditors."""
+    ledger, journal, _ = await _anchored(tmp_path, n=10)
+    entries = journal.entries(5, 5)  # batch 1: devices 1,2,3,0,1 -> record 5 rides on 9
+    covered, cover = entries[0], entries[4]
+    records = [e.anchored() for e in entries]
+    forged = replace(records[4], device_sig=entries[1].device_sig)  # another request's
+    batch = BatchRecords(journal.edge, 5, (*records[:4], forged))
+    ledger.edges[journal.edge].calldata[1] = encode_batch(batch)
+    for e in (covered, cover):
+        with pytest.raises(ProofError, match="device signature"):
+            await find_receipt(ledger, ledger.domain, e.request, e.result, e.device_sig, e.edge_sig)
+    untouched = entries[1]
+    assert await find_receipt(
+        ledger, ledger.domain, untouched.request, untouched.result, untouched.device_sig,
+        untouched.edge_sig,
+    ) is not None  # fmt: skip
 
 
 async def test_omitting_edge_is_challenged_and_omission_recorded(tmp_path: Path) -> None:
