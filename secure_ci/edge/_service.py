@@ -25,7 +25,7 @@ from secure_ci.edge._config import EdgeConfig
 from secure_ci.edge._identity import EnclaveIdentity, MemoryJournal, RecordSink, create_identity
 from secure_ci.edge._models import ModelRegistry, TailEntry
 from secure_ci.edge._session import Job, check_request, serve_session
-from secure_ci.exceptions import ConfigError, LedgerError, ProtocolError
+from secure_ci.exceptions import ChannelError, ConfigError, LedgerError, ProtocolError
 from secure_ci.ledger._journal import JournalEntry
 from secure_ci.ledger._records import LedgerDomain, TaskResult, commitment
 from secure_ci.ledger._signing import SigningPool
@@ -244,12 +244,13 @@ class EdgeService:
             task.cancel()
         if sessions:
             await asyncio.wait(sessions, timeout=self.config.limits.drain_timeout)
+        await self._release()
+
+    async def _release(self) -> None:
+        """Stop the batchers, worker threads and signing processes (after a drain, or a
+        failed start)."""
         for batcher in self._batchers.values():
             await batcher.drain()
-        self._release()
-
-    def _release(self) -> None:
-        """Stop the worker threads and signing processes (after a drain, or a failed start)."""
         for executor in (self._executor, self._checkers):
             executor.shutdown(wait=True)
         self._signing.close()
@@ -302,16 +303,19 @@ async def open_edge(
             identity.credentials.cert_pem.encode(), identity.credentials.key_pem.encode()
         )
         await edge._start()
-        server = await asyncio.start_server(
-            on_connect,
-            config.host,
-            config.port,
-            ssl=ctx,
-            ssl_handshake_timeout=config.limits.handshake_timeout,
-            limit=1 << 16,
-        )
+        try:
+            server = await asyncio.start_server(
+                on_connect,
+                config.host,
+                config.port,
+                ssl=ctx,
+                ssl_handshake_timeout=config.limits.handshake_timeout,
+                limit=1 << 16,
+            )
+        except OSError as exc:
+            raise ChannelError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
     except BaseException:
-        edge._release()
+        await edge._release()
         raise
     edge.port = server.sockets[0].getsockname()[1]
     try:

@@ -6,18 +6,19 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import threading
 
 import pytest
 import torch
-from edge_helpers import CUT, Served
+from edge_helpers import CUT, Served, registry
 
-from secure_ci.edge import EdgeLimits
-from secure_ci.exceptions import RemoteProtocolError, SecureCIError
+from secure_ci.edge import EdgeConfig, EdgeLimits, open_edge
+from secure_ci.exceptions import ChannelError, RemoteProtocolError, SecureCIError
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment
 from secure_ci.partition import decode_features, encode_features
 from secure_ci.protocol import Close, Error, ErrorCode, InferResult
-from secure_ci.testing import DEV_NOW, RawDevice, new_device_key
+from secure_ci.testing import DEV_NOW, RawDevice, dev_enclave, new_device_key
 
 
 async def _device(served: Served, key: bytes | None = None) -> RawDevice:
@@ -261,3 +262,20 @@ async def test_a_failed_signing_process_falls_back_to_inline_signing(
         signer = entry.result.recover(entry.edge_sig, served.edge.domain)
         assert signer == served.edge.identity.address
     await device.aclose()
+
+
+async def test_a_port_in_use_is_a_channel_error_and_leaves_nothing_running() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        enclave = dev_enclave(DEV_NOW)
+        config = EdgeConfig(port=taken.getsockname()[1], limits=EdgeLimits(signing_workers=1))
+        with pytest.raises(ChannelError, match="cannot listen"):
+            async with open_edge(
+                config, provider=enclave.provider, models=registry(), clock=lambda: float(DEV_NOW)
+            ):
+                pass
+    finally:
+        taken.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("secure-ci-")]
