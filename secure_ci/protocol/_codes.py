@@ -6,8 +6,12 @@ from enum import Enum, IntEnum
 
 __all__ = ["PROTOCOL_VERSIONS", "ErrorCode", "Role"]
 
-PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
-"""Versions this implementation speaks, in order of preference (highest last)."""
+PROTOCOL_VERSIONS: tuple[int, ...] = (2,)
+"""Versions this implementation speaks, in order of preference (highest last).
+
+2: ``InferRequest`` carries ``prev_request`` (the request chain of the TaskRequest record).
+Version 1 peers are refused at the hello: their requests could not be verified.
+"""
 
 
 class Role(Enum):

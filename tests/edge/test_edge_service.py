@@ -17,7 +17,7 @@ from secure_ci.edge import EdgeConfig, EdgeLimits, open_edge
 from secure_ci.exceptions import ChannelError, RemoteProtocolError, SecureCIError
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment
 from secure_ci.partition import decode_features, encode_features
-from secure_ci.protocol import Close, Error, ErrorCode, InferResult
+from secure_ci.protocol import Close, Error, ErrorCode, Hello, InferResult
 from secure_ci.testing import DEV_NOW, RawDevice, dev_enclave, new_device_key
 
 
@@ -279,3 +279,13 @@ async def test_a_port_in_use_is_a_channel_error_and_leaves_nothing_running() -> 
     finally:
         taken.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("secure-ci-")]
+
+
+async def test_a_version_1_device_is_refused_at_the_hello(served: Served) -> None:
+    """v1 requests lack prev_request: the edge says so instead of failing every request."""
+    device = await _device(served)
+    await device.send(Hello(versions=(1,), device="0x" + device.address.hex()))
+    refusal = await device.receive()
+    assert isinstance(refusal, Error)
+    assert refusal.code == ErrorCode.UNSUPPORTED_VERSION
+    await device.aclose()
