@@ -22,8 +22,8 @@ and half the 30 M block gas limit of py-evm and anvil.
 lookup, leaf rebuilt, proof checked against the batch root the chain anchored (read from the
 chain when the index was synced; anchored roots never change), device signature (through
 the request chain where the batch left it out), the measurement anchored with the batch.
-``live_chain`` re-reads the root and the edge's current registration from the node for
-every audit (two JSON-RPC round trips). ``by_devices_per_batch``: calldata and floor gas
+``live_chain`` re-reads the batch (root, measurement) from the node for every audit (one
+JSON-RPC round trip). ``by_devices_per_batch``: calldata and floor gas
 per task when a batch's records come from more devices.
 """
 

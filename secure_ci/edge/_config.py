@@ -106,7 +106,7 @@ class EdgeLimits:
     max_batch: int = 32
     max_wait_ms: float = 2.0
     max_queue: int = 1024
-    signing_workers: int = 0  # processes that sign result records (0: the tail thread signs)
+    signing_workers: int = 0  # processes that sign results (0: the tail thread; 1 is plenty)
 
     def __post_init__(self) -> None:
         _bounded("max_frame_bytes", self.max_frame_bytes, 1024, 256 << 20)

@@ -13,8 +13,9 @@ edge that anchored (the transaction that carried the records was sent by the edg
 registered enclave key, which the contract checks, so it stands for the per-record enclave
 signature); the result's measurement is the one the contract recorded with the batch: the
 edge's registered measurement when the batch was anchored, which the contract anchors only
-while it is on the allow-list (a later re-registration or allow-list change does not
-rewrite history); and the edge is still registered.
+while it is on the allow-list (a later re-registration, revocation or allow-list change
+does not rewrite history: the batch's existence proves the edge was registered, active and
+allowed when it anchored).
 """
 
 from __future__ import annotations
@@ -321,7 +322,7 @@ class AuditIndex:
     async def verify(self, task_id: bytes, ledger: AuditLedger | None) -> list[VerifiedTask]:
         """Verify every indexed record of ``task_id`` (raises on the first failure).
 
-        With ``ledger`` the root and the edge's measurement are read from the chain now; with
+        With ``ledger`` the batch's root and measurement are read from the chain now; with
         None they are those the chain held when the index was synced (no chain round trip).
         """
         tasks = self.show(task_id)
@@ -346,18 +347,13 @@ class AuditIndex:
             raise ProofError("the batch does not cover the task's sequence number")
         record_hash = result.digest(self.domain)
         proof = _proof_from_blob(bytes(nodes), count, result.edge_seq - first_seq)
-        registered = True
         if ledger is not None:
-            addr = "0x" + task.edge.hex()
-            info = await ledger.batch(addr, task.batch_id)
+            info = await ledger.batch("0x" + task.edge.hex(), task.batch_id)
             if not info.first_seq <= result.edge_seq < info.first_seq + info.count:
                 raise ProofError("the chain's batch does not cover the task's sequence number")
-            state = await ledger.edge_state(addr)
-            root, measurement, registered = info.root, info.measurement, state.registered
+            root, measurement = info.root, info.measurement
         verify_proof(bytes(root), leaf_hash(result.edge_seq, record_hash), proof)
         self._check_device_signature(task)
-        if not registered:
-            raise SignatureError("the edge is no longer registered")
         if bytes(measurement) != result.measurement:
             raise SignatureError("the result's measurement is not the one anchored with its batch")
         return VerifiedTask(task, record_hash, bytes(root), tuple(proof))
