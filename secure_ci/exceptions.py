@@ -10,6 +10,7 @@ exceptions (torch, ssl, web3, dcap-qvl, sqlite) are translated where they enter
     ├── ConfigError                  a configuration, policy file or argument is invalid
     ├── PartitionError               a model cannot be traced or split; bad cut; wrong input
     │   └── CodecError               feature bytes are malformed, truncated or oversized
+    ├── PackageError                 a model package is malformed, tampered with or inconsistent
     ├── AttestationError             evidence is not acceptable (never "maybe")
     │   ├── EvidenceFormatError      quote / certificate / collateral cannot be parsed
     │   │   └── UnsupportedEvidenceError   well-formed, but a version/type we do not verify
@@ -62,6 +63,7 @@ __all__ = [
     "LedgerError",
     "LocalProtocolError",
     "MeasurementError",
+    "PackageError",
     "PartitionError",
     "ProofError",
     "ProtocolError",
@@ -90,6 +92,11 @@ class PartitionError(SecureCIError):
 
 class CodecError(PartitionError):
     """Encoded feature bytes are malformed, truncated, oversized or inconsistent."""
+
+
+class PackageError(SecureCIError):
+    """A model package was refused: malformed, oversized, tampered with (its digest, its
+    weights' digest or its ``model_id`` does not match), or inconsistent with its model."""
 
 
 class AttestationError(SecureCIError):
