@@ -56,6 +56,7 @@ _TOML_KEYS = frozenset(
         "rtmr1",
         "rtmr2",
         "rtmr3",
+        "rtmr_any",
         "allow_debug",
         "tcb_status",
         "advisories",
@@ -106,8 +107,11 @@ def _no_rtmrs() -> tuple[frozenset[bytes], ...]:
 class Policy:
     """What a verifier accepts. Immutable and validated at construction.
 
-    ``rtmrs[i]`` empty means "any value" for that RTMR; an empty ``mrtd`` accepts no TD, and
-    empty ``mrenclave`` and ``mrsigner`` accept no SGX enclave.
+    An empty ``mrtd`` accepts no TD, and empty ``mrenclave`` and ``mrsigner`` accept no SGX
+    enclave. MRTD measures only the TD's initial image (firmware); the workload is measured
+    into the RTMRs. So a policy that accepts TDs must pin every RTMR (``rtmrs[i]``, the
+    allowed values of RTMR i) or say explicitly that it accepts any workload
+    (``rtmr_any=True``, with no RTMR lists); anything else is a ConfigError.
     """
 
     roots: tuple[bytes, ...] = field(default_factory=lambda: (intel_root_der(),))
@@ -115,6 +119,7 @@ class Policy:
     mrsigner: tuple[MrSignerRule, ...] = ()
     mrtd: frozenset[bytes] = frozenset()
     rtmrs: tuple[frozenset[bytes], ...] = field(default_factory=_no_rtmrs)
+    rtmr_any: bool = False
     allow_debug: bool = False
     tcb_status: frozenset[str] = frozenset({"UpToDate"})
     advisories: frozenset[str] = frozenset()
@@ -141,6 +146,7 @@ class Policy:
         for allowed in self.rtmrs:
             for value in allowed:
                 _check_bytes(value, 48, "rtmr")
+        self._check_rtmr_pinning()
         unknown = set(self.tcb_status) - TCB_STATUSES
         if unknown or not self.tcb_status:
             raise ConfigError(f"tcb_status must be a non-empty subset of {sorted(TCB_STATUSES)}")
@@ -149,6 +155,24 @@ class Policy:
         age = self.max_collateral_age_days
         if not isinstance(age, int) or isinstance(age, bool) or not 0 < age <= 3650:
             raise ConfigError("max_collateral_age_days must be an integer in 1..3650")
+
+    def _check_rtmr_pinning(self) -> None:
+        if not isinstance(self.rtmr_any, bool):
+            raise ConfigError("rtmr_any must be a boolean")
+        if self.rtmr_any:
+            if any(self.rtmrs):
+                raise ConfigError(
+                    "rtmr_any = true accepts any RTMR values: it cannot be combined with "
+                    "rtmr0..rtmr3 lists"
+                )
+            return
+        unpinned = [f"rtmr{i}" for i, allowed in enumerate(self.rtmrs) if not allowed]
+        if self.mrtd and unpinned:
+            raise ConfigError(
+                f"a TDX policy (mrtd) must pin every RTMR, {', '.join(unpinned)} not pinned: "
+                "list their allowed values, or set rtmr_any = true to accept any workload "
+                "in these TDs"
+            )
 
     def root_fingerprints(self) -> tuple[str, ...]:
         return tuple(hashlib.sha256(r).hexdigest() for r in self.roots)
@@ -163,6 +187,7 @@ class Policy:
             ),
             "mrtd": sorted(m.hex() for m in self.mrtd),
             "rtmrs": [sorted(m.hex() for m in allowed) for allowed in self.rtmrs],
+            "rtmr_any": self.rtmr_any,
             "allow_debug": self.allow_debug,
             "tcb_status": sorted(self.tcb_status),
             "advisories": sorted(self.advisories),
@@ -182,7 +207,8 @@ class Policy:
         Keys (all optional): ``roots`` (``"intel"``, the pinned vendored root, or PEM paths
         relative to ``base_dir``; default ``["intel"]``), ``mrenclave`` / ``mrsigner`` (hex,
         32 bytes; ``isvprodid`` and ``min_isvsvn`` apply to every mrsigner), ``mrtd`` and
-        ``rtmr0``..``rtmr3`` (hex, 48 bytes; an empty RTMR list means any), ``allow_debug``,
+        ``rtmr0``..``rtmr3`` (hex, 48 bytes; with ``mrtd`` every RTMR must be listed unless
+        ``rtmr_any = true``), ``allow_debug``,
         ``tcb_status``, ``advisories`` (ids or ``"*"``), ``max_collateral_age_days``,
         ``require_nonce``. Unknown keys, bad hex and wrong lengths raise ConfigError.
         """
@@ -208,6 +234,7 @@ class Policy:
             ),
             mrtd=frozenset(_hex_list(table, "mrtd", 48)),
             rtmrs=tuple(frozenset(_hex_list(table, f"rtmr{i}", 48)) for i in range(4)),
+            rtmr_any=_typed(table, "rtmr_any", bool, False),
             allow_debug=_typed(table, "allow_debug", bool, False),
             tcb_status=frozenset(_str_list(table, "tcb_status", ["UpToDate"])),
             advisories=frozenset(_str_list(table, "advisories", [])),

@@ -4,6 +4,11 @@ dcap-qvl parses too, but it tolerates slack (trailing bytes, oversized length fi
 errors are strings. This parser bounds-checks every field first, so malformed input is refused
 with :class:`EvidenceFormatError` before any cryptography runs, and it exposes the fields our
 policy and the ledger need (measurements, report data, the signed region, the PCK chain).
+
+Bytes after the signature data are covered by no signature. Real TDX quote buffers carry zero
+padding there (70 bytes in dcap-qvl's sample, 3,065 in Automata's 8,000-byte buffer), so up to
+:data:`MAX_QUOTE_PADDING` zero bytes are accepted; a single non-zero byte, or more padding, is
+refused: a strict verifier leaves no room for unsigned content.
 """
 
 from __future__ import annotations
@@ -16,10 +21,21 @@ from dataclasses import dataclass
 
 from secure_ci.exceptions import EvidenceFormatError, UnsupportedEvidenceError
 
-__all__ = ["MAX_QUOTE_BYTES", "Quote", "SgxReportBody", "TdReportBody", "parse_quote"]
+__all__ = [
+    "MAX_QUOTE_BYTES",
+    "MAX_QUOTE_PADDING",
+    "Quote",
+    "SgxReportBody",
+    "TdReportBody",
+    "parse_quote",
+]
 
 MAX_QUOTE_BYTES = 64 * 1024
 """Largest quote we look at; real ones are 4-8 KiB."""
+
+MAX_QUOTE_PADDING = 8 * 1024
+"""Most zero bytes accepted after the signature data: generous next to real buffers (Automata's
+8,000-byte buffer pads 3,065 bytes), small next to :data:`MAX_QUOTE_BYTES`."""
 
 HEADER_LEN = 48
 SGX_BODY_LEN = 384
@@ -90,6 +106,7 @@ class Quote:
     cert_data_type: int
     pck_chain: bytes
     trailing: int
+    """Zero padding bytes after the signature data (unsigned, never part of the quote id)."""
 
     @property
     def tee(self) -> str:
@@ -268,11 +285,29 @@ def _signature_data(data: bytes, start: int, end: int, version: int) -> tuple[in
     return inner_type, chain
 
 
-def parse_quote(data: bytes, *, strict_length: bool = True) -> Quote:
+def _check_padding(data: bytes, end: int) -> int:
+    """Bytes after ``end`` must be zero padding of at most MAX_QUOTE_PADDING; returns its size."""
+    tail = data[end:]
+    nonzero = tail.lstrip(b"\0")
+    if nonzero:
+        first = len(tail) - len(nonzero)
+        raise EvidenceFormatError(
+            f"non-zero byte {nonzero[0]:#04x} at offset {end + first}, {first} bytes after the "
+            "signature data: only zero padding may follow it (those bytes are unsigned)"
+        )
+    if len(tail) > MAX_QUOTE_PADDING:
+        raise EvidenceFormatError(
+            f"{len(tail)} bytes of zero padding after the signature data exceed the bound of "
+            f"{MAX_QUOTE_PADDING}"
+        )
+    return len(tail)
+
+
+def parse_quote(data: bytes) -> Quote:
     """Parse a DCAP quote without verifying it.
 
-    ``strict_length`` refuses bytes after the signature data: they are unsigned, so a strict
-    verifier leaves no room for them. Real TDX quotes are often zero-padded; pass False there.
+    After the signature data only zero padding (at most :data:`MAX_QUOTE_PADDING` bytes) is
+    accepted; any non-zero byte there is refused with :class:`EvidenceFormatError`.
     """
     if not isinstance(data, bytes | bytearray):
         raise EvidenceFormatError("a quote must be bytes")
@@ -287,9 +322,7 @@ def parse_quote(data: bytes, *, strict_length: bool = True) -> Quote:
     sig_start = r.pos
     r.take(sig_len, "signature data")
     cert_type, chain = _signature_data(data, sig_start, sig_start + sig_len, version)
-    trailing = len(data) - r.pos
-    if strict_length and trailing:
-        raise EvidenceFormatError(f"{trailing} unsigned bytes after the signature data")
+    trailing = _check_padding(data, r.pos)
     return Quote(
         version=version,
         att_key_type=att_key_type,

@@ -235,7 +235,7 @@ def _dice_quote(value: bytes, spki_der: bytes) -> bytes:
         raise UnsupportedEvidenceError(f"DICE pubkey-hash algorithm id {entry[0]} is unsupported")
     if not isinstance(entry[1], bytes) or entry[1] != hashlib.new(algorithm, spki_der).digest():
         raise ReportDataError("DICE pubkey-hash does not match the certificate's public key")
-    if parse_quote(quote, strict_length=False).report_data[:32] != hashlib.sha256(claims).digest():
+    if parse_quote(quote).report_data[:32] != hashlib.sha256(claims).digest():
         raise ReportDataError("quote report data does not bind the DICE claims")
     return quote
 

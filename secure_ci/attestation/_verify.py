@@ -125,8 +125,10 @@ def _check_tdx(body: TdReportBody, policy: Policy) -> None:
         raise DebugEnclaveError("TD has the DEBUG attribute")
     if body.mrtd not in policy.mrtd:
         raise MeasurementError(f"MRTD {body.mrtd.hex()} is not in the policy's allow-list")
+    if policy.rtmr_any:
+        return
     for i, (value, allowed) in enumerate(zip(body.rtmrs, policy.rtmrs, strict=True)):
-        if allowed and value not in allowed:
+        if value not in allowed:
             raise MeasurementError(f"RTMR{i} {value.hex()} is not in the policy's allow-list")
 
 
@@ -207,15 +209,14 @@ def verify_quote(
     now: int,
     expected_key_spki: bytes | None = None,
     nonce: bytes | None = None,
-    strict_length: bool = True,
 ) -> VerifiedEnclave:
     """Verify ``quote`` against ``collateral`` under ``policy`` at time ``now`` (Unix seconds).
 
     ``expected_key_spki`` (DER SubjectPublicKeyInfo) must hash to ``report_data[0:32]`` and
-    ``nonce`` to ``report_data[32:64]`` when given. ``strict_length`` refuses unsigned bytes
-    after the signature data.
+    ``nonce`` to ``report_data[32:64]`` when given. Only zero padding (bounded) may follow the
+    signature data; any other unsigned byte is refused.
     """
-    parsed = parse_quote(quote, strict_length=strict_length)
+    parsed = parse_quote(quote)
     report, root = _qvl_verify(bytes(quote), collateral, policy, now)
     status, advisories = str(report.status), tuple(str(a) for a in report.advisory_ids)
     leaf = _check_chain(parsed, root)

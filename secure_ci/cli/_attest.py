@@ -61,15 +61,11 @@ def _decode_evidence(data: bytes) -> tuple[str, bytes]:
     return ("cert" if data[:1] == b"\x30" else "quote"), data
 
 
-def _verify_evidence(
-    kind: str, evidence: bytes, collateral: Any, policy: Any, now: int, strict: bool
-) -> Any:
+def _verify_evidence(kind: str, evidence: bytes, collateral: Any, policy: Any, now: int) -> Any:
     from secure_ci.attestation import verify_quote
 
     if kind == "quote":
-        return verify_quote(
-            evidence, collateral=collateral, policy=policy, now=now, strict_length=strict
-        )
+        return verify_quote(evidence, collateral=collateral, policy=policy, now=now)
     try:
         from secure_ci.attestation import verify_ratls_certificate
     except ImportError:
@@ -88,11 +84,12 @@ def verify(
         Path | None, typer.Option(help="Policy TOML with an [attestation] table.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    allow_trailing: Annotated[
-        bool, typer.Option(help="Accept unsigned padding after the quote's signature data.")
-    ] = False,
 ) -> None:
-    """Verify enclave evidence: exit 0 accepted, 1 rejected (with the reason), 2 usage error."""
+    """Verify enclave evidence: exit 0 accepted, 1 rejected (with the reason), 2 usage error.
+
+    Zero padding after a quote's signature data (as TDX quote buffers carry) is accepted up to
+    a bound; any other byte there is refused.
+    """
     from secure_ci.attestation import Collateral, Policy
 
     if collateral is None:
@@ -119,7 +116,7 @@ def verify(
     now = int(time.time()) if at is None else at
     try:
         kind, raw = _decode_evidence(evidence)
-        enclave = _verify_evidence(kind, raw, the_collateral, the_policy, now, not allow_trailing)
+        enclave = _verify_evidence(kind, raw, the_collateral, the_policy, now)
     except AttestationError as exc:
         if as_json:
             reason = {"accepted": False, "error": type(exc).__name__, "reason": str(exc)}

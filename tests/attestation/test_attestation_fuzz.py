@@ -4,7 +4,8 @@ Policy decision (documented in ``secure_ci.testing._quote_fuzz``): a mutant that
 a result *identical* to the original's (same quote id, measurements, report data, PCK leaf,
 TCB) only changed unsigned bytes (the root copy at the end of the PEM chain, PEM whitespace,
 slack after the cert data); it is counted apart and is not a forgery. Appended bytes are
-refused outright (strict length). Everything else must raise an AttestationError.
+refused unless they are all zero (bounded padding, which leaves the result identical).
+Everything else must raise an AttestationError.
 """
 
 from __future__ import annotations

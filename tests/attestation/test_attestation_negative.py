@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from secure_ci.attestation import Collateral, DevPKI, MrSignerRule, Policy, verify_quote
+from secure_ci.attestation._quote import MAX_QUOTE_PADDING
 from secure_ci.exceptions import (
     AttestationError,
     AttributesError,
@@ -117,7 +118,15 @@ CORPUS: dict[str, tuple[Callable[[], Case], type[AttestationError]]] = {
     "truncated-header": (lambda: _case(_good_quote()[:40]), EvidenceFormatError),
     "truncated-body": (lambda: _case(_good_quote()[:300]), EvidenceFormatError),
     "truncated-signature-data": (lambda: _case(_good_quote()[:-100]), EvidenceFormatError),
-    "trailing-bytes-strict": (lambda: _case(_good_quote() + b"\0"), EvidenceFormatError),
+    "trailing-nonzero-byte": (lambda: _case(_good_quote() + b"\1"), EvidenceFormatError),
+    "trailing-nonzero-after-padding": (
+        lambda: _case(_good_quote() + bytes(64) + b"\x80"),
+        EvidenceFormatError,
+    ),
+    "trailing-padding-over-bound": (
+        lambda: _case(_good_quote() + bytes(MAX_QUOTE_PADDING + 1)),
+        EvidenceFormatError,
+    ),
     "sig-len-too-large": (
         lambda: _case(_patch(_good_quote(), 432, struct.pack("<I", 1 << 16))),
         EvidenceFormatError,
@@ -258,6 +267,8 @@ def test_baseline_is_accepted() -> None:
     assert len(CORPUS) >= 25
     enclave = _verify(_case())
     assert enclave.mrenclave == MRENCLAVE  # type: ignore[attr-defined]
+    # zero padding up to the bound is not a negative case: same result as without it
+    assert _verify(_case(_good_quote() + bytes(MAX_QUOTE_PADDING))) == enclave
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))

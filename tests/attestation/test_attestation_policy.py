@@ -78,7 +78,10 @@ mrsigner = ["{"ab" * 32}"]
 isvprodid = 7
 min_isvsvn = 3
 mrtd = ["{"cd" * 48}"]
+rtmr0 = ["{"e0" * 48}"]
+rtmr1 = ["{"e1" * 48}", "{"f1" * 48}"]
 rtmr2 = ["{"ef" * 48}"]
+rtmr3 = ["{"00" * 48}"]
 advisories = ["*"]
 require_nonce = true
 """
@@ -87,9 +90,57 @@ require_nonce = true
     assert p.roots[0] == intel_root_der()
     assert p.mrsigner == (MrSignerRule(bytes.fromhex("ab" * 32), 7, 3),)
     assert p.rtmrs[2] == frozenset({bytes.fromhex("ef" * 48)})
-    assert not p.rtmrs[0]
+    assert len(p.rtmrs[1]) == 2
+    assert not p.rtmr_any
     assert p.require_nonce
     assert "*" in p.advisories
+
+
+MRTD = f'mrtd = ["{"cd" * 48}"]\n'
+RTMRS = [f'rtmr{i} = ["{"e0" * 48}"]\n' for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("body", "unpinned"),
+    [
+        (MRTD, "rtmr0, rtmr1, rtmr2, rtmr3 not pinned"),
+        (MRTD + RTMRS[0] + RTMRS[1] + RTMRS[2], "rtmr3 not pinned"),
+        (MRTD + RTMRS[1] + RTMRS[3], "rtmr0, rtmr2 not pinned"),
+        (MRTD + "rtmr_any = false\n" + RTMRS[0], "rtmr1, rtmr2, rtmr3 not pinned"),
+    ],
+)
+def test_tdx_policy_must_pin_rtmrs_or_say_any(body: str, unpinned: str) -> None:
+    with pytest.raises(ConfigError, match=f"must pin every RTMR, {unpinned}.*rtmr_any = true"):
+        Policy.from_toml(f"[attestation]\n{body}", base_dir=VECTORS)
+
+
+def test_tdx_policy_rtmr_any_is_explicit_and_recorded() -> None:
+    any_policy = Policy.from_toml(f"[attestation]\n{MRTD}rtmr_any = true\n", base_dir=VECTORS)
+    pinned = Policy.from_toml(f"[attestation]\n{MRTD}{''.join(RTMRS)}", base_dir=VECTORS)
+    assert any_policy.rtmr_any
+    assert not any(any_policy.rtmrs)
+    assert all(len(allowed) == 1 for allowed in pinned.rtmrs)
+    assert any_policy.to_dict()["rtmr_any"] is True
+    assert pinned.to_dict()["rtmr_any"] is False
+    assert any_policy.digest != pinned.digest
+    # without mrtd the policy accepts no TD, so nothing needs pinning
+    assert not Policy.from_toml("[attestation]\n", base_dir=VECTORS).rtmr_any
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        Policy.from_toml(f"[attestation]\n{MRTD}rtmr_any = true\n{RTMRS[3]}", base_dir=VECTORS)
+    with pytest.raises(ConfigError, match="rtmr_any must be a bool"):
+        Policy.from_toml(f"[attestation]\n{MRTD}rtmr_any = 1\n", base_dir=VECTORS)
+
+
+def test_tdx_policy_construction_pins_rtmrs() -> None:
+    mrtd = frozenset({bytes(48)})
+    with pytest.raises(ConfigError, match="must pin every RTMR"):
+        Policy(mrtd=mrtd)
+    with pytest.raises(ConfigError, match="rtmr_any must be a boolean"):
+        Policy(mrtd=mrtd, rtmr_any=1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        Policy(mrtd=mrtd, rtmr_any=True, rtmrs=(mrtd, frozenset(), frozenset(), frozenset()))
+    assert Policy(mrtd=mrtd, rtmr_any=True).rtmr_any
+    assert Policy(mrtd=mrtd, rtmrs=(mrtd,) * 4).rtmrs == (mrtd,) * 4
 
 
 @pytest.mark.parametrize(
@@ -170,8 +221,8 @@ _VALUES = st.recursive(
     max_leaves=8,
 )
 _KEYS = st.sampled_from(
-    ["roots", "mrenclave", "mrsigner", "isvprodid", "min_isvsvn", "mrtd", "rtmr1", "allow_debug",
-     "tcb_status", "advisories", "max_collateral_age_days", "require_nonce", "other"]
+    ["roots", "mrenclave", "mrsigner", "isvprodid", "min_isvsvn", "mrtd", "rtmr1", "rtmr_any",
+     "allow_debug", "tcb_status", "advisories", "max_collateral_age_days", "require_nonce", "other"]
 )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from secure_ci.attestation import SgxReportBody, TdReportBody, parse_quote
-from secure_ci.attestation._quote import MAX_QUOTE_BYTES
+from secure_ci.attestation._quote import MAX_QUOTE_BYTES, MAX_QUOTE_PADDING
 from secure_ci.exceptions import EvidenceFormatError, UnsupportedEvidenceError
 
 SGX = "sgx-v3-dcapqvl-sample.bin"
@@ -41,9 +41,8 @@ def test_sgx_fields(vector: Callable[[str], bytes]) -> None:
 
 def test_tdx_v4_fields_and_trailing_padding(vector: Callable[[str], bytes]) -> None:
     raw = vector(TDX)
-    with pytest.raises(EvidenceFormatError, match="70 unsigned bytes"):
-        parse_quote(raw)
-    q = parse_quote(raw, strict_length=False)
+    assert raw[-70:] == bytes(70)
+    q = parse_quote(raw)
     assert isinstance(q.body, TdReportBody)
     assert (q.version, q.tee, q.trailing, q.cert_data_type) == (4, "tdx", 70, 5)
     assert q.signed_region == raw[:632]
@@ -82,7 +81,7 @@ def test_header_and_length_fields(
 def test_v4_sgx_and_v5_body_checks(vector: Callable[[str], bytes]) -> None:
     tdx = vector(TDX)
     with pytest.raises(UnsupportedEvidenceError, match="only supported for TDX"):
-        parse_quote(_patch(tdx, 4, bytes(4)), strict_length=False)
+        parse_quote(_patch(tdx, 4, bytes(4)))
     v5 = vector(V5)
     with pytest.raises(UnsupportedEvidenceError, match="body type 9"):
         parse_quote(_patch(v5, 48, struct.pack("<H", 9)))
@@ -102,7 +101,7 @@ def test_cert_data_types(vector: Callable[[str], bytes]) -> None:
         parse_quote(_patch(sgx, cert_type_at + 2, struct.pack("<I", 1 << 20)))
     tdx = vector(TDX)
     with pytest.raises(UnsupportedEvidenceError, match="outer certification data type 5"):
-        parse_quote(_patch(tdx, 636 + 128, struct.pack("<H", 5)), strict_length=False)
+        parse_quote(_patch(tdx, 636 + 128, struct.pack("<H", 5)))
 
 
 @pytest.mark.parametrize("cut", [0, 1, 47, 48, 431, 432, 435, 436, 600, 1000, 4599])
@@ -113,13 +112,66 @@ def test_every_truncation_is_refused(vector: Callable[[str], bytes], cut: int) -
 
 def test_trailing_bytes_and_size_limit(vector: Callable[[str], bytes]) -> None:
     raw = vector(SGX)
-    with pytest.raises(EvidenceFormatError, match="1 unsigned"):
-        parse_quote(raw + b"\0")
-    assert parse_quote(raw + b"\0", strict_length=False).trailing == 1
+    assert parse_quote(raw + b"\0").trailing == 1
+    assert parse_quote(raw + bytes(MAX_QUOTE_PADDING)).trailing == MAX_QUOTE_PADDING
+    with pytest.raises(EvidenceFormatError, match=f"{MAX_QUOTE_PADDING + 1} bytes of zero padding"):
+        parse_quote(raw + bytes(MAX_QUOTE_PADDING + 1))
+    with pytest.raises(EvidenceFormatError, match=f"non-zero byte 0x01 at offset {len(raw)}, 0 "):
+        parse_quote(raw + b"\1")
+    with pytest.raises(EvidenceFormatError, match=f"non-zero byte 0x80 at offset {len(raw) + 9}"):
+        parse_quote(raw + bytes(9) + b"\x80" + bytes(9))
     with pytest.raises(EvidenceFormatError, match="exceeds"):
-        parse_quote(raw + bytes(MAX_QUOTE_BYTES), strict_length=False)
+        parse_quote(raw + bytes(MAX_QUOTE_BYTES))
     with pytest.raises(EvidenceFormatError, match="must be bytes"):
         parse_quote("not bytes")  # type: ignore[arg-type]
+
+
+_PADDED = st.sampled_from([SGX, TDX, V5, "tdx-v4-automata-quotev4.hex"])
+
+
+def _unpadded(raw: bytes) -> bytes:
+    return raw[: len(raw) - parse_quote(raw).trailing]
+
+
+@given(
+    name=_PADDED,
+    trailer=st.binary(min_size=1, max_size=2 * MAX_QUOTE_PADDING).filter(lambda b: any(b)),
+)
+def test_any_nonzero_trailing_byte_is_refused(
+    vector: Callable[[str], bytes], name: str, trailer: bytes
+) -> None:
+    raw = _unpadded(vector(name))
+    with pytest.raises(EvidenceFormatError, match="non-zero byte"):
+        parse_quote(raw + trailer)
+
+
+@given(
+    name=_PADDED,
+    zeros=st.integers(0, MAX_QUOTE_PADDING),
+    where=st.integers(0, MAX_QUOTE_PADDING),
+    byte=st.integers(1, 255),
+)
+def test_zero_padding_accepted_up_to_bound_and_one_byte_spoils_it(
+    vector: Callable[[str], bytes], name: str, zeros: int, where: int, byte: int
+) -> None:
+    raw = _unpadded(vector(name))
+    q = parse_quote(raw + bytes(zeros))
+    assert q.trailing == zeros
+    assert q.quote_id == parse_quote(raw).quote_id
+    spoiled = bytearray(raw + bytes(max(zeros, 1)))
+    at = len(raw) + where % max(zeros, 1)
+    spoiled[at] = byte
+    with pytest.raises(EvidenceFormatError, match=f"non-zero byte {byte:#04x} at offset {at},"):
+        parse_quote(bytes(spoiled))
+
+
+@given(name=_PADDED, extra=st.integers(1, MAX_QUOTE_BYTES))
+def test_zero_padding_beyond_bound_is_refused(
+    vector: Callable[[str], bytes], name: str, extra: int
+) -> None:
+    raw = _unpadded(vector(name))
+    with pytest.raises(EvidenceFormatError, match="exceed"):
+        parse_quote(raw + bytes(MAX_QUOTE_PADDING + extra))
 
 
 def test_leaf_without_pem_is_refused(vector: Callable[[str], bytes]) -> None:
@@ -169,9 +221,8 @@ def test_pck_chain_non_canonical_base64(vector: Callable[[str], bytes]) -> None:
 
 @given(st.binary(max_size=6000))
 def test_arbitrary_bytes_only_format_errors(data: bytes) -> None:
-    for strict in (True, False):
-        with contextlib.suppress(EvidenceFormatError):
-            parse_quote(data, strict_length=strict)
+    with contextlib.suppress(EvidenceFormatError):
+        parse_quote(data)
 
 
 def _mutations() -> st.SearchStrategy[tuple[str, str, int, int]]:
@@ -196,7 +247,7 @@ def test_mutated_real_quotes_only_format_errors(
     else:
         raw[pos:pos] = value.to_bytes(4, "little")
     try:
-        q = parse_quote(bytes(raw), strict_length=False)
+        q = parse_quote(bytes(raw))
     except EvidenceFormatError:
         return
     assert q.version in (3, 4, 5)

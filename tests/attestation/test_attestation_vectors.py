@@ -1,7 +1,9 @@
 """Every vector in tests/vectors/attestation behaves as EXPECTED.json says.
 
 Fields are cross-checked three ways: EXPECTED.json (written from an independent parse with
-``cryptography``), our parser, and dcap-qvl's own parser.
+``cryptography``), our parser, and dcap-qvl's own parser. Zero padding after the signature
+data (three TDX vectors) is accepted; the one vector with non-zero bytes there (go-tdx-guest's
+"extra bytes(only for testing purpose)") is refused, and its fields are read with them cut off.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from secure_ci.exceptions import (
     AttestationError,
     CollateralError,
     DebugEnclaveError,
+    EvidenceFormatError,
     EvidenceSignatureError,
 )
 
@@ -42,6 +45,17 @@ WITH_COLLATERAL = {
     "tdx-v4-dcapqvl-sample.bin": "tdx-v4-dcapqvl-sample.collateral.json",
 }
 DEBUG = [n for n in QUOTES if "debug" in n or "solana" in n]
+NONZERO_TRAILER = {"tdx-v4-gotdxguest-spr-e4.bin": b"\nextra bytes(only for testing purpose)\n"}
+
+
+def _signed_part(name: str, raw: bytes) -> bytes:
+    """The quote without the non-zero unsigned trailer, for vectors that carry one."""
+    trailer = NONZERO_TRAILER.get(name)
+    if trailer is None:
+        return raw
+    if not raw.endswith(trailer):
+        raise AssertionError(f"{name} does not end with its trailer")
+    return raw[: -len(trailer)]
 
 
 def _collateral(name: str) -> Collateral:
@@ -49,8 +63,8 @@ def _collateral(name: str) -> Collateral:
 
 
 def _allowing(raw: bytes, **changes: Any) -> Policy:
-    """A policy that allows exactly this quote's measurement and any TCB status."""
-    body = parse_quote(raw, strict_length=False).body
+    """A policy that allows exactly this quote's measurements and any TCB status."""
+    body = parse_quote(raw).body
     kwargs: dict[str, Any] = {
         "tcb_status": frozenset({"UpToDate", "ConfigurationAndSWHardeningNeeded"}),
         "advisories": frozenset({"*"}),
@@ -59,6 +73,7 @@ def _allowing(raw: bytes, **changes: Any) -> Policy:
         kwargs["mrenclave"] = frozenset({body.mrenclave})
     else:
         kwargs["mrtd"] = frozenset({body.mrtd})
+        kwargs["rtmrs"] = tuple(frozenset({r}) for r in body.rtmrs)
     kwargs.update(changes)
     return Policy(**kwargs)
 
@@ -76,11 +91,12 @@ def test_parser_agrees_with_expected(
     name: str, vector: Callable[[str], bytes], expected: dict[str, Any]
 ) -> None:
     e, raw = expected[name], vector(name)
-    q = parse_quote(raw, strict_length=False)
+    signed = _signed_part(name, raw)
+    q = parse_quote(signed)
     assert len(raw) == e["decoded_size"]
     assert (q.version, q.att_key_type, q.tee_type) == (e["version"], 2, int(e["tee_type"], 16))
     assert q.sig_data_len == e["sig_data_len"]
-    assert q.trailing == e["bytes_after_signature_data"]
+    assert q.trailing + len(raw) - len(signed) == e["bytes_after_signature_data"]
     assert q.cert_data_type == e["cert_data_type"]
     assert q.report_data.hex() == e["report_data"]
     assert q.body.debug is e["debug"]
@@ -102,10 +118,28 @@ def test_parser_agrees_with_expected(
 @pytest.mark.parametrize("name", QUOTES)
 def test_parser_agrees_with_dcap_qvl(name: str, vector: Callable[[str], bytes]) -> None:
     raw = vector(name)
-    theirs, ours = dcap_qvl.parse_quote(raw), parse_quote(raw, strict_length=False)
+    theirs, ours = dcap_qvl.parse_quote(raw), parse_quote(_signed_part(name, raw))
     assert theirs.header.version == ours.version
     assert bool(theirs.is_sgx()) == (ours.tee == "sgx")
     assert bytes(theirs.report.report_data) == ours.report_data
+
+
+@pytest.mark.parametrize("name", QUOTES)
+def test_unsigned_trailer_is_zero_padding_or_refused(
+    name: str, vector: Callable[[str], bytes], expected: dict[str, Any]
+) -> None:
+    raw = vector(name)
+    if name not in NONZERO_TRAILER:
+        assert parse_quote(raw).trailing == expected[name]["bytes_after_signature_data"]
+        return
+    offset = len(_signed_part(name, raw))
+    with pytest.raises(
+        EvidenceFormatError, match=f"non-zero byte 0x0a at offset {offset}, 0 bytes"
+    ):
+        parse_quote(raw)
+    # zero padding in place of the text is accepted, and the quote id is unchanged
+    padded = parse_quote(raw[:offset] + bytes(len(raw) - offset))
+    assert padded.quote_id == parse_quote(raw[:offset]).quote_id
 
 
 @pytest.mark.parametrize("name", sorted(WITH_COLLATERAL))
@@ -113,9 +147,7 @@ def test_samples_with_collateral_are_accepted(
     name: str, vector: Callable[[str], bytes], in_window: int
 ) -> None:
     raw, collateral = vector(name), _collateral(WITH_COLLATERAL[name])
-    enclave = verify_quote(
-        raw, collateral=collateral, policy=_allowing(raw), now=in_window, strict_length=False
-    )
+    enclave = verify_quote(raw, collateral=collateral, policy=_allowing(raw), now=in_window)
     assert enclave.root_fingerprint == Policy().root_fingerprints()[0]
     # the same under a policy that only trusts the impostor root with Intel's name
     impostor = x509.load_pem_x509_certificate(
@@ -123,9 +155,7 @@ def test_samples_with_collateral_are_accepted(
     )
     impostor_policy = _allowing(raw, roots=(impostor.public_bytes(Encoding.DER),))
     with pytest.raises(EvidenceSignatureError):
-        verify_quote(
-            raw, collateral=collateral, policy=impostor_policy, now=in_window, strict_length=False
-        )
+        verify_quote(raw, collateral=collateral, policy=impostor_policy, now=in_window)
 
 
 @pytest.mark.parametrize("name", sorted(WITH_COLLATERAL))
@@ -136,9 +166,7 @@ def test_samples_outside_collateral_window(
     now = int(datetime.fromisoformat(when).replace(tzinfo=UTC).timestamp())
     raw, collateral = vector(name), _collateral(WITH_COLLATERAL[name])
     with pytest.raises(CollateralError):
-        verify_quote(
-            raw, collateral=collateral, policy=_allowing(raw), now=now, strict_length=False
-        )
+        verify_quote(raw, collateral=collateral, policy=_allowing(raw), now=now)
 
 
 def test_debug_sgx_with_collateral_is_refused(
@@ -155,7 +183,7 @@ def test_debug_sgx_with_collateral_is_refused(
 def test_debug_vectors_fail_our_policy(name: str, vector: Callable[[str], bytes]) -> None:
     raw = vector(name)
     with pytest.raises(DebugEnclaveError):
-        check_enclave(parse_quote(raw, strict_length=False), _allowing(raw))
+        check_enclave(parse_quote(raw), _allowing(raw))
 
 
 @pytest.mark.parametrize("name", [n for n in QUOTES if n not in WITH_COLLATERAL])
@@ -168,10 +196,10 @@ def test_quotes_without_their_collateral_are_refused(
         if name.startswith("sgx")
         else "tdx-v4-dcapqvl-sample.collateral.json"
     )
-    with pytest.raises(AttestationError):
-        verify_quote(
-            raw, collateral=collateral, policy=_allowing(raw), now=in_window, strict_length=False
-        )
+    policy = _allowing(_signed_part(name, raw))
+    for quote in {raw, _signed_part(name, raw)}:
+        with pytest.raises(AttestationError):
+            verify_quote(quote, collateral=collateral, policy=policy, now=in_window)
 
 
 def test_synthetic_impostor_quote_is_refused(

@@ -22,6 +22,7 @@ from secure_ci.attestation import (
     verify_quote,
 )
 from secure_ci.attestation._errors import translate_qvl_error
+from secure_ci.attestation._quote import MAX_QUOTE_PADDING
 from secure_ci.exceptions import (
     AttributesError,
     CollateralError,
@@ -67,7 +68,7 @@ def _spki() -> bytes:
 
 
 def _td_body(raw: bytes) -> TdReportBody:
-    body = parse_quote(raw, strict_length=False).body
+    body = parse_quote(raw).body
     if not isinstance(body, TdReportBody):
         raise TypeError("not a TDX quote")
     return body
@@ -94,21 +95,16 @@ def test_real_sgx_quote_accepted(
     assert json.loads(json.dumps(enclave.to_dict()))["mrenclave"] == MRENCLAVE.hex()
 
 
-def test_quote_id_ignores_unsigned_padding(
+def test_quote_id_ignores_zero_padding_and_nonzero_trailer_is_refused(
     vector: Callable[[str], bytes], sgx_collateral: Collateral, in_window: int
 ) -> None:
     raw, policy = vector(SGX), _sgx_policy()
-    padded = verify_quote(
-        raw + bytes(16),
-        collateral=sgx_collateral,
-        policy=policy,
-        now=in_window,
-        strict_length=False,
-    )
+    padded = verify_quote(raw + bytes(16), collateral=sgx_collateral, policy=policy, now=in_window)
     plain = verify_quote(raw, collateral=sgx_collateral, policy=policy, now=in_window)
-    assert padded.quote_id == plain.quote_id
-    with pytest.raises(EvidenceFormatError):
-        verify_quote(raw + bytes(16), collateral=sgx_collateral, policy=policy, now=in_window)
+    assert padded == plain
+    for trailer in (b"\1", bytes(15) + b"\xff", bytes(MAX_QUOTE_PADDING + 1)):
+        with pytest.raises(EvidenceFormatError, match="after the signature data"):
+            verify_quote(raw + trailer, collateral=sgx_collateral, policy=policy, now=in_window)
 
 
 @pytest.mark.parametrize(
@@ -184,28 +180,34 @@ def test_real_tdx_v4_accepted_and_rtmrs(
     vector: Callable[[str], bytes], tdx_collateral: Collateral, in_window: int
 ) -> None:
     raw = vector(TDX)
+    assert raw[-70:] == bytes(70)  # the genuine quote carries zero padding: accepted
     body = _td_body(raw)
-    policy = Policy(mrtd=frozenset({body.mrtd}), rtmrs=tuple(frozenset({r}) for r in body.rtmrs))
-    enclave = verify_quote(
-        raw, collateral=tdx_collateral, policy=policy, now=in_window, strict_length=False
-    )
+    pinned = tuple(frozenset({r}) for r in body.rtmrs)
+    policy = Policy(mrtd=frozenset({body.mrtd}), rtmrs=pinned)
+    enclave = verify_quote(raw, collateral=tdx_collateral, policy=policy, now=in_window)
     assert enclave.tee == "tdx"
     assert enclave.tcb_status == "UpToDate"
     assert enclave.mrtd == body.mrtd
     assert enclave.rtmrs == body.rtmrs
     assert enclave.quote_id == hashlib.sha256(raw[:632]).hexdigest()
-    any_rtmr: frozenset[bytes] = frozenset()
-    wrong = Policy(
-        mrtd=frozenset({body.mrtd}),
-        rtmrs=(any_rtmr, frozenset({bytes(48)}), any_rtmr, any_rtmr),
+    assert verify_quote(raw[:-70], collateral=tdx_collateral, policy=policy, now=in_window) == (
+        enclave
     )
-    for bad, match in ((wrong, "RTMR1"), (Policy(), "MRTD")):
-        with pytest.raises(MeasurementError, match=match):
-            verify_quote(
-                raw, collateral=tdx_collateral, policy=bad, now=in_window, strict_length=False
-            )
-    with pytest.raises(EvidenceFormatError, match="unsigned bytes"):
-        verify_quote(raw, policy=policy, collateral=tdx_collateral, now=in_window)
+    explicit_any = Policy(mrtd=frozenset({body.mrtd}), rtmr_any=True)
+    accepted = verify_quote(raw, collateral=tdx_collateral, policy=explicit_any, now=in_window)
+    assert accepted.rtmrs == body.rtmrs
+    assert accepted.policy_digest != enclave.policy_digest
+    for i in range(4):
+        wrong = Policy(
+            mrtd=frozenset({body.mrtd}),
+            rtmrs=tuple(frozenset({b"\1" * 48 if j == i else r}) for j, r in enumerate(body.rtmrs)),
+        )
+        with pytest.raises(MeasurementError, match=f"RTMR{i}"):
+            verify_quote(raw, collateral=tdx_collateral, policy=wrong, now=in_window)
+    with pytest.raises(MeasurementError, match="MRTD"):
+        verify_quote(raw, collateral=tdx_collateral, policy=Policy(), now=in_window)
+    with pytest.raises(EvidenceFormatError, match="non-zero byte 0x01 at offset 5005"):
+        verify_quote(raw[:-1] + b"\1", policy=policy, collateral=tdx_collateral, now=in_window)
 
 
 def test_tdx_v5_reaches_dcap_qvl(
@@ -214,7 +216,7 @@ def test_tdx_v5_reaches_dcap_qvl(
     # dcap-qvl 0.7.0 parses v5 (TD report 1.5); no collateral for its platform exists here,
     # and its PCK leaf is not valid yet in June 2025.
     raw = vector("tdx-v5-gotdxguest-sample.bin")
-    policy = Policy(mrtd=frozenset({_td_body(raw).mrtd}))
+    policy = Policy(mrtd=frozenset({_td_body(raw).mrtd}), rtmr_any=True)
     with pytest.raises(CollateralError, match="CertNotValidYet"):
         verify_quote(raw, collateral=tdx_collateral, policy=policy, now=in_window)
 

@@ -82,13 +82,43 @@ def test_expired_collateral_rejected(sgx_policy: Path) -> None:
     assert "rejected: CollateralError" in out
 
 
-def test_tdx_trailing_bytes(tmp_path: Path) -> None:
-    code, out = _verify(TDX, "--collateral", TDX_COLL, "--at", AT)
-    assert code == 1
-    assert "unsigned bytes" in out
-    code, out = _verify(TDX, "--collateral", TDX_COLL, "--at", AT, "--allow-trailing", "--json")
-    assert code == 1  # default policy lists no MRTD
+TDX_MRTD = (
+    "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a"
+    "3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
+)
+
+
+def test_genuine_tdx_quote_with_zero_padding(tmp_path: Path) -> None:
+    assert TDX.read_bytes()[-70:] == bytes(70)
+    code, out = _verify(TDX, "--collateral", TDX_COLL, "--at", AT, "--json")
+    assert code == 1  # the default policy lists no MRTD
     assert json.loads(out.splitlines()[0])["error"] == "MeasurementError"
+    mrtd_only = tmp_path / "mrtd-only.toml"
+    mrtd_only.write_text(f'[attestation]\nmrtd = ["{TDX_MRTD}"]\n')
+    code, out = _verify(TDX, "--collateral", TDX_COLL, "--at", AT, "--policy", mrtd_only)
+    assert code == 2
+    assert "must pin every RTMR" in out
+    assert "rtmr_any = true" in out
+    explicit = tmp_path / "rtmr-any.toml"
+    explicit.write_text(f'[attestation]\nmrtd = ["{TDX_MRTD}"]\nrtmr_any = true\n')
+    code, out = _verify(TDX, "--collateral", TDX_COLL, "--at", AT, "--policy", explicit, "--json")
+    assert code == 0, out
+    fields = json.loads(out)
+    assert fields["accepted"] is True
+    assert (fields["mrtd"], fields["tcb_status"]) == (TDX_MRTD, "UpToDate")
+    pinned = tmp_path / "pinned.toml"
+    rtmrs = "".join(f'rtmr{i} = ["{r}"]\n' for i, r in enumerate(fields["rtmrs"]))
+    pinned.write_text(f'[attestation]\nmrtd = ["{TDX_MRTD}"]\n{rtmrs}')
+    code, out = _verify(TDX, "--collateral", TDX_COLL, "--at", AT, "--policy", pinned)
+    assert code == 0, out
+    assert out.startswith("accepted")
+    spoiled = tmp_path / "spoiled.bin"
+    spoiled.write_bytes(TDX.read_bytes()[:-1] + b"\x01")
+    code, out = _verify(spoiled, "--collateral", TDX_COLL, "--at", AT, "--policy", pinned)
+    assert code == 1
+    assert "rejected: EvidenceFormatError: non-zero byte 0x01" in out
+    code, out = _verify(TDX, "--collateral", TDX_COLL, "--at", AT, "--allow-trailing")
+    assert code == 2  # the option is gone: there is no way to accept unsigned content
 
 
 def test_ratls_certificate_pem_and_der(tmp_path: Path) -> None:
