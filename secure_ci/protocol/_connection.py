@@ -21,6 +21,7 @@ from secure_ci.protocol._events import (
     Close,
     Error,
     Event,
+    Evidence,
     Hello,
     HelloAck,
     InferRequest,
@@ -71,6 +72,7 @@ class Connection:
         self._recent_set: set[bytes] = set()
         self._last_device_seq = -1
         self._max_in_flight = self.limits.max_in_flight
+        self._before_evidence = 0  # frames the peer sent before our Evidence went out
 
     # -- introspection -----------------------------------------------------------------
 
@@ -133,9 +135,14 @@ class Connection:
         try:
             if self._pending:
                 item = self._pending.popleft()
+                sent_challenged = self._before_evidence > 0
+                if sent_challenged:
+                    self._before_evidence -= 1
                 if isinstance(item, ProtocolError):
                     raise item
                 event = decode_event(item.header, item.payload)
+                if sent_challenged:
+                    self._check_sent_challenged(event)
                 self._apply(self.their_role, event, RemoteProtocolError)
                 return event
             if self._eof and self._frames.pending:
@@ -161,6 +168,10 @@ class Connection:
             self._observe(now)
         data = encode_frame(*encode_event(event), self.limits)
         self._apply(self.our_role, event, LocalProtocolError)
+        if isinstance(event, Evidence):
+            # Rule 3 for what is already here: every frame received (whole or begun) before
+            # this Evidence was sent while the device was waiting for it.
+            self._before_evidence = len(self._pending) + (1 if self._frames.pending else 0)
         if now is not None:
             self._last_activity = now
         return data
@@ -168,26 +179,51 @@ class Connection:
     # -- timers --------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """When :meth:`handle_timer` must be called next, or None if no timer runs."""
+        """When :meth:`handle_timer` must be called next, or None if no timer runs.
+
+        The idle deadline counts from the last complete frame received or event sent (an
+        answer re-arms it). While requests are in flight the connection is never idle, but the
+        timer keeps running: a driver that computed the deadline before the answer went out
+        wakes up, calls :meth:`handle_timer`, and finds the deadline moved past the answer."""
         if self._state in (State.ERROR, State.CLOSED) or self._started_at is None:
             return None
         if self._state not in (State.READY, State.CHALLENGED):
             return self._started_at + self.limits.handshake_timeout
-        if self._in_flight or self._last_activity is None or self.limits.idle_timeout is None:
-            return None  # waiting on our own work or the peer's answer: per-task deadlines
+        if self._last_activity is None or self.limits.idle_timeout is None:
+            return None
         return self._last_activity + self.limits.idle_timeout
 
     def handle_timer(self, now: float) -> None:
-        """Raise ``RemoteProtocolError(TIMEOUT)`` if the handshake or idle deadline passed."""
+        """Raise ``RemoteProtocolError(TIMEOUT)`` if the handshake or idle deadline passed.
+
+        With requests in flight the idle timer only re-arms (from ``now``)."""
         self._observe(now)
         deadline = self.next_deadline()
+        if deadline is not None and now >= deadline and self._in_flight and self._is_ready:
+            self._last_activity = now  # working on (or waiting for) answers: not idle
+            return
         if deadline is not None and now >= deadline:
-            what = "idle" if self._state in (State.READY, State.CHALLENGED) else "handshake"
+            what = "idle" if self._is_ready else "handshake"
             exc = RemoteProtocolError(f"{what} timeout", code=ErrorCode.TIMEOUT)
             self._fail(exc)
             raise exc
 
     # -- the state machine ---------------------------------------------------------------
+
+    @property
+    def _is_ready(self) -> bool:
+        return self._state in (State.READY, State.CHALLENGED)
+
+    def _check_sent_challenged(self, event: Event) -> None:
+        """Rule 3: an event the peer sent before it could have seen our Evidence must be one
+        the table allows in ``CHALLENGED`` (``Close`` or a fatal ``Error``)."""
+        if isinstance(event, Close):
+            return
+        if (self.their_role, transition_key(event)) not in TRANSITIONS[State.CHALLENGED]:
+            raise RemoteProtocolError(
+                f"{type(event).__name__} sent before the Evidence it was waiting for",
+                code=ErrorCode.UNEXPECTED,
+            )
 
     def _observe(self, now: float) -> None:
         if self._started_at is None:

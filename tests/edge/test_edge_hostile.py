@@ -13,6 +13,7 @@ from edge_helpers import CUT, Served
 from secure_ci.edge import EdgeLimits
 from secure_ci.partition import encode_features
 from secure_ci.protocol import (
+    Challenge,
     Error,
     ErrorCode,
     InferResult,
@@ -213,4 +214,51 @@ async def test_mutated_request_frames_never_hurt_the_edge(served: Served) -> Non
         await device.aclose()
     assert set(outcomes) <= {"Error", "InferResult"}, outcomes
     assert outcomes.get("Error", 0) >= 1
+    await _still_serving(served)
+
+
+@pytest.mark.parametrize("served", [SHORT], indirect=True)
+async def test_sessions_quiet_after_an_answer_time_out_and_free_their_slots(
+    served: Served,
+) -> None:
+    """Each of max_sessions devices gets one answer, then goes quiet: the idle timeout (re-armed
+    by the answer) ends every session, and an honest device is served afterwards."""
+    quiet = [await _ready(served) for _ in range(SHORT.max_sessions)]
+    for device in quiet:
+        await device.send(
+            device.request(_payload(served), model_id=served.model_id, cut=CUT, codec="float32")
+        )
+        assert isinstance(await device.receive(), InferResult)
+    for device in quiet:
+        assert (await _fatal(device)).code == ErrorCode.TIMEOUT
+        await device.aclose()
+    assert served.edge.active_sessions == 0
+    await _still_serving(served)
+
+
+async def test_request_written_with_the_challenge_is_refused_not_answered(
+    served: Served,
+) -> None:
+    """Rule 3: a request in the same write as the Challenge was sent before the device could
+    check the fresh evidence; the edge answers the Challenge, then refuses the session."""
+    device = await _ready(served)
+    request = device.request(_payload(served), model_id=served.model_id, cut=CUT, codec="float32")
+    limits = Limits()
+    device.stream.writer.write(
+        encode_frame(*encode_event(Challenge(nonce=bytes(range(32)))), limits)
+        + encode_frame(*encode_event(request), limits)
+    )  # both in one write, around our own state machine
+    frames = FrameBuffer(limits)
+    events = []
+    async with asyncio.timeout(10):
+        while (data := await device.stream.reader.read(1 << 16)) != b"":
+            events += [decode_event(f.header, f.payload) for f in frames.feed(data)]
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[:2] == ["Evidence", "Error"], kinds
+    assert "InferResult" not in kinds
+    error = events[1]
+    assert isinstance(error, Error)
+    assert (error.code, error.task_id) == (ErrorCode.UNEXPECTED, None)
+    assert served.edge.stats["results"] == 0
+    await device.aclose()
     await _still_serving(served)

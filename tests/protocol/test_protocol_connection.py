@@ -15,9 +15,11 @@ from secure_ci.protocol import (
     Connection,
     Error,
     ErrorCode,
+    Event,
     Evidence,
     Hello,
     HelloAck,
+    InferRequest,
     InferResult,
     Limits,
     Role,
@@ -180,6 +182,44 @@ def test_challenge_blocks_requests_until_evidence() -> None:
     pump(device, edge, sample_request(2))
 
 
+def _raw(event: Event) -> bytes:
+    """Frame bytes written around our own state machine (a hostile device)."""
+    return encode_frame(*encode_event(event), Limits())
+
+
+@pytest.mark.parametrize("split", [None, 5], ids=["whole", "partial"])
+def test_request_in_the_same_read_as_challenge_is_refused(split: int | None) -> None:
+    """Rule 3 for frames already received when the Evidence goes out: the device cannot
+    have seen it, so a request among them is a violation (whole or begun frames)."""
+    _, edge = connected_pair()
+    request = _raw(sample_request(1))
+    tail = request if split is None else request[:split]
+    edge.receive_data(_raw(Challenge(nonce=b"\x01" * 32)) + tail, 0.0)
+    assert isinstance(edge.next_event(), Challenge)
+    edge.send(Evidence(quote=b"q"))
+    assert edge.state is State.READY
+    if split is not None:
+        assert edge.next_event() is NEED_DATA
+        edge.receive_data(request[split:], 0.0)
+    with pytest.raises(RemoteProtocolError) as info:
+        edge.next_event()
+    assert info.value.code == ErrorCode.UNEXPECTED
+    assert edge.state is State.ERROR
+
+
+def test_frames_after_the_evidence_and_close_before_it_are_fine() -> None:
+    _, edge = connected_pair()
+    edge.receive_data(_raw(Challenge(nonce=b"\x01" * 32)), 0.0)
+    assert isinstance(edge.next_event(), Challenge)
+    edge.send(Evidence(quote=b"q"))
+    edge.receive_data(_raw(sample_request(1)), 0.0)  # sent after the device saw Evidence
+    assert isinstance(edge.next_event(), InferRequest)
+    edge.receive_data(_raw(Challenge(nonce=b"\x02" * 32)) + _raw(Close()), 0.0)
+    assert isinstance(edge.next_event(), Challenge)
+    edge.send(Evidence(quote=b"q"))
+    assert edge.next_event() == Close()
+
+
 def test_close_from_device_lets_edge_drain_then_close() -> None:
     device, edge = connected_pair()
     request = sample_request(1)
@@ -243,19 +283,38 @@ def test_handshake_clock_starts_at_first_observation() -> None:
     assert edge.next_deadline() == 55.0
 
 
-def test_idle_timer_runs_only_without_work_in_flight() -> None:
+def test_idle_timer_never_fires_with_work_in_flight() -> None:
     limits = Limits(idle_timeout=30.0)
     device, edge = connected_pair(limits, now=0.0)
     assert edge.next_deadline() == 30.0
     request = sample_request(1)
     edge.receive_data(device.send(request), 10.0)
     edge.next_event()
-    assert edge.next_deadline() is None
+    assert edge.next_deadline() == 40.0  # armed: the driver wakes and re-arms
     edge.handle_timer(1000.0)  # working on a task: never idle
-    edge.send(_result(request.task_id), now=1000.0)
+    assert edge.state is State.READY
     assert edge.next_deadline() == 1030.0
+    edge.send(_result(request.task_id), now=1010.0)
+    assert edge.next_deadline() == 1040.0
     with pytest.raises(RemoteProtocolError) as info:
-        edge.handle_timer(1030.0)
+        edge.handle_timer(1040.0)
+    assert info.value.code == ErrorCode.TIMEOUT
+
+
+def test_idle_deadline_computed_before_the_answer_is_rearmed_after_it() -> None:
+    """A driver that took the deadline while a task was in flight (and slept on it) wakes
+    up in time to see the session go quiet after the answer: a slot is never held forever."""
+    device, edge = connected_pair(Limits(idle_timeout=30.0), now=0.0)
+    request = sample_request(1)
+    edge.receive_data(device.send(request), 10.0)
+    edge.next_event()
+    slept_until = edge.next_deadline()
+    assert slept_until == 40.0
+    edge.send(_result(request.task_id), now=12.0)  # answered; the device goes quiet
+    edge.handle_timer(slept_until)  # not yet idle for 30 s: re-armed from the answer
+    assert edge.next_deadline() == 42.0
+    with pytest.raises(RemoteProtocolError) as info:
+        edge.handle_timer(42.0)
     assert info.value.code == ErrorCode.TIMEOUT
 
 
