@@ -9,7 +9,7 @@ Importing this package imports torch (it runs tails).
 
 from __future__ import annotations
 
-from secure_ci.edge._batcher import Batcher, BatchLimits
+from secure_ci.edge._batcher import Batcher, BatchLimits, TailWorker
 from secure_ci.edge._config import (
     EdgeConfig,
     EdgeLimits,
@@ -25,6 +25,7 @@ from secure_ci.edge._manifest import REQUIRED_MANIFEST_KEYS, render_manifest, va
 from secure_ci.edge._models import (
     ModelRegistry,
     TailEntry,
+    load_model_tails,
     load_zoo_tails,
     tails_from_partitioner,
 )
@@ -47,9 +48,11 @@ __all__ = [
     "RecordSink",
     "RegisteredDevices",
     "TailEntry",
+    "TailWorker",
     "create_identity",
     "format_address",
     "load_edge_config",
+    "load_model_tails",
     "load_zoo_tails",
     "open_edge",
     "open_edge_ledger",

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 
 from secure_ci.attestation import EvidenceProvider
 from secure_ci.channel import server_context
-from secure_ci.edge._batcher import Batcher, BatchLimits
+from secure_ci.edge._batcher import Batcher, BatchLimits, TailWorker
 from secure_ci.edge._config import EdgeConfig
 from secure_ci.edge._identity import EnclaveIdentity, MemoryJournal, RecordSink, create_identity
 from secure_ci.edge._models import ModelRegistry, TailEntry
@@ -91,9 +91,11 @@ class EdgeService:
         )
         # The tail runs, then its results are signed and group-committed to the journal, in the
         # one worker thread: a result is answered only once journaled, with no extra hand-off.
+        # Every tail's batcher shares that worker: each dispatches at once when it is idle.
+        self._worker = TailWorker(self._executor)
         self._batchers: dict[tuple[bytes, int], Batcher[Job, InferResult]] = {
             (e.model_id, e.cut): Batcher(
-                self._tail_runner(e), limits=batch_limits, executor=self._executor
+                self._tail_runner(e), limits=batch_limits, worker=self._worker
             )
             for e in models.entries()
         }
