@@ -2,7 +2,8 @@
 
 :class:`Partitioner` traces the model with torch.fx, runs it once on the example inputs, and
 enumerates every cut position in topological order with the tensors that cross it, in one
-live-set sweep (O(nodes x boundary)). Nodes that do not depend on the inputs (parameters,
+live-set sweep (O(nodes x boundary)). A second run with one more example row finds which
+dimension of each tensor is the batch (:attr:`TensorSpec.batch_dim`; not always the first). Nodes that do not depend on the inputs (parameters,
 constants and what is computed from them alone) never cross a cut: each side recomputes what
 it needs. :meth:`Partitioner.split` builds the head and tail modules for one cut on demand and
 checks them against the model on the example inputs, so a wrong split is never returned.
@@ -10,6 +11,7 @@ checks them against the model on the example inputs, so a wrong split is never r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -73,6 +75,10 @@ class Partitioner:
                 "(randomness, hidden state or Python-level side effects in forward?)"
             )
         self._free = self._batch_dims()
+        self._input_specs = tuple(
+            dataclasses.replace(spec, batch_dim=self._batch_dim(p))
+            for spec, p in zip(self._input_specs, self._placeholders, strict=True)
+        )
         self._enumerate()
 
     # -- analysis ---------------------------------------------------------------------------
@@ -154,11 +160,18 @@ class Partitioner:
     def _free_dims(self, nodes: Sequence[fx.Node]) -> tuple[frozenset[int], ...]:
         return tuple(self._free.get(n, frozenset()) for n in nodes)
 
+    def _batch_dim(self, n: fx.Node) -> int | None:
+        """The one dimension of ``n`` that follows the batch size, or None (none, or several:
+        such a tensor cannot be split back into samples)."""
+        free = self._free.get(n, frozenset())
+        return next(iter(free)) if len(free) == 1 else None
+
     def _spec(self, n: fx.Node) -> TensorSpec:
+        """The spec of a boundary tensor, with its batch dimension."""
         spec = self._records[n].spec
         if spec is None:  # pragma: no cover - only tensors are ever asked for
             raise PartitionError(f"node {n.name} is not a tensor")
-        return spec
+        return dataclasses.replace(spec, batch_dim=self._batch_dim(n))
 
     def _constant_params(self, n: fx.Node, seen: dict[int, int]) -> None:
         """Parameters touched by ``n`` and by the constant nodes it reads from."""

@@ -52,23 +52,34 @@ def _check_index(value: object, what: str) -> None:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Shape (including the batch dimension of the example) and dtype of one tensor."""
+    """Shape (including the batch dimension of the example) and dtype of one tensor.
+
+    ``batch_dim`` is the dimension that follows the batch size (not always the first: after
+    a ``permute`` it moves), or None when the tensor has none, so samples cannot be batched.
+    """
 
     shape: tuple[int, ...]
     dtype: str
+    batch_dim: int | None = 0
 
     def __post_init__(self) -> None:
         if not all(_is_int(d) and d >= 0 for d in self.shape):
             raise PartitionError(f"tensor shape must be non-negative integers: {self.shape!r}")
         if self.dtype not in _DTYPES:
             raise PartitionError(f"unsupported tensor dtype {self.dtype!r}")
+        if self.batch_dim is not None and (
+            not _is_int(self.batch_dim) or not 0 <= self.batch_dim < len(self.shape)
+        ):
+            raise PartitionError(
+                f"batch dimension {self.batch_dim!r} is not a dimension of shape {self.shape}"
+            )
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     def to_json(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype}
+        return {"shape": list(self.shape), "dtype": self.dtype, "batch_dim": self.batch_dim}
 
 
 @dataclass(frozen=True)

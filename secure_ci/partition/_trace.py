@@ -39,7 +39,10 @@ RTOL = 1e-5
 
 
 def spec_of(tensor: torch.Tensor) -> TensorSpec:
-    return TensorSpec(shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."))
+    """Shape and dtype of ``tensor``; its batch dimension is unknown here (None)."""
+    return TensorSpec(
+        shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."), batch_dim=None
+    )
 
 
 def _where(exc: BaseException) -> str:

@@ -208,11 +208,16 @@ def test_valid_plans_round_trip(plan: PartitionPlan) -> None:
 def test_tensor_spec_and_cut_validation() -> None:
     spec = TensorSpec(shape=(1, 4, 2), dtype="float32")
     assert spec.numel == 8
-    assert spec.to_json() == {"shape": [1, 4, 2], "dtype": "float32"}
+    assert spec.to_json() == {"shape": [1, 4, 2], "dtype": "float32", "batch_dim": 0}
+    assert TensorSpec((4, 1), "float32", batch_dim=1).batch_dim == 1
+    assert TensorSpec((), "float32", batch_dim=None).to_json()["batch_dim"] is None
     with pytest.raises(PartitionError, match="dtype"):
         TensorSpec(shape=(1,), dtype="float8")
     with pytest.raises(PartitionError, match="shape"):
         TensorSpec(shape=(1, -2), dtype="float32")
+    for bad in (2, -1, True, 1.0):
+        with pytest.raises(PartitionError, match="batch dimension"):
+            TensorSpec(shape=(1, 4), dtype="float32", batch_dim=bad)  # type: ignore[arg-type]
     cut = Cut(0, "conv", (spec,), ("conv",), 32, 0.5, 0.25, False)
     assert cut.to_json()["boundary"] == [spec.to_json()]
     with pytest.raises(PartitionError, match="share"):

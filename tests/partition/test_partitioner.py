@@ -219,6 +219,30 @@ def test_shape_dependent_models_fall_back_to_torch_export() -> None:
         head(torch.randn(1, 3))
 
 
+def test_exported_graphs_have_no_batch_dimension() -> None:
+    p = Partitioner(ShapeDependent(), (torch.randn(2, 3),))
+    assert p.input_specs[0].batch_dim is None
+    assert all(s.batch_dim is None for c in p.cuts for s in c.boundary)
+
+
+class Permuted(nn.Module):
+    """The batch moves to dimension 1, and a batch statistic has no batch dimension."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.permute(1, 0, 2) * 2
+        total = x.sum()
+        return h.permute(1, 0, 2) + total
+
+
+def test_boundary_specs_say_which_dimension_is_the_batch() -> None:
+    p = Partitioner(Permuted(), (torch.randn(1, 3, 4),))
+    assert p.input_specs[0].batch_dim == 0
+    dims = {c.name: [(s.shape, s.batch_dim) for s in c.boundary] for c in p.cuts}
+    assert dims["permute"] == [((1, 3, 4), 0), ((3, 1, 4), 1)]
+    assert ((), None) in dims["sum_1"]
+    assert Partitioner(Residual(), (torch.randn(2, 8),)).cuts[0].boundary[0].batch_dim == 0
+
+
 class Random(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + torch.rand_like(x)
