@@ -7,10 +7,22 @@ import logging
 import sys
 
 from rich.console import Console
+from rich.text import Text
 
-from secure_ci.cli import _attest, _audit, _bench, _demo, _device, _edge, _ledger, _partition
+from secure_ci.cli import (
+    _attest,
+    _audit,
+    _bench,
+    _demo,
+    _device,
+    _edge,
+    _ledger,
+    _model,
+    _onboard,
+    _partition,
+)
 from secure_ci.cli._app import app
-from secure_ci.exceptions import ConfigError, SecureCIError
+from secure_ci.exceptions import ConfigError, ContractRevertError, SecureCIError
 
 __all__ = ["app", "main"]
 
@@ -20,20 +32,59 @@ app.add_typer(_edge.app, name="edge")
 app.add_typer(_device.app, name="device")
 app.add_typer(_ledger.app, name="ledger")
 app.add_typer(_audit.app, name="audit")
-_ = (_bench, _demo)  # register top-level commands on import
+app.add_typer(_model.app, name="model")
+_ = (_bench, _demo, _onboard)  # register their commands on import
+
+
+def _say_error(message: str) -> None:
+    """One line on stderr, printed literally (no markup, no wrapping)."""
+    if sys.stderr.isatty():
+        console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+        console.print(Text("error: ", style="red") + Text(message))
+    else:
+        sys.stderr.write(f"error: {message}\n")
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups: task groups wrap what they raise."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code for ``exc``, after saying what went wrong in one line; re-raises bugs."""
+    leaf = _leaf(exc)
+    if isinstance(leaf, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        return 130
+    if isinstance(leaf, ConfigError):
+        _say_error(str(leaf))
+        return 2
+    if isinstance(leaf, ContractRevertError):
+        from secure_ci.ledger._hints import explain
+
+        _say_error(explain(leaf))
+        return 1
+    if isinstance(leaf, SecureCIError):
+        _say_error(str(leaf))
+        return 1
+    raise exc
 
 
 def main() -> None:
-    """Entry point: run the app, turning library errors into one clear line and an exit code.
+    """Entry point: run the app, turning errors into one clear line and an exit code.
 
-    Exit codes: 0 success, 1 the operation failed or was rejected, 2 usage or configuration.
+    Exit codes: 0 success, 1 the operation failed or was rejected, 2 usage or configuration,
+    130 interrupted (Ctrl-C; typer maps a KeyboardInterrupt to it). Errors raised inside task
+    groups are unwrapped first.
     """
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         app(standalone_mode=True)
-    except ConfigError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
-        sys.exit(2)
-    except SecureCIError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
-        sys.exit(1)
+    except (SecureCIError, BaseExceptionGroup, KeyboardInterrupt) as exc:
+        sys.exit(exit_code(exc))

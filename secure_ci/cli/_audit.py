@@ -1,8 +1,9 @@
 """`secure-ci audit ...`: Audit tasks recorded on the ledger.
 
-Records come from the calldata of the anchoring transactions (``--rpc URL --contract ADDR``)
-into a local index (``--index PATH``, kept between runs; in memory without it). ``tasks``,
-``show`` and ``export`` work from the index alone; ``verify`` also needs the chain.
+Records come from the calldata of the anchoring transactions of the deployment's contract
+(``--deployment FILE``, or ``--rpc URL --contract ADDR``; never deployed here) into a local
+index (``--index PATH``, kept between runs; in memory without it). ``tasks``, ``show`` and
+``export`` work from the index alone; ``verify`` also needs the chain.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from secure_ci.exceptions import ConfigError, SecureCIError
 
 app = typer.Typer(help="Audit tasks recorded on the ledger.", no_args_is_help=True)
 
-Rpc = Annotated[str | None, typer.Option("--rpc", help="JSON-RPC URL of a node (or 'inprocess').")]
+Rpc = Annotated[
+    str | None, typer.Option("--rpc", help="JSON-RPC URL (overrides the deployment's).")
+]
 Contract = Annotated[str | None, typer.Option("--contract", help="SecureCILedger address.")]
 Index = Annotated[Path | None, typer.Option("--index", help="Local audit index (SQLite).")]
 
@@ -41,25 +44,43 @@ def _bytes(value: str | None, size: int, what: str) -> bytes | None:
 
 
 @asynccontextmanager
-async def _opened(rpc: str | None, contract: str | None, index: Path | None) -> AsyncIterator[Any]:
+async def _opened(
+    deployment: Path | None, rpc: str | None, contract: str | None, index: Path | None
+) -> AsyncIterator[Any]:
     """Yield (index, ledger or None), syncing the index from the chain when one is given."""
+    from secure_ci.cli._common import load_deployment
     from secure_ci.ledger._audit import AuditIndex
+    from secure_ci.ledger._deployment import Deployment
     from secure_ci.ledger._records import LedgerDomain
 
-    if rpc is None:
+    if deployment is None and rpc is None and contract is None:
         if index is None:
-            raise ConfigError("give --rpc URL --contract ADDR and/or --index PATH")
+            raise ConfigError("give --deployment FILE (or --rpc URL --contract ADDR), or --index")
         with AuditIndex(index) as idx:
             yield idx, None
         return
     from secure_ci.ledger import open_ledger
 
-    async with open_ledger(rpc, contract_address=contract) as ledger:
+    found = load_deployment(deployment, rpc, contract)
+    url, address, first = (
+        (found.rpc, found.contract_text, found.deployment_block)
+        if isinstance(found, Deployment)
+        else (*found, 0)
+    )
+    async with open_ledger(url, contract_address=address) as ledger:
+        if isinstance(found, Deployment) and ledger.chain_id != found.chain_id:
+            raise ConfigError(f"the node runs chain {ledger.chain_id}, not the deployment's")
         domain = LedgerDomain(ledger.chain_id, bytes.fromhex(str(ledger.address)[2:]))
         with AuditIndex(index if index is not None else ":memory:", domain) as idx:
-            edges = {str(ev.edge) for ev in await ledger.batches()}
+            edges = {str(ev.edge) for ev in await ledger.batches(from_block=first)}
             await idx.sync(ledger, sorted(edges))
             yield idx, ledger
+
+
+Deployment = Annotated[
+    Path | None,
+    typer.Option("--deployment", help="Deployment file written by `secure-ci ledger deploy`."),
+]
 
 
 def _run(coro: Any) -> Any:
@@ -73,6 +94,7 @@ def _run(coro: Any) -> Any:
 
 @app.command()
 def tasks(
+    deployment: Deployment = None,
     rpc: Rpc = None,
     contract: Contract = None,
     index: Index = None,
@@ -87,7 +109,7 @@ def tasks(
     """List recorded tasks, filtered."""
 
     async def go() -> list[dict[str, Any]]:
-        async with _opened(rpc, contract, index) as (idx, _):
+        async with _opened(deployment, rpc, contract, index) as (idx, _):
             found = idx.tasks(
                 device=_bytes(device, 20, "--device"),
                 edge=_bytes(edge, 20, "--edge"),
@@ -116,6 +138,7 @@ def tasks(
 @app.command()
 def show(
     task: Annotated[str, typer.Argument(help="Task id (32 bytes hex).")],
+    deployment: Deployment = None,
     rpc: Rpc = None,
     contract: Contract = None,
     index: Index = None,
@@ -124,7 +147,7 @@ def show(
     task_id = _bytes(task, 32, "TASK")
 
     async def go() -> list[dict[str, Any]]:
-        async with _opened(rpc, contract, index) as (idx, _):
+        async with _opened(deployment, rpc, contract, index) as (idx, _):
             return [t.as_json() for t in idx.show(task_id or b"")]
 
     rows = _run(go())
@@ -135,18 +158,31 @@ def show(
 
 @app.command()
 def verify(
-    task: Annotated[str, typer.Argument(help="Task id (32 bytes hex).")],
+    task: Annotated[str | None, typer.Argument(help="Task id (32 bytes hex).")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Verify every recorded task.")] = False,
+    deployment: Deployment = None,
     rpc: Rpc = None,
     contract: Contract = None,
     index: Index = None,
 ) -> None:
-    """Verify a task: leaf, proof against the chain, signatures, measurement. Exit 1 if not."""
+    """Verify a task (or --all): leaf, proof against the chain, signatures, measurement.
+
+    Exit 1 if any record does not verify; --all reports each failure and a summary.
+    """
+    if (task is None) == (not every):
+        raise ConfigError("give one TASK id, or --all")
     task_id = _bytes(task, 32, "TASK")
-    if rpc is None:
-        raise ConfigError("audit verify needs the chain: give --rpc URL --contract ADDR")
+    if deployment is None and rpc is None:
+        raise ConfigError("audit verify needs the chain: give --deployment FILE")
+    if every:
+        failures, total = _run(_verify_all(deployment, rpc, contract, index))
+        sys.stdout.write(f"{total - failures} of {total} tasks verified\n")
+        if failures:
+            raise SecureCIError(f"{failures} of {total} tasks do not verify")
+        return
 
     async def go() -> list[dict[str, Any]]:
-        async with _opened(rpc, contract, index) as (idx, ledger):
+        async with _opened(deployment, rpc, contract, index) as (idx, ledger):
             verified = await idx.verify(task_id or b"", ledger)
             return [
                 {
@@ -164,8 +200,33 @@ def verify(
     sys.stdout.write(json.dumps(_run(go()), indent=2, sort_keys=True) + "\n")
 
 
+async def _verify_all(
+    deployment: Path | None, rpc: str | None, contract: str | None, index: Path | None
+) -> tuple[int, int]:
+    """Verify every indexed task against the roots just read from the chain (one pass)."""
+    from rich.progress import Progress
+
+    failures = 0
+    async with _opened(deployment, rpc, contract, index) as (idx, _):
+        tasks = idx.tasks(limit=1 << 62)
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            bar = progress.add_task("verifying", total=len(tasks))
+            for t in tasks:
+                try:
+                    await idx.verify_task(t, None)
+                except SecureCIError as exc:
+                    failures += 1
+                    sys.stderr.write(
+                        f"task 0x{t.record.request.task_id.hex()} (edge 0x{t.edge.hex()} seq "
+                        f"{t.record.result.edge_seq}): {exc}\n"
+                    )
+                progress.advance(bar)
+    return failures, len(tasks)
+
+
 @app.command()
 def export(
+    deployment: Deployment = None,
     rpc: Rpc = None,
     contract: Contract = None,
     index: Index = None,
@@ -177,7 +238,7 @@ def export(
         raise ConfigError("--format must be jsonl or csv")
 
     async def go() -> list[dict[str, Any]]:
-        async with _opened(rpc, contract, index) as (idx, _):
+        async with _opened(deployment, rpc, contract, index) as (idx, _):
             return [t.as_json() for t in idx.tasks(limit=limit)]
 
     rows = _run(go())

@@ -1,4 +1,4 @@
-"""`secure-ci device ...`: Device-side client commands."""
+"""`secure-ci device ...`: a device's identity, inference through an attested edge, receipts."""
 
 from __future__ import annotations
 
@@ -6,36 +6,37 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from secure_ci.exceptions import ConfigError
+from secure_ci.cli._common import DeploymentOption, read_file
+from secure_ci.cli._keys import Passphrase, PassphraseEnv, PassphraseFile
+from secure_ci.exceptions import AuthorizationError, ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     import torch
 
     from secure_ci.attestation import Collateral, Policy
-    from secure_ci.device import DeviceIdentity, Output
+    from secure_ci.device import DeviceIdentity, Session
+    from secure_ci.device._journal import DeviceJournal
+    from secure_ci.ledger._deployment import Deployment
+    from secure_ci.ledger._registry import RegisteredEdge
     from secure_ci.partition import PartitionPlan
 
 app = typer.Typer(help="Device-side client commands.", no_args_is_help=True)
 
 MAX_INPUT_BYTES = 64 << 20
-
-
-def _read(path: Path, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    if len(data) > limit:
-        raise ConfigError(f"{what} {path} is larger than {limit} bytes")
-    return data
+DEFAULT_JOURNAL = Path(".secure-ci/device-journal.sqlite")
+Identity = Annotated[
+    Path, typer.Option("--identity", help="The device's keystore (`secure-ci device keygen`).")
+]
+Journal = Annotated[
+    Path, typer.Option("--journal", help="The device journal (SQLite) of tasks and receipts.")
+]
 
 
 def load_input(path: Path) -> torch.Tensor:
@@ -46,7 +47,7 @@ def load_input(path: Path) -> torch.Tensor:
     import numpy as np
     import torch
 
-    data = _read(path, "input")
+    data = read_file(path, "input", MAX_INPUT_BYTES)
     try:
         if path.suffix == ".npy":
             value: Any = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
@@ -61,98 +62,304 @@ def load_input(path: Path) -> torch.Tensor:
     return value.float()
 
 
-def _identity(path: Path | None) -> DeviceIdentity:
+def _samples(path: Path, shape: tuple[int, ...]) -> list[tuple[str, torch.Tensor]]:
+    """The samples of one input file: one input, or a stack of them along dimension 0."""
+    tensor = load_input(path)
+    size = math.prod(shape)
+    if tensor.numel() == size:
+        return [(str(path), tensor.reshape(shape))]
+    if tensor.dim() >= 1 and tensor.numel() == tensor.shape[0] * size:
+        return [(f"{path}[{i}]", t.reshape(shape)) for i, t in enumerate(tensor)]
+    raise ConfigError(f"input {path} has shape {tuple(tensor.shape)}; the model takes {shape}")
+
+
+def _identity(path: Path, passphrase: Passphrase) -> DeviceIdentity:
+    from secure_ci.cli._keys import load_private_key
     from secure_ci.device import DeviceIdentity
 
-    if path is None:
-        identity = DeviceIdentity.generate()
-        typer.echo(f"using a fresh identity {identity.address_text}", err=True)
-        return identity
-    return DeviceIdentity.from_hex(_read(path, "identity key", 4096).decode("ascii", "replace"))
+    return DeviceIdentity(load_private_key(path, "device identity", passphrase))
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("--out", help="Keystore file to write (never overwritten).")],
+    passphrase_file: PassphraseFile = None,
+    passphrase_env: PassphraseEnv = None,
+    scrypt_n: Annotated[
+        int, typer.Option(help="scrypt cost (a power of two; lower only for tests).")
+    ] = 1 << 18,
+) -> None:
+    """Create a device identity: a new key in an encrypted keystore (Ethereum v3 JSON)."""
+    from secure_ci.cli._keys import new_passphrase, write_keystore
+    from secure_ci.device import DeviceIdentity
+
+    if scrypt_n < 2 or scrypt_n & (scrypt_n - 1) or scrypt_n > 1 << 20:
+        raise ConfigError("--scrypt-n must be a power of two up to 2**20")
+    secret = new_passphrase(Passphrase(passphrase_file, passphrase_env), str(out))
+    identity = DeviceIdentity.generate()
+    write_keystore(out, identity.key, secret, scrypt_n=scrypt_n)
+    typer.echo(f"device {identity.address_text}")
+    typer.echo(f"wrote {out}")
+
+
+@dataclass(frozen=True)
+class _Model:
+    head_source: Any  # the full model
+    example: torch.Tensor
+    plan: PartitionPlan
+    shape: tuple[int, ...]
+
+
+def _model(package: Path | None, zoo: str, seed: int, cut: int, codec: str) -> _Model:
+    import torch
+
+    from secure_ci.partition import PartitionPlan
+
+    if package is not None:
+        from secure_ci.package import load_package
+
+        pkg = load_package(package)
+        model, shape = pkg.build(), tuple(pkg.input_shape)
+        model_id = pkg.model_id.hex()
+    else:
+        from secure_ci.partition import Partitioner
+        from secure_ci.zoo import get
+
+        entry = get(zoo)
+        torch.manual_seed(seed)
+        model, shape = entry.build(), tuple(entry.input_shape)
+        model_id = Partitioner(model, (torch.zeros(shape),)).model_id
+    return _Model(model, torch.zeros(shape), PartitionPlan(model_id, cut, codec), shape)
+
+
+async def _candidates(deployment: Deployment, edge: str | None) -> list[RegisteredEdge]:
+    """The registered edges to try, best first (only usable ones)."""
+    from secure_ci.ledger import open_ledger
+
+    async with open_ledger(deployment.rpc, contract_address=deployment.contract_text) as ledger:
+        if ledger.chain_id != deployment.chain_id:
+            raise ConfigError(f"the node runs chain {ledger.chain_id}, not the deployment's")
+        registry = await ledger.registered_edges()
+    if edge is not None:
+        named = [e for e in registry if e.endpoint == edge]
+        if not named:
+            raise AuthorizationError(f"edge {edge} is not registered on the ledger")
+        return named  # open_session refuses it when it is revoked or not allowed
+    usable = [e for e in registry if e.usable]
+    if not usable:
+        raise AuthorizationError("no edge on the ledger is active with an allowed measurement")
+    return usable[::-1]  # the most recently registered first
+
+
+async def _one(
+    session: Session,
+    journal: DeviceJournal,
+    window: asyncio.Semaphore,
+    address: str,
+    name: str,
+    x: torch.Tensor,
+) -> dict[str, Any]:
+    """One input through the session; its result is journalled before it is returned."""
+    async with window:
+        payload = await asyncio.to_thread(session.encode_input, x)
+        output, receipt = await session.infer_encoded(payload)
+    journal.record(receipt)
+    flat = output if not isinstance(output, tuple) else output[0]
+    return {
+        "input": name,
+        "edge": address,
+        "task_id": "0x" + receipt.request.task_id.hex(),
+        "argmax": int(flat.argmax()),
+        "output": [round(float(v), 6) for v in flat.flatten()],
+    }
+
+
+async def _infer(
+    targets: list[tuple[str, RegisteredEdge | None]],
+    policy: Policy,
+    collateral: Collateral,
+    identity: DeviceIdentity,
+    model: _Model,
+    samples: list[tuple[str, torch.Tensor]],
+    deployment: Deployment | None,
+    journal: DeviceJournal,
+    request_timeout: float,
+    clock: Callable[[], float],
+) -> list[dict[str, Any]]:
+    from secure_ci.device import DEFAULT_DOMAIN, open_session
+
+    domain = deployment.domain if deployment is not None else DEFAULT_DOMAIN
+    failures = []
+    for address, registration in targets:
+        try:
+            async with open_session(
+                address, policy=policy, collateral=collateral, identity=identity,
+                model=model.head_source, plan=model.plan, example_input=model.example,
+                ledger_domain=domain, timeout=request_timeout, clock=clock,
+                registration=registration,
+            ) as session:  # fmt: skip
+                window = asyncio.Semaphore(session.max_in_flight)
+                jobs = (_one(session, journal, window, address, n, x) for n, x in samples)
+                return list(await asyncio.gather(*jobs))
+        except AuthorizationError as exc:
+            failures.append(str(exc))
+            if len(targets) == 1:
+                raise
+    raise AuthorizationError("no edge could be used: " + "; ".join(failures))
 
 
 @app.command()
 def infer(
-    inputs: Annotated[list[Path], typer.Argument(help="Input tensors (.npy or .pt), one each.")],
-    edge: Annotated[str, typer.Option("--edge", help="Edge address HOST:PORT.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Inputs (.npy or .pt): one, or a stack.")],
+    identity: Identity,
     policy: Annotated[Path, typer.Option("--policy", help="Attestation policy (TOML).")],
+    deployment: DeploymentOption = None,
+    edge: Annotated[
+        str | None,
+        typer.Option(help="Edge HOST:PORT (with --deployment: one of the registered edges)."),
+    ] = None,
+    package: Annotated[
+        Path | None, typer.Option(help="Model package (`secure-ci model pack`).")
+    ] = None,
     collateral: Annotated[
         Path | None,
         typer.Option(help="Collateral bundle (JSON); default: collateral.json by the policy."),
     ] = None,
-    identity: Annotated[
-        Path | None, typer.Option(help="Device key file (hex); default: a fresh key.")
-    ] = None,
-    model: Annotated[str, typer.Option(help="Zoo model name.")] = "digits_cnn",
-    seed: Annotated[int, typer.Option(help="Weights seed (must match the edge).")] = 0,
+    journal: Journal = DEFAULT_JOURNAL,
+    model: Annotated[str, typer.Option(help="Zoo model, untrained (without --package).")] = (
+        "digits_cnn"
+    ),
+    seed: Annotated[int, typer.Option(help="Zoo weights seed (without --package).")] = 0,
     cut: Annotated[int, typer.Option(help="Cut index.")] = 2,
     codec: Annotated[str, typer.Option(help="Boundary feature codec.")] = "int8",
     timeout: Annotated[float, typer.Option(help="Seconds per request and handshake.")] = 30.0,
     at: Annotated[int | None, typer.Option(help="Pin the clock (Unix seconds).")] = None,
+    passphrase_file: PassphraseFile = None,
+    passphrase_env: PassphraseEnv = None,
 ) -> None:
     """Run INPUTs through the model split between this device and an attested edge.
 
-    Prints one JSON line per input: the output and its argmax.
+    With --deployment the edge comes from the ledger's registry and is refused, before a
+    feature byte is sent, unless it is active, its measurement allowed, and its attested
+    enclave key, measurement and quote id are the registered ones. Prints one JSON line per
+    input; every verified result is kept in the device journal first.
     """
-    import torch
-
     from secure_ci.attestation import Collateral, Policy
-    from secure_ci.partition import Partitioner, PartitionPlan
-    from secure_ci.zoo import get
+    from secure_ci.cli._common import load_deployment
+    from secure_ci.device._journal import DeviceJournal
+    from secure_ci.device._session import parse_edge_address
+    from secure_ci.ledger._deployment import Deployment
 
+    if deployment is None and edge is None:
+        raise ConfigError("give --deployment FILE (edges from the ledger) or --edge HOST:PORT")
+    if edge is not None:
+        parse_edge_address(edge)
+    found = load_deployment(deployment) if deployment is not None else None
+    the_deployment = found if isinstance(found, Deployment) else None
     the_policy = Policy.from_toml(
-        _read(policy, "policy").decode("utf-8", "replace"), base_dir=policy.parent
+        read_file(policy, "policy", 1 << 20).decode("utf-8", "replace"), base_dir=policy.parent
     )
-    bundle = _read(collateral or policy.parent / "collateral.json", "collateral")
+    bundle = read_file(collateral or policy.parent / "collateral.json", "collateral", 1 << 22)
     the_collateral = Collateral.from_json(bundle)
-    device = _identity(identity)
-    tensors = [load_input(p) for p in inputs]
-    entry = get(model)
-    torch.manual_seed(seed)
-    full = entry.build()
-    partitioner = Partitioner(full, (torch.zeros(entry.input_shape),))
-    head, _ = partitioner.split(cut)
-    plan = PartitionPlan(partitioner.model_id, cut, codec)
-    size = math.prod(entry.input_shape)  # accept unbatched inputs of the right size
-    batch = [t.reshape(entry.input_shape) if t.numel() == size else t for t in tensors]
+    device = _identity(identity, Passphrase(passphrase_file, passphrase_env))
+    the_model = _model(package, model, seed, cut, codec)
+    samples = [s for path in inputs for s in _samples(path, the_model.shape)]
     clock = time.time if at is None else (lambda: float(at))
-    outputs = asyncio.run(
-        _infer(edge, the_policy, the_collateral, device, head, plan, batch, timeout, clock)
-    )
-    for path, output in zip(inputs, outputs, strict=True):
-        flat = output if isinstance(output, torch.Tensor) else output[0]
-        typer.echo(
-            json.dumps(
-                {
-                    "input": str(path),
-                    "argmax": int(flat.argmax()),
-                    "output": [round(float(v), 6) for v in flat.flatten()],
-                }
-            )
+    journal.parent.mkdir(parents=True, exist_ok=True)
+
+    async def go() -> list[dict[str, Any]]:
+        if the_deployment is None:
+            targets: list[tuple[str, RegisteredEdge | None]] = [(str(edge), None)]
+        else:
+            targets = [(e.endpoint, e) for e in await _candidates(the_deployment, edge)]
+        with DeviceJournal.open(journal) as book:
+            return await _infer(
+                targets, the_policy, the_collateral, device, the_model, samples,
+                the_deployment, book, timeout, clock,
+            )  # fmt: skip
+
+    for row in asyncio.run(go()):
+        typer.echo(json.dumps(row))
+
+
+@app.command()
+def receipts(
+    journal: Journal = DEFAULT_JOURNAL,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Look each task up on the ledger; challenge overdue ones."),
+    ] = False,
+    deployment: DeploymentOption = None,
+    identity: Annotated[
+        Path | None, typer.Option("--identity", help="Device keystore (challenges sign).")
+    ] = None,
+    grace: Annotated[int, typer.Option(help="Seconds after a deadline before a challenge.")] = 60,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per task.")] = False,
+    passphrase_file: PassphraseFile = None,
+    passphrase_env: PassphraseEnv = None,
+) -> None:
+    """The device journal's tasks and their state: answered, anchored or challenged."""
+    from secure_ci.device._journal import DeviceJournal
+
+    if not journal.exists():
+        raise ConfigError(f"no device journal at {journal} (`device infer` writes it)")
+    with DeviceJournal.open(journal) as book:
+        if check:
+            if deployment is None or identity is None:
+                raise ConfigError("--check needs --deployment FILE and --identity FILE")
+            device = _identity(identity, Passphrase(passphrase_file, passphrase_env))
+            asyncio.run(_check(book, deployment, device, grace))
+        rows = [
+            {
+                "task_id": "0x" + t.task_id.hex(),
+                "edge": "0x" + t.receipt.request.edge.hex(),
+                "edge_seq": t.receipt.result.edge_seq,
+                "state": t.state,
+                "challenge_id": t.challenge_id,
+            }
+            for t in book.tasks()
+        ]
+    for row in rows:
+        if as_json:
+            typer.echo(json.dumps(row))
+        else:
+            extra = f" challenge {row['challenge_id']}" if row["challenge_id"] is not None else ""
+            typer.echo(f"{row['task_id']}  edge {row['edge']} seq {row['edge_seq']}  "
+                       f"{row['state']}{extra}")  # fmt: skip
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("answered", "anchored", "challenged")}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    typer.echo(f"{len(rows)} task(s): {summary}", err=as_json)
+
+
+async def _check(
+    book: DeviceJournal, deployment_file: Path, device: DeviceIdentity, grace: int
+) -> None:
+    from eth_account import Account
+
+    from secure_ci.cli._common import load_deployment
+    from secure_ci.ledger import ReceiptBook, open_ledger
+    from secure_ci.ledger._deployment import Deployment
+
+    found = load_deployment(deployment_file)
+    if not isinstance(found, Deployment):
+        raise ConfigError("--check needs a deployment file")
+    async with open_ledger(found.rpc, contract_address=found.contract_text) as ledger:
+        tasks = [
+            t
+            for t in book.tasks(state="answered")
+            if t.receipt.request.device == device.address and t.receipt.domain == found.domain
+        ]
+        receipts = ReceiptBook(
+            ledger, found.domain, Account.from_key(device.key), grace_seconds=grace
         )
-
-
-async def _infer(
-    edge: str,
-    policy: Policy,
-    collateral: Collateral,
-    identity: DeviceIdentity,
-    head: torch.nn.Module,
-    plan: PartitionPlan,
-    xs: list[torch.Tensor],
-    request_timeout: float,
-    clock: Callable[[], float],
-) -> list[Output]:
-    from secure_ci.device import open_session
-
-    async with open_session(
-        edge,
-        policy=policy,
-        collateral=collateral,
-        identity=identity,
-        model=head,
-        plan=plan,
-        timeout=request_timeout,
-        clock=clock,
-    ) as session:
-        return await session.infer_many(xs)
+        for task in tasks:
+            r = task.receipt
+            receipts.track(r.request, r.result, r.device_sig, r.edge_sig)
+        await receipts.check(await ledger.timestamp())
+        for task in tasks:
+            if task.task_id in receipts.receipts:
+                book.mark_anchored(task, receipts.receipts[task.task_id].encode())
+            elif (
+                pending := receipts.pending.get(task.task_id)
+            ) and pending.challenge_id is not None:
+                book.mark_challenged(task, pending.challenge_id)

@@ -21,6 +21,7 @@ from secure_ci.device._identity import DeviceIdentity
 from secure_ci.device._session import CLOSE_GRACE, DEFAULT_DOMAIN, Session, parse_edge_address
 from secure_ci.device._tasks import EnclaveBinding
 from secure_ci.exceptions import (
+    AuthorizationError,
     ChannelError,
     DeadlineExceeded,
     PartitionError,
@@ -28,6 +29,7 @@ from secure_ci.exceptions import (
     ReportDataError,
 )
 from secure_ci.ledger._records import LedgerDomain
+from secure_ci.ledger._registry import RegisteredEdge
 from secure_ci.partition import PartitionPlan
 from secure_ci.protocol import (
     PROTOCOL_VERSIONS,
@@ -47,6 +49,7 @@ from secure_ci.protocol import (
     State,
     channel_binding,
     enclave_key_binding,
+    model_capability,
 )
 
 __all__ = ["open_session"]
@@ -71,6 +74,7 @@ async def open_session(
     monotonic: Callable[[], float] = time.monotonic,
     random_bytes: Callable[[int], bytes] = os.urandom,
     first_seq: int | None = None,
+    registration: RegisteredEdge | None = None,
 ) -> AsyncIterator[Session]:
     """Open an attested, authenticated session with the edge at ``HOST:PORT``.
 
@@ -80,6 +84,11 @@ async def open_session(
     deadlines); ``timeout`` bounds the handshake and each request. Request sequence numbers
     start at ``first_seq`` (default: the clock in microseconds, so they keep growing across
     sessions). Leaving the block closes the session after in-flight answers (bounded).
+
+    ``registration`` is the edge as the ledger registry knows it: the session is refused
+    (AuthorizationError, before a feature byte is sent) unless the edge is active, its
+    measurement allowed, and its attested enclave key, measurement and quote id are the
+    registered ones. The edge refuses at the handshake a model or cut it does not serve.
     """
     host, port = parse_edge_address(address)
     head = await asyncio.to_thread(_prepare_head, model, plan, example_input)
@@ -97,8 +106,11 @@ async def open_session(
         try:
             async with asyncio.timeout(timeout):
                 binding = await _handshake(
-                    stream, channel, identity, policy, collateral, clock, random_bytes
-                )
+                    stream, channel, identity, policy, collateral, clock, random_bytes,
+                    (model_capability(bytes.fromhex(plan.model_id), plan.cut),),
+                )  # fmt: skip
+            if registration is not None:
+                check_registration(binding, registration)
         except TimeoutError:
             raise DeadlineExceeded(f"handshake with {address} took over {timeout} s") from None
         except RemoteProtocolError as exc:
@@ -154,10 +166,11 @@ async def _handshake(
     collateral: Collateral,
     clock: Callable[[], float],
     random_bytes: Callable[[int], bytes],
+    capabilities: tuple[str, ...] = (),
 ) -> EnclaveBinding:
     """Hello / HelloAck / Authenticate / AuthOk, then Challenge / Evidence if required."""
     device = identity.address_text
-    await stream.send(Hello(versions=PROTOCOL_VERSIONS, device=device))
+    await stream.send(Hello(versions=PROTOCOL_VERSIONS, device=device, capabilities=capabilities))
     ack = _expect(await stream.next_event(), HelloAck)
     enclave = channel.peer
     # The result key the edge announces must be the one its certificate's quote binds.
@@ -184,6 +197,27 @@ async def _handshake(
         )  # fmt: skip
     measurement = enclave.mrenclave or hashlib.sha256(enclave.mrtd).digest()
     return EnclaveBinding(address, measurement, quote_id)
+
+
+def check_registration(binding: EnclaveBinding, edge: RegisteredEdge) -> None:
+    """Refuse an edge whose attested identity is not its registration, or not usable now."""
+    name = edge.endpoint
+    if not edge.active:
+        raise AuthorizationError(f"edge {name} is revoked on the ledger")
+    if not edge.measurement_allowed:
+        raise AuthorizationError(
+            f"edge {name}: measurement {edge.measurement.hex()} is not allowed on the ledger now"
+        )
+    for what, attested, registered in (
+        ("enclave key", binding.address, edge.address),
+        ("measurement", binding.measurement, edge.measurement),
+        ("quote id", binding.quote_id, edge.quote_id),
+    ):
+        if not hmac.compare_digest(attested, registered):
+            raise AuthorizationError(
+                f"edge {name}: the attested {what} {attested.hex()} is not the registered "
+                f"{registered.hex()}"
+            )
 
 
 def _expect(event: Event, kind: type[E]) -> E:

@@ -4,7 +4,9 @@ Example::
 
     provider = "simulated"            # "auto" | "simulated" | "gramine"
     allowed_devices = ["0x5B38Da6a701c568545dCfcB03FcB875f56beddC4"]
-    journal_dir = "journal"           # optional, relative to the config file
+    state_dir = "state"               # keys (sealed), journal, dev PKI; one edge per directory
+    sealed_dir = "state/sealed"       # default state_dir/sealed (Gramine: an encrypted mount)
+    journal_dir = "journal"           # default state_dir/journal; relative to the config file
     chain_id = 31337                  # optional EIP-712 domain of the ledger
     contract = "0x0000000000000000000000000000000000000000"
 
@@ -13,10 +15,14 @@ Example::
     port = 7443
 
     [[models]]
-    zoo = "digits_cnn"
-    cuts = [2, 4]
+    package = "digits.scipkg"         # a model package (`secure-ci model pack`), relative
+    cuts = [2, 4]                     # optional for a package: default every servable cut
     codecs = ["float16", "int8"]
-    seed = 0                          # weights drawn from this seed (device must match)
+
+    [[models]]                        # or a zoo model with weights drawn from a seed (tests)
+    zoo = "resnet18"
+    cuts = [3]
+    seed = 0                          # the device must draw the same weights
 
     [limits]
     max_frame_bytes = 4194304
@@ -28,7 +34,8 @@ Example::
     export_dir = "dev-pki"            # where the dev root and collateral are written for devices
 
     [ledger]                          # optional: register, admit registered devices, anchor
-    rpc = "http://127.0.0.1:8545"
+    deployment = "deployment.json"    # from `secure-ci ledger deploy`; or rpc + contract:
+    rpc = "http://127.0.0.1:8545"     # overrides the deployment's RPC URL when both are given
     contract = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
     operator_key_file = "operator.key"  # hex key of the party admin, relative to this file
     party_id = 1
@@ -40,20 +47,21 @@ Example::
 
 With ``[ledger]`` the chain is the authority: the EIP-712 domain (chain id, contract) comes
 from it (so top-level ``chain_id``/``contract`` must be absent), ``allowed_devices`` must be
-empty (the registry is the allow-list) and ``journal_dir`` is required (anchoring needs it).
+empty (the registry is the allow-list) and a journal is required (anchoring needs it).
+Without ``state_dir`` the edge makes new keys at every start (tests, throw-away edges).
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from secure_ci.exceptions import ConfigError
+from secure_ci.ledger._deployment import Deployment, check_rpc_url
 from secure_ci.ledger._records import keccak256
 from secure_ci.ledger._signing import MAX_WORKERS
 
@@ -129,29 +137,55 @@ def _bounded(name: str, value: object, low: float, high: float) -> None:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A zoo model served with the given cuts and feature codecs."""
+    """A model served with the given cuts and feature codecs.
 
-    zoo: str
-    cuts: tuple[int, ...]
+    Either ``zoo`` (a zoo model, weights drawn from ``seed``: for tests) or ``package`` (a
+    model package file), never both. A package with no ``cuts`` serves every cut its
+    analysis marks servable (each boundary tensor is one sample along dimension 0).
+    """
+
+    zoo: str | None = None
+    cuts: tuple[int, ...] = ()
     codecs: tuple[str, ...] = ("float32", "float16", "int8")
     seed: int = 0
+    package: Path | None = None
 
     def __post_init__(self) -> None:
+        if (self.zoo is None) == (self.package is None):
+            raise ConfigError("a model needs either a zoo name or a package path (not both)")
+        if self.package is not None and not isinstance(self.package, Path):
+            raise ConfigError("a model's package must be a path")
         _bounded("seed", self.seed, 0, 2**63)
-        if not self.zoo or not re.fullmatch(r"[a-z0-9_]+", self.zoo):
-            raise ConfigError(f"bad zoo model name {self.zoo!r}")
-        if not self.cuts or any(isinstance(c, bool) or not 0 <= c < 1 << 16 for c in self.cuts):
-            raise ConfigError(f"model {self.zoo}: cuts must be a non-empty list of uint16")
+        if self.zoo is not None:
+            if not isinstance(self.zoo, str) or not re.fullmatch(r"[a-z0-9_]+", self.zoo):
+                raise ConfigError(f"bad zoo model name {self.zoo!r}")
+            if not self.cuts:
+                raise ConfigError(f"model {self.zoo}: cuts must be a non-empty list of uint16")
+        if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < 1 << 16
+               for c in self.cuts):  # fmt: skip
+            raise ConfigError(f"model {self.name}: cuts must be a list of uint16")
+        if len(set(self.cuts)) != len(self.cuts):
+            raise ConfigError(f"model {self.name}: a cut is listed twice")
         if not self.codecs or not all(isinstance(c, str) and c for c in self.codecs):
-            raise ConfigError(f"model {self.zoo}: codecs must be a non-empty list of names")
+            raise ConfigError(f"model {self.name}: codecs must be a non-empty list of names")
+
+    @property
+    def name(self) -> str:
+        """The zoo name or the package path, for messages."""
+        return self.zoo if self.zoo is not None else str(self.package)
 
 
 @dataclass(frozen=True)
 class LedgerSettings:
-    """The ``[ledger]`` table: where the edge registers itself and anchors its journal."""
+    """The ``[ledger]`` table: where the edge registers itself and anchors its journal.
 
-    rpc: str
-    contract: bytes
+    Either ``deployment`` (the deployment file, read by the CLI, which fills ``rpc``,
+    ``contract``, ``chain_id`` and ``deployment_block`` through :meth:`with_deployment`) or
+    ``rpc`` and ``contract``. Without a chain id the edge learns it from the chain at start.
+    """
+
+    rpc: str | None
+    contract: bytes | None
     party_id: int
     operator_key_file: Path | None = None
     endpoint: str | None = None
@@ -159,15 +193,20 @@ class LedgerSettings:
     batch_seconds: float = 2.0
     refresh_seconds: float = 1.0
     fund_wei: int = 10**17
+    chain_id: int | None = None
+    deployment_block: int = 0
+    deployment: Path | None = None
 
     def __post_init__(self) -> None:
-        url = urllib.parse.urlsplit(self.rpc) if isinstance(self.rpc, str) else None
-        if url is None or url.scheme not in ("http", "https") or not url.hostname:
-            raise ConfigError(f"ledger.rpc must be an http(s) URL, not {self.rpc!r}")
-        if not isinstance(self.contract, bytes) or len(self.contract) != 20:
-            raise ConfigError("ledger.contract must be a 20-byte address")
-        if self.contract == bytes(20):
-            raise ConfigError("ledger.contract must not be the zero address")
+        if self.deployment is None and (self.rpc is None or self.contract is None):
+            raise ConfigError("[ledger] needs deployment, or rpc and contract")
+        if self.rpc is not None:
+            check_rpc_url(self.rpc, "ledger.rpc")
+        if self.contract is not None:
+            if not isinstance(self.contract, bytes) or len(self.contract) != 20:
+                raise ConfigError("ledger.contract must be a 20-byte address")
+            if self.contract == bytes(20):
+                raise ConfigError("ledger.contract must not be the zero address")
         _bounded("ledger.party_id", self.party_id, 1, 2**64 - 1)
         if self.endpoint is not None and (
             not isinstance(self.endpoint, str) or not 0 < len(self.endpoint) <= 256
@@ -177,8 +216,26 @@ class LedgerSettings:
         _bounded("ledger.batch_seconds", self.batch_seconds, 0.001, 86_400.0)
         _bounded("ledger.refresh_seconds", self.refresh_seconds, 0.001, 86_400.0)
         _bounded("ledger.fund_wei", self.fund_wei, 0, 2**128)
+        _bounded("ledger.deployment_block", self.deployment_block, 0, 2**63)
+        if self.chain_id is not None:
+            _bounded("ledger.chain_id", self.chain_id, 1, 2**63)
         if not all(isinstance(v, int) for v in (self.party_id, self.batch_records, self.fund_wei)):
             raise ConfigError("ledger.party_id, batch_records and fund_wei must be integers")
+
+    def with_deployment(self, deployment: Deployment) -> LedgerSettings:
+        """These settings on ``deployment``'s chain (an ``rpc`` given here is kept)."""
+        if self.contract not in (None, deployment.contract):
+            raise ConfigError("ledger.contract differs from the deployment's contract")
+        if self.chain_id not in (None, deployment.chain_id):
+            raise ConfigError("ledger.chain_id differs from the deployment's chain id")
+        return replace(
+            self,
+            rpc=self.rpc or deployment.rpc,
+            contract=deployment.contract,
+            chain_id=deployment.chain_id,
+            deployment_block=deployment.deployment_block,
+            deployment=None,
+        )
 
 
 @dataclass(frozen=True)
@@ -192,6 +249,8 @@ class EdgeConfig:
     allowed_devices: frozenset[bytes] = frozenset()
     limits: EdgeLimits = field(default_factory=EdgeLimits)
     journal_dir: Path | None = None
+    state_dir: Path | None = None
+    sealed_dir: Path | None = None
     chain_id: int = 0
     contract: bytes = bytes(20)
     mrenclave: bytes = bytes(32)
@@ -217,11 +276,16 @@ class EdgeConfig:
                     "allowed_devices must be empty"
                 )
             if self.journal_dir is None:
-                raise ConfigError("with [ledger] a journal_dir is required (it is anchored)")
+                raise ConfigError(
+                    "with [ledger] a state_dir (or journal_dir) is required: the journal is"
+                    " anchored from it"
+                )
             if self.ledger.endpoint is None and self.port == 0:
                 raise ConfigError("with [ledger] and listen port 0, set ledger.endpoint")
             if self.contract not in (bytes(20), self.ledger.contract):
                 raise ConfigError("contract differs from ledger.contract")
+        if self.sealed_dir is not None and self.state_dir is None:
+            raise ConfigError("sealed_dir needs a state_dir")
 
 
 def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -261,6 +325,8 @@ def _path(value: object, base_dir: Path, name: str) -> Path | None:
 
 _TOP = {
     "provider",
+    "state_dir",
+    "sealed_dir",
     "allowed_devices",
     "journal_dir",
     "chain_id",
@@ -272,6 +338,8 @@ _TOP = {
     "ledger",
 }
 _LEDGER = {
+    "deployment",
+    "chain_id",
     "rpc",
     "contract",
     "operator_key_file",
@@ -292,14 +360,17 @@ def _ledger(doc: Mapping[str, Any], base_dir: Path) -> LedgerSettings | None:
     unknown = set(table) - _LEDGER
     if unknown:
         raise ConfigError(f"unknown ledger keys: {', '.join(sorted(unknown))}")
-    missing = {"rpc", "contract", "operator_key_file", "party_id"} - set(table)
+    missing = {"operator_key_file", "party_id"} - set(table)
+    if "deployment" not in table:
+        missing |= {"rpc", "contract"} - set(table)
     if missing:
-        raise ConfigError(f"[ledger] needs {', '.join(sorted(missing))}")
+        raise ConfigError(f"[ledger] needs {', '.join(sorted(missing))} (or a deployment file)")
     if "chain_id" in doc or "contract" in doc:
         raise ConfigError("with [ledger], chain_id and contract come from the chain: remove them")
+    contract = table.get("contract")
     return LedgerSettings(
-        rpc=table["rpc"],
-        contract=parse_address(table["contract"]),
+        rpc=table.get("rpc"),
+        contract=None if contract is None else parse_address(contract),
         party_id=table["party_id"],
         operator_key_file=_path(table["operator_key_file"], base_dir, "ledger.operator_key_file"),
         endpoint=table.get("endpoint"),
@@ -307,6 +378,36 @@ def _ledger(doc: Mapping[str, Any], base_dir: Path) -> LedgerSettings | None:
         batch_seconds=table.get("batch_seconds", 2.0),
         refresh_seconds=table.get("refresh_seconds", 1.0),
         fund_wei=table.get("fund_wei", 10**17),
+        chain_id=table.get("chain_id"),
+        deployment=_path(table.get("deployment"), base_dir, "ledger.deployment"),
+    )
+
+
+_MODEL = {"zoo", "package", "cuts", "codecs", "seed"}
+
+
+def _model(entry: object, base_dir: Path) -> ModelSpec:
+    """One ``[[models]]`` entry: ``zoo`` (+ ``seed``) or ``package``, with cuts and codecs."""
+    if not isinstance(entry, Mapping):
+        raise ConfigError("each [[models]] entry must be a table")
+    unknown = set(entry) - _MODEL
+    if unknown:
+        raise ConfigError(f"unknown [[models]] keys: {', '.join(sorted(unknown))}")
+    zoo, package = entry.get("zoo"), entry.get("package")
+    if (zoo is None) == (package is None):
+        raise ConfigError("each [[models]] needs either zoo = NAME or package = PATH, not both")
+    if zoo is not None and not isinstance(zoo, str):
+        raise ConfigError("[[models]] zoo must be a model name")
+    if package is not None and "seed" in entry:
+        raise ConfigError("[[models]] seed applies to zoo models only: a package has weights")
+    cuts = _ints(entry["cuts"], "cuts") if "cuts" in entry else ()
+    codecs = _strs(entry.get("codecs", ["float32", "float16", "int8"]), "codecs")
+    return ModelSpec(
+        zoo=zoo,
+        cuts=cuts,
+        codecs=codecs,
+        seed=entry.get("seed", 0),
+        package=_path(package, base_dir, "[[models]] package"),
     )
 
 
@@ -327,14 +428,9 @@ def load_edge_config(toml_text: str, base_dir: Path) -> EdgeConfig:
     raw_models = doc.get("models", [])
     if not isinstance(raw_models, list) or not raw_models:
         raise ConfigError("at least one [[models]] entry is required")
-    models = []
-    for entry in raw_models:
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("zoo"), str):
-            raise ConfigError("each [[models]] needs a zoo name")
-        codecs = _strs(entry.get("codecs", ["float32", "float16", "int8"]), "codecs")
-        seed = entry.get("seed", 0)
-        models.append(ModelSpec(entry["zoo"], _ints(entry.get("cuts"), "cuts"), codecs, seed))
+    models = [_model(entry, base_dir) for entry in raw_models]
     simulated = _table(doc, "simulated")
+    state = _path(doc.get("state_dir"), base_dir, "state_dir")
     devices = doc.get("allowed_devices", [])
     if not isinstance(devices, list):
         raise ConfigError("allowed_devices must be a list of addresses")
@@ -346,7 +442,11 @@ def load_edge_config(toml_text: str, base_dir: Path) -> EdgeConfig:
             models=tuple(models),
             allowed_devices=frozenset(parse_address(a) for a in devices),
             limits=EdgeLimits(**limits_doc),
-            journal_dir=_path(doc.get("journal_dir"), base_dir, "journal_dir"),
+            journal_dir=_path(doc.get("journal_dir"), base_dir, "journal_dir")
+            or (state / "journal" if state is not None else None),
+            state_dir=state,
+            sealed_dir=_path(doc.get("sealed_dir"), base_dir, "sealed_dir")
+            or (state / "sealed" if state is not None else None),
             chain_id=doc.get("chain_id", 0),
             contract=parse_address(doc.get("contract", "0x" + "00" * 20)),
             mrenclave=_hex32(simulated.get("mrenclave", "00" * 32), "simulated.mrenclave"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import coincurve
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from secure_ci.attestation import (
     EvidenceProvider,
@@ -24,11 +25,19 @@ from secure_ci.attestation import (
     spki_der_of,
 )
 from secure_ci.edge._config import format_address
+from secure_ci.edge._state import SealedKeys, SealedStore
 from secure_ci.ledger._journal import JournalEntry
 from secure_ci.ledger._records import address_of
 from secure_ci.protocol._binding import enclave_key_binding
 
-__all__ = ["EnclaveIdentity", "MemoryJournal", "RecordSink", "create_identity"]
+__all__ = [
+    "EnclaveIdentity",
+    "MemoryJournal",
+    "RecordSink",
+    "create_identity",
+    "measurement_of",
+    "recover_identity",
+]
 
 
 @dataclass(frozen=True)
@@ -48,24 +57,35 @@ class EnclaveIdentity:
         return format_address(self.address)
 
 
+def new_signing_key(random_bytes: Callable[[int], bytes] = os.urandom) -> bytes:
+    """A fresh secp256k1 private key."""
+    while True:
+        key = random_bytes(32)
+        try:
+            coincurve.PrivateKey(key)
+            return key
+        except ValueError:  # zero or >= n: astronomically rare, draw again
+            continue
+
+
 def create_identity(
     provider: EvidenceProvider,
     *,
     now: int,
     random_bytes: Callable[[int], bytes] = os.urandom,
+    keys: SealedKeys | None = None,
 ) -> EnclaveIdentity:
-    """Generate the signing key and an RA-TLS certificate from ``provider``'s evidence."""
-    while True:
-        key = random_bytes(32)
-        try:
-            coincurve.PrivateKey(key)
-            break
-        except ValueError:  # zero or >= n: astronomically rare, draw again
-            continue
+    """An RA-TLS certificate from ``provider``'s evidence around ``keys`` (new keys if None)."""
+    key = keys.signing_key if keys is not None else new_signing_key(random_bytes)
     address = address_of(key)
     # The certificate's quote binds the TLS key (report_data[0:32]) and this signing key's
     # address (report_data[32:64]), so results are attributable from the quote alone.
-    credentials = make_ratls_certificate(provider, now=now, nonce=enclave_key_binding(address))
+    credentials = make_ratls_certificate(
+        provider,
+        now=now,
+        key=keys.tls_key if keys is not None else None,
+        nonce=enclave_key_binding(address),
+    )
     quote = parse_quote(credentials.quote)
     body = quote.body
     measurement = (
@@ -79,6 +99,25 @@ def create_identity(
         quote_id=bytes.fromhex(quote.quote_id),
         spki_der=spki_der_of(credentials.key),
     )
+
+
+def measurement_of(provider: EvidenceProvider) -> bytes:
+    """The measurement the ledger knows the enclave by (MRENCLAVE; SHA-256 of MRTD for TDX)."""
+    body = parse_quote(provider.quote(bytes(64))).body
+    return body.mrenclave if isinstance(body, SgxReportBody) else hashlib.sha256(body.mrtd).digest()
+
+
+def recover_identity(
+    provider: EvidenceProvider, store: SealedStore, *, now: int
+) -> tuple[EnclaveIdentity, bool]:
+    """The identity sealed in ``store`` (True), or a new one, sealed there first (False)."""
+    keys = SealedKeys.load(store)
+    recovered = keys is not None
+    if keys is None:
+        tls_key = ec.generate_private_key(ec.SECP256R1())
+        keys = SealedKeys(new_signing_key(), tls_key)
+        keys.save(store)  # sealed before it signs anything
+    return create_identity(provider, now=now, keys=keys), recovered
 
 
 class RecordSink(Protocol):

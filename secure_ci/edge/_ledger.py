@@ -1,12 +1,20 @@
 """The edge on the shared ledger: registration, the chain's device registry, anchoring.
 
 ``async with open_edge_ledger(config, identity, operator_key, journal=journal) as ledger``
-connects to ``config.ledger.rpc``, registers the edge's enclave key (measurement, quote id,
-endpoint) for the operator's party, tops the enclave key up so it can pay for its anchoring
-transactions, and loads the device registry. Inside the block, ``ledger.edge_config`` (the
-EIP-712 domain read from the chain) and ``ledger.devices`` (the registry) are what the edge
-serves with; in the background the registry is re-read every ``refresh_seconds`` and the
-journal is anchored. Leaving the block flushes the journal onto the chain.
+returns at once: the edge serves while a background supervisor connects to
+``config.ledger.rpc``, registers the enclave key (measurement, quote id, endpoint) for the
+operator's party when the chain lacks that registration, tops the enclave key up so it can
+pay for its anchoring transactions, loads the device registry from the deployment block, and
+anchors the journal. Inside the block, ``ledger.edge_config`` (the EIP-712 domain of the
+deployment) and ``ledger.devices`` (the registry) are what the edge serves with.
+
+The chain may go away and come back. The journal is the source of truth and the chain the
+witness, so the supervisor never ends the edge because of the chain: on any chain failure it
+logs what happened, keeps the last known registry, and reconnects with back-off. A chain that
+lost its state (a dev chain restarted, the contract redeployed at the same address and the
+parties onboarded again) gets the edge registered again and every batch it lacks anchored in
+a new epoch (see ``secure_ci.ledger._anchor``). Leaving the block flushes the journal onto the
+chain, with a bounded number of attempts; what is left stays in the journal for the next start.
 
 The edge checks ``device in ledger.devices`` for every Hello, synchronously, against a cache:
 a device registered a moment ago is refused until the next refresh, and a revoked one is
@@ -19,38 +27,31 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Container
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Container, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_typing import HexStr
-from web3 import AsyncWeb3
 
 from secure_ci.edge._config import EdgeConfig, LedgerSettings, format_address
 from secure_ci.edge._identity import EnclaveIdentity
-from secure_ci.exceptions import ChainError, ConfigError, LedgerError
+from secure_ci.exceptions import ConfigError, LedgerError, SecureCIError
 from secure_ci.ledger._anchor import Anchorer
-from secure_ci.ledger._artifacts import ContractArtifact, load_artifact
-from secure_ci.ledger._backends import make_provider, translate_errors
-from secure_ci.ledger._chain import as_address
 from secure_ci.ledger._client import LedgerClient
 from secure_ci.ledger._connect import open_ledger
+from secure_ci.ledger._hints import explain
 from secure_ci.ledger._journal import Journal
+from secure_ci.ledger._registry import LOG_CHUNK_BLOCKS
 
 __all__ = ["DeviceLog", "EdgeLedger", "RegisteredDevices", "open_edge_ledger"]
 
 log = logging.getLogger(__name__)
 
-LOG_CHUNK_BLOCKS = 10_000
-"""Blocks per ``eth_getLogs`` query when the registry is read (nodes cap log ranges)."""
-RETRY_SECONDS = (0.5, 30.0)
-"""First and longest wait before anchoring is retried after a chain (transport) failure."""
+RETRY_SECONDS = (0.5, 10.0)
+"""First and longest wait before the ledger is tried again after a failure."""
 SHUTDOWN_ATTEMPTS = 3
 """Anchoring attempts after the edge stopped; what is left stays in the journal."""
-_TIMEOUT = 60.0
-
 
 class DeviceLog(Protocol):
     """Where registry changes come from: the contract's device events, in chain order."""
@@ -67,14 +68,15 @@ class RegisteredDevices(Container[bytes]):
     """The chain's active devices, as a cache the edge checks synchronously.
 
     :meth:`refresh` applies the registry events since the last refresh (the first one reads
-    them from block 0, in chunks of :data:`LOG_CHUNK_BLOCKS`); ``in`` never waits for the
+    them from ``first_block``, in chunks of :data:`LOG_CHUNK_BLOCKS`); :meth:`reload` reads a
+    (maybe new) chain from scratch and swaps the result in at once. ``in`` never waits for the
     chain (see the module docstring for what that means for fresh registrations).
     """
 
-    def __init__(self, source: DeviceLog) -> None:
+    def __init__(self, source: DeviceLog | None = None, first_block: int = 0) -> None:
         self._source = source
         self._active: frozenset[bytes] = frozenset()
-        self._next_block = 0
+        self._next_block = first_block
 
     def __contains__(self, device: object) -> bool:
         return device in self._active
@@ -82,11 +84,11 @@ class RegisteredDevices(Container[bytes]):
     def __len__(self) -> int:
         return len(self._active)
 
-    async def refresh(self) -> int:
-        """Apply the registry events up to the latest block; the number of events applied."""
+    async def _read(self, active: set[bytes], first: int) -> tuple[int, int]:
+        if self._source is None:
+            raise LedgerError("the device registry has no chain to read")
         latest = await self._source.block_number()
-        active, applied = set(self._active), 0
-        first = self._next_block
+        applied = 0
         while first <= latest:
             last = min(first + LOG_CHUNK_BLOCKS - 1, latest)
             for device, registered in await self._source.device_events(first, last):
@@ -96,30 +98,22 @@ class RegisteredDevices(Container[bytes]):
                     active.discard(device)
                 applied += 1
             first = last + 1
-        self._active, self._next_block = frozenset(active), latest + 1  # one atomic swap
+        return applied, latest + 1
+
+    async def refresh(self) -> int:
+        """Apply the registry events up to the latest block; the number of events applied."""
+        active = set(self._active)
+        applied, self._next_block = await self._read(active, self._next_block)
+        self._active = frozenset(active)  # one atomic swap
         return applied
 
-
-class _ChainDeviceLog:
-    """DeviceLog over the contract's events on a JSON-RPC node."""
-
-    def __init__(self, w3: AsyncWeb3[Any], artifact: ContractArtifact, address: str) -> None:
-        self._w3 = w3
-        self._artifact = artifact
-        self._contract = w3.eth.contract(address=as_address(address), abi=list(artifact.abi))
-
-    async def block_number(self) -> int:
-        with translate_errors(self._artifact):
-            return int(await self._w3.eth.block_number)
-
-    async def device_events(self, first: int, last: int) -> list[tuple[bytes, bool]]:
-        events = self._contract.events
-        with translate_errors(self._artifact):
-            added = await events.DeviceRegistered.get_logs(from_block=first, to_block=last)
-            removed = await events.DeviceRevoked.get_logs(from_block=first, to_block=last)
-        tagged = [(e, True) for e in added] + [(e, False) for e in removed]
-        tagged.sort(key=lambda t: (int(t[0]["blockNumber"]), int(t[0]["logIndex"])))
-        return [(bytes.fromhex(str(e["args"]["device"])[2:]), on) for e, on in tagged]
+    async def reload(self, source: DeviceLog, first_block: int) -> int:
+        """Read ``source`` from ``first_block`` afresh; the old set serves until it is done."""
+        self._source = source
+        active: set[bytes] = set()
+        applied, self._next_block = await self._read(active, first_block)
+        self._active = frozenset(active)
+        return applied
 
 
 def _endpoint(config: EdgeConfig, settings: LedgerSettings) -> str:
@@ -129,83 +123,161 @@ def _endpoint(config: EdgeConfig, settings: LedgerSettings) -> str:
     return f"{host}:{config.port}"
 
 
-async def _top_up(w3: AsyncWeb3[Any], payer: LocalAccount, to: str, wei: int) -> int:
-    """Send ``to`` what it lacks of ``wei`` (from ``payer``); the amount sent."""
-    balance = int(await w3.eth.get_balance(as_address(to)))
-    if balance >= wei:
-        return 0
-    amount = wei - balance
-    signed = payer.sign_transaction(
-        {
-            "to": HexStr(as_address(to)),
-            "value": amount,
-            "nonce": await w3.eth.get_transaction_count(payer.address, "pending"),
-            "gas": 21_000,
-            "gasPrice": await w3.eth.gas_price,
-            "chainId": await w3.eth.chain_id,
-        }
-    )
-    tx_hash = await w3.eth.send_raw_transaction(signed.raw_transaction)
-    receipt = await w3.eth.wait_for_transaction_receipt(
-        tx_hash, timeout=_TIMEOUT, poll_latency=0.02
-    )
-    if receipt["status"] != 1:
-        raise ChainError(f"funding the enclave key {to} failed")
-    return amount
+def _first_error(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
+        exc = (inner or list(exc.exceptions))[0]
+    return exc
 
 
 @dataclass
 class EdgeLedger:
     """A registered edge on the ledger (use :func:`open_edge_ledger`)."""
 
-    client: LedgerClient
     settings: LedgerSettings
     edge_config: EdgeConfig
-    """The configuration to serve with: its EIP-712 domain is the chain's."""
+    """The configuration to serve with: its EIP-712 domain is the deployment's."""
+    identity: EnclaveIdentity
+    operator: LocalAccount
+    journal: Journal
     devices: RegisteredDevices
-    anchorer: Anchorer
     endpoint: str
-    funded_wei: int
-    """What the operator sent the enclave key at start (0 when it already had enough)."""
+    models: tuple[bytes, ...] = ()
+    """Model ids the edge serves: each must be registered on the ledger before it serves."""
+    client: LedgerClient | None = None
+    """The chain while connected (None while the supervisor waits to reconnect)."""
+    anchorer: Anchorer | None = None
+    funded_wei: int = 0
+    """What the operator sent the enclave key (0 when it already had enough)."""
+    registrations: int = 0
+    """Registration transactions sent (a restart of a registered edge sends none)."""
+    connects: int = 0
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    supervisor: asyncio.Task[None] | None = None
+    """The background task; it ends early only on a configuration error (it raises it)."""
 
     @property
     def chain_id(self) -> int:
-        return self.client.chain_id
+        return self.edge_config.chain_id
 
     @property
     def contract(self) -> str:
-        return self.client.address
+        return format_address(self.edge_config.contract)
+
+    async def _register(self, client: LedgerClient) -> None:
+        """Register the enclave key unless the chain already has exactly this registration."""
+        ident, settings = self.identity, self.settings
+        if not await client.is_allowed_measurement(ident.measurement):
+            raise LedgerError(
+                f"measurement {ident.measurement.hex()} is not allowed on the ledger (ask the "
+                f"deployment's owner: secure-ci ledger measurement allow {ident.measurement.hex()})"
+            )
+        now = await client.registered_edge(ident.address)
+        if now is not None and (
+            now.party_id, now.measurement, now.quote_id, now.endpoint
+        ) == (settings.party_id, ident.measurement, ident.quote_id, self.endpoint):  # fmt: skip
+            if not now.active:
+                raise LedgerError(
+                    f"edge {ident.address_text} is revoked on the ledger: it keeps journalling, "
+                    "but cannot anchor until its party registers it again"
+                )
+            return
+        await client.register_edge(
+            self.operator, settings.party_id, Account.from_key(ident.signing_key),
+            ident.measurement, ident.quote_id, self.endpoint,
+        )  # fmt: skip
+        self.registrations += 1
+        log.info(
+            "registered edge %s for party %d at %s (measurement %s)",
+            ident.address_text, settings.party_id, self.endpoint, ident.measurement.hex()[:16],
+        )  # fmt: skip
 
     async def _refresh_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.refresh_seconds)
-            if stop.is_set():
-                return
-            try:
-                await self.devices.refresh()
-            except ChainError as exc:  # keep serving the last known registry
-                log.warning("device registry refresh failed: %s", exc)
+            if not stop.is_set():
+                await self.devices.refresh()  # a failure ends this connection: reconnect
 
-    async def _anchor_loop(self, stop: asyncio.Event) -> None:
-        """Anchor until ``stop``; retry chain (transport) failures, bounded after stop."""
-        delay, failures = RETRY_SECONDS[0], 0
+    async def _connection(self, stop: asyncio.Event) -> None:
+        """One connection to the chain: register, load the registry, anchor until ``stop``."""
+        settings = self.settings
+        async with open_ledger(str(settings.rpc), contract_address=self.contract) as client:
+            if client.chain_id != self.chain_id:
+                raise ConfigError(
+                    f"the node at {settings.rpc} runs chain {client.chain_id}, the deployment "
+                    f"is on chain {self.chain_id}"
+                )
+            await self._register(client)
+            for model_id in self.models:
+                if not await client.model_party(model_id):
+                    raise LedgerError(
+                        f"model {model_id.hex()} is not registered on the ledger (its party's "
+                        "admin runs `secure-ci ledger model register PACKAGE`)"
+                    )
+            self.funded_wei = await client.top_up(
+                self.operator, self.identity.address_text, settings.fund_wei
+            )
+            count = await self.devices.reload(client, settings.deployment_block)
+            self.anchorer = Anchorer(
+                self.journal, client, Account.from_key(self.identity.signing_key),
+                max_records=settings.batch_records, max_seconds=settings.batch_seconds,
+            )  # fmt: skip
+            lost = await self.anchorer.sync()
+            self.client = client
+            self.connects += 1
+            self.connected.set()
+            log.info(
+                "ledger %s on chain %d: %d devices registered (%d registry events), "
+                "%d journal records to anchor%s",
+                self.contract, self.chain_id, len(self.devices), count, self._unanchored(),
+                f", the chain lost {lost} batches: new epoch" if lost else "",
+            )  # fmt: skip
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self.anchorer.run(stop=stop))
+                    group.create_task(self._refresh_loop(stop))
+            finally:
+                self.client = None
+                self.connected.clear()
+
+    def _unanchored(self) -> int:
+        return self.journal.unanchored_records
+
+    async def _supervise(self, stop: asyncio.Event) -> None:
+        """Connect, and reconnect after any chain failure, until ``stop`` and a final flush."""
+        delay, attempts_after_stop = RETRY_SECONDS[0], 0
         while True:
             try:
-                await self.anchorer.run(stop=stop)
+                await self._connection(stop)
                 return
-            except ChainError as exc:
-                failures += 1
-                if stop.is_set() and failures >= SHUTDOWN_ATTEMPTS:
+            except ConfigError:
+                raise
+            except (SecureCIError, BaseExceptionGroup) as exc:
+                error = _first_error(exc)
+                if isinstance(error, ConfigError):
+                    raise error from None
+                if not isinstance(error, SecureCIError):
                     raise
-                log.warning("anchoring failed (retry in %.1fs): %s", delay, exc)
+                if stop.is_set():
+                    attempts_after_stop += 1
+                    if attempts_after_stop >= SHUTDOWN_ATTEMPTS:
+                        log.warning(
+                            "stopping with %d records not anchored (%s): they stay in the "
+                            "journal and are anchored when the edge next runs",
+                            self._unanchored(), explain(error),
+                        )  # fmt: skip
+                        return
+                log.warning("ledger: %s (serving on; retry in %.1fs)", explain(error), delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(2 * delay, RETRY_SECONDS[1])
 
-
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    return group.exceptions[0] if len(group.exceptions) == 1 else group
+    async def wait_connected(self) -> None:
+        """Wait until the supervisor is connected (registered, registry loaded)."""
+        await self.connected.wait()
 
 
 @contextlib.asynccontextmanager
@@ -215,75 +287,48 @@ async def open_edge_ledger(
     operator_key: bytes,
     *,
     journal: Journal,
+    models: Iterable[bytes] = (),
 ) -> AsyncIterator[EdgeLedger]:
-    """Register the edge, load the registry and anchor ``journal`` until the block ends.
+    """Serve on the ledger of ``config.ledger`` (see the module docstring).
 
     ``operator_key`` is the private key of the admin of ``config.ledger.party_id`` (it pays
-    for the registration and the enclave key's funding). Raises LedgerError when the ledger's
-    owner has not allowed the enclave's measurement (its batches would revert), ConfigError
-    when ``config`` has no ``[ledger]`` or its chain id disagrees with the chain.
+    for the registration and the enclave key's funding). Raises ConfigError when ``config``
+    has no ``[ledger]``, the key is not a key, or the node's chain id is not the deployment's.
+    Without a chain id in the settings, the chain must be reachable at start to learn it.
     """
     settings = config.ledger
     if settings is None:
         raise ConfigError("the edge configuration has no [ledger] table")
+    contract = settings.contract
+    if settings.rpc is None or contract is None:
+        raise ConfigError("[ledger] names a deployment file that was not read")
     try:
         operator: LocalAccount = Account.from_key(operator_key)
     except (ValueError, TypeError) as exc:
         raise ConfigError("the operator key is not a valid secp256k1 private key") from exc
-    enclave: LocalAccount = Account.from_key(identity.signing_key)
-    contract = format_address(settings.contract)
-    artifact = load_artifact()
-    w3 = AsyncWeb3(make_provider(settings.rpc))
+    chain_id = settings.chain_id
+    if chain_id is None:
+        async with open_ledger(settings.rpc, contract_address=format_address(contract)) as client:
+            chain_id = client.chain_id
+        settings = dataclasses.replace(settings, chain_id=chain_id)
+    if config.chain_id not in (0, chain_id):
+        raise ConfigError(f"chain_id {config.chain_id} is not the chain's {chain_id}")
+    ledger = EdgeLedger(
+        settings=settings,
+        edge_config=dataclasses.replace(
+            config, chain_id=chain_id, contract=contract, ledger=settings
+        ),
+        identity=identity,
+        operator=operator,
+        journal=journal,
+        devices=RegisteredDevices(first_block=settings.deployment_block),
+        endpoint=_endpoint(config, settings),
+        models=tuple(sorted(set(models))),
+    )
+    stop = asyncio.Event()
+    ledger.supervisor = supervisor = asyncio.create_task(ledger._supervise(stop))
     try:
-        async with open_ledger(settings.rpc, contract_address=contract) as client:
-            if config.chain_id not in (0, client.chain_id):
-                raise ConfigError(
-                    f"chain_id {config.chain_id} is not the chain's {client.chain_id}"
-                )
-            if not await client.is_allowed_measurement(identity.measurement):
-                raise LedgerError(
-                    f"measurement {identity.measurement.hex()} is not allowed on the ledger"
-                )
-            endpoint = _endpoint(config, settings)
-            await client.register_edge(
-                operator, settings.party_id, enclave, identity.measurement,
-                identity.quote_id, endpoint,
-            )  # fmt: skip
-            with translate_errors(artifact):
-                funded = await _top_up(w3, operator, enclave.address, settings.fund_wei)
-            devices = RegisteredDevices(_ChainDeviceLog(w3, artifact, client.address))
-            await devices.refresh()
-            ledger = EdgeLedger(
-                client=client,
-                settings=settings,
-                edge_config=dataclasses.replace(
-                    config, chain_id=client.chain_id, contract=settings.contract
-                ),
-                devices=devices,
-                anchorer=Anchorer(
-                    journal,
-                    client,
-                    enclave,
-                    max_records=settings.batch_records,
-                    max_seconds=settings.batch_seconds,
-                ),
-                endpoint=endpoint,
-                funded_wei=funded,
-            )
-            stop = asyncio.Event()
-            try:
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(ledger._anchor_loop(stop))
-                    group.create_task(ledger._refresh_loop(stop))
-                    try:
-                        yield ledger
-                    finally:
-                        stop.set()
-            except BaseExceptionGroup as group_error:  # one failure: raise it as itself
-                error = _unwrap(group_error)
-                if error is group_error:
-                    raise
-                raise error from error.__cause__
+        yield ledger
     finally:
-        with contextlib.suppress(Exception):
-            await w3.provider.disconnect()
+        stop.set()
+        await supervisor  # bounded: SHUTDOWN_ATTEMPTS once stopped

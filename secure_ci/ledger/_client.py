@@ -37,12 +37,12 @@ from secure_ci.ledger._chain import (
     as_uint,
 )
 from secure_ci.ledger._records import KeyRegistration
-from secure_ci.ledger._session import ContractSession
+from secure_ci.ledger._registry import RegistryReads
 
 __all__ = ["LedgerClient"]
 
 
-class LedgerClient(ContractSession):
+class LedgerClient(RegistryReads):
     """Calls and transactions on one deployed SecureCILedger; create it with open_ledger."""
 
     # ------------------------------------------------------------------ registry

@@ -29,8 +29,8 @@ async def deploy_contract(
     artifact: ContractArtifact,
     owner: LocalAccount,
     challenge_window: int = DEFAULT_CHALLENGE_WINDOW,
-) -> str:
-    """Deploy SecureCILedger owned by ``owner``; its address."""
+) -> tuple[str, int]:
+    """Deploy SecureCILedger owned by ``owner``; its address and the block it was mined in."""
     factory = w3.eth.contract(abi=list(artifact.abi), bytecode=artifact.bytecode)
     nonce = await w3.eth.get_transaction_count(owner.address, "pending")
     tx = await factory.constructor(
@@ -43,7 +43,7 @@ async def deploy_contract(
     address = receipt["contractAddress"]
     if receipt["status"] != 1 or address is None:
         raise ChainError("contract deployment failed")
-    return str(address)
+    return str(address), int(receipt["blockNumber"])
 
 
 @contextlib.asynccontextmanager
@@ -70,13 +70,18 @@ async def open_ledger(
         with translate_errors(artifact):
             chain_id = int(await w3.eth.chain_id)
             owner: LocalAccount = deployer or Account.create()
+            deployed_at: int | None = None
             if contract_address is None:
                 if await w3.eth.get_balance(owner.address) == 0:  # dev chain: use its faucet
                     await send_value(w3, owner, owner.address, _OWNER_FUNDING, _TIMEOUT)
-                contract_address = await deploy_contract(w3, artifact, owner, challenge_window)
+                contract_address, deployed_at = await deploy_contract(
+                    w3, artifact, owner, challenge_window
+                )
             elif not await w3.eth.get_code(as_address(contract_address, "contract")):
                 raise ChainError(f"no contract at {contract_address}")
-        yield LedgerClient(w3, artifact, contract_address, owner, chain_id)
+        client = LedgerClient(w3, artifact, contract_address, owner, chain_id)
+        client.deployment_block = deployed_at
+        yield client
     finally:
         with contextlib.suppress(Exception):
             await w3.provider.disconnect()

@@ -175,6 +175,12 @@ class Journal:
         """Records journaled but not yet in a closed batch."""
         return self._next_seq - self._batched
 
+    @property
+    def unanchored_records(self) -> int:
+        """Records not yet known to be anchored (pending, or in unanchored batches)."""
+        in_batches = self._scalar("SELECT COALESCE(SUM(count), 0) FROM batches WHERE anchored = 0")
+        return self.pending + in_batches
+
     def append(self, entry: JournalEntry) -> None:
         """Durably journal one record (returns after fsync)."""
         self.append_many([entry])

@@ -45,6 +45,8 @@ class ContractSession:
         self.chain_id = chain_id
         self._receipt_timeout = receipt_timeout
         self._locks: dict[str, asyncio.Lock] = {}
+        self.deployment_block: int | None = None
+        """The block the contract was deployed in, when this session deployed it."""
 
     @property
     def domain(self) -> LedgerDomain:

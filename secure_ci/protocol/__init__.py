@@ -7,6 +7,7 @@ Imports no torch, asyncio, ssl or socket: the asyncio layer (``secure_ci.channel
 from __future__ import annotations
 
 from secure_ci.protocol._binding import channel_binding, enclave_key_binding
+from secure_ci.protocol._capabilities import MODEL_CAPABILITY, model_capability, wanted_models
 from secure_ci.protocol._codes import PROTOCOL_VERSIONS, ErrorCode, Role
 from secure_ci.protocol._connection import NEED_DATA, Connection, NeedData
 from secure_ci.protocol._events import (
@@ -28,6 +29,7 @@ from secure_ci.protocol._frames import Limits, encode_frame
 from secure_ci.protocol._state import State
 
 __all__ = [
+    "MODEL_CAPABILITY",
     "NEED_DATA",
     "PROTOCOL_VERSIONS",
     "AuthOk",
@@ -52,4 +54,6 @@ __all__ = [
     "enclave_key_binding",
     "encode_event",
     "encode_frame",
+    "model_capability",
+    "wanted_models",
 ]

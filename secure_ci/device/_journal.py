@@ -1,0 +1,150 @@
+"""The device journal: every task a device got a verified result for, and what became of it.
+
+SQLite (WAL, ``synchronous=FULL``): :meth:`DeviceJournal.record` returns once the signed
+request, the enclave-signed result and both salts are on disk, so a device that printed a
+result can always prove it later (the receipt), or challenge the edge that did not anchor it.
+States: ``answered`` (verified result, not yet seen on chain), ``anchored`` (an inclusion
+receipt is stored), ``challenged`` (overdue or anchored wrongly; the challenge id is stored).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secure_ci.device._tasks import TaskReceipt
+from secure_ci.exceptions import JournalError
+from secure_ci.ledger._records import REQUEST_ROW, RESULT_ROW, LedgerDomain, TaskRequest, TaskResult
+
+__all__ = ["DeviceJournal", "JournalTask"]
+
+_FORMAT = b"device/1"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    device BLOB NOT NULL, task_id BLOB NOT NULL, edge BLOB NOT NULL, edge_seq INTEGER NOT NULL,
+    request BLOB NOT NULL, result BLOB NOT NULL, device_sig BLOB NOT NULL,
+    edge_sig BLOB NOT NULL, input_salt BLOB NOT NULL, output_salt BLOB NOT NULL,
+    chain_id INTEGER NOT NULL, contract BLOB NOT NULL, deadline INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'answered', receipt BLOB, challenge_id INTEGER,
+    PRIMARY KEY (device, task_id, edge));
+"""
+_COLUMNS = (
+    "request, result, device_sig, edge_sig, input_salt, output_salt, chain_id, contract,"
+    " state, receipt, challenge_id"
+)
+
+
+@dataclass(frozen=True)
+class JournalTask:
+    """One journalled task: its receipt material and its state on the ledger."""
+
+    receipt: TaskReceipt
+    state: str
+    anchored_receipt: bytes | None
+    challenge_id: int | None
+
+    @property
+    def task_id(self) -> bytes:
+        return self.receipt.request.task_id
+
+
+class DeviceJournal:
+    """A device's task journal in one SQLite file (use :meth:`open` as a context manager)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path | str) -> DeviceJournal:
+        try:
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
+            elif bytes(row[0]) != _FORMAT:
+                conn.close()
+                raise JournalError(f"{path} is not a device journal of this version")
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open device journal {path}: {exc}") from exc
+        return cls(conn)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> DeviceJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _execute(self, sql: str, *args: object) -> list[Any]:
+        try:
+            with self._lock:
+                return self._conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(f"device journal failed: {exc}") from exc
+
+    def record(self, receipt: TaskReceipt) -> None:
+        """Durably keep a verified task (returns after fsync); recording twice is a no-op."""
+        q, r = receipt.request, receipt.result
+        self._execute(
+            "INSERT OR IGNORE INTO tasks (device, task_id, edge, edge_seq, request, result,"
+            " device_sig, edge_sig, input_salt, output_salt, chain_id, contract, deadline)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            q.device, q.task_id, q.edge, r.edge_seq,
+            REQUEST_ROW.pack(*(getattr(q, f) for f in TaskRequest.__slots__)),
+            RESULT_ROW.pack(*(getattr(r, f) for f in TaskResult.__slots__)),
+            receipt.device_sig, receipt.edge_sig, receipt.input_salt, receipt.output_salt,
+            receipt.domain.chain_id, receipt.domain.contract, q.deadline,
+        )  # fmt: skip
+
+    def mark_anchored(self, task: JournalTask, receipt: bytes) -> None:
+        self._set(task, "anchored", receipt=receipt)
+
+    def mark_challenged(self, task: JournalTask, challenge_id: int) -> None:
+        self._set(task, "challenged", challenge_id=challenge_id)
+
+    def _set(self, task: JournalTask, state: str, **values: object) -> None:
+        q = task.receipt.request
+        self._execute(
+            "UPDATE tasks SET state = ?, receipt = COALESCE(?, receipt),"
+            " challenge_id = COALESCE(?, challenge_id) WHERE device = ? AND task_id = ?"
+            " AND edge = ?",
+            state, values.get("receipt"), values.get("challenge_id"), q.device, q.task_id, q.edge,
+        )  # fmt: skip
+
+    def tasks(self, *, state: str | None = None) -> Iterator[JournalTask]:
+        """Journalled tasks, oldest first (``state`` filters)."""
+        where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+        rows = self._execute(f"SELECT {_COLUMNS} FROM tasks {where} ORDER BY rowid", *args)  # noqa: S608
+        for row in rows:
+            yield _task(row)
+
+    def __len__(self) -> int:
+        return int(self._execute("SELECT COUNT(*) FROM tasks")[0][0])
+
+
+def _task(row: Any) -> JournalTask:
+    req, res, dsig, esig, isalt, osalt, chain_id, contract, state, receipt, challenge = row
+    try:
+        request = TaskRequest(*REQUEST_ROW.unpack(bytes(req)))
+        result = TaskResult(*RESULT_ROW.unpack(bytes(res)))
+    except (struct.error, TypeError, ValueError) as exc:
+        raise JournalError(f"device journal row is corrupt: {exc}") from exc
+    domain = LedgerDomain(int(chain_id), bytes(contract))
+    return JournalTask(
+        TaskReceipt(request, result, bytes(dsig), bytes(esig), bytes(isalt), bytes(osalt), domain),
+        str(state),
+        None if receipt is None else bytes(receipt),
+        None if challenge is None else int(challenge),
+    )
