@@ -18,13 +18,14 @@ from __future__ import annotations
 from secure_ci.device._connect import open_session
 from secure_ci.device._identity import DeviceIdentity
 from secure_ci.device._redundant import RedundantResult, infer_redundant, outputs_agree
-from secure_ci.device._session import DEFAULT_DOMAIN, Output, Session, parse_edge_address
+from secure_ci.device._session import DEFAULT_DOMAIN, Input, Output, Session, parse_edge_address
 from secure_ci.device._tasks import EnclaveBinding, TaskReceipt, sign_request, verify_result
 
 __all__ = [
     "DEFAULT_DOMAIN",
     "DeviceIdentity",
     "EnclaveBinding",
+    "Input",
     "Output",
     "RedundantResult",
     "Session",

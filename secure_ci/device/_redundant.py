@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from secure_ci.device._session import Output, Session
+from secure_ci.device._session import Input, Output, Session
 from secure_ci.device._tasks import TaskReceipt
 from secure_ci.exceptions import ConfigError, DisagreementError, SecureCIError
 
@@ -65,7 +65,7 @@ class RedundantResult:
 
 async def infer_redundant(
     sessions: Sequence[Session],
-    x: torch.Tensor,
+    x: Input,
     *,
     agree: Callable[[Output, Output], bool] = outputs_agree,
     random_bytes: Callable[[int], bytes] = os.urandom,

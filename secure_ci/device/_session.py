@@ -51,11 +51,13 @@ from secure_ci.protocol import (
     State,
 )
 
-__all__ = ["DEFAULT_DOMAIN", "Output", "Session", "parse_edge_address"]
+__all__ = ["DEFAULT_DOMAIN", "Input", "Output", "Session", "parse_edge_address"]
 
 log = logging.getLogger(__name__)
 
 Output: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
+Input: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
+"""One sample: a tensor, or a tuple of tensors for a model with several inputs."""
 DEFAULT_DOMAIN = LedgerDomain(chain_id=0, contract=bytes(20))
 """EIP-712 domain used until a ledger is deployed (chain id 0, zero contract)."""
 CLOSE_GRACE = 5.0
@@ -129,8 +131,9 @@ class Session:
 
     # -- inference ----------------------------------------------------------------------
 
-    async def infer(self, x: torch.Tensor) -> Output:
-        """Run ``x`` (one sample, batch dimension 1) through head, edge and tail.
+    async def infer(self, x: Input) -> Output:
+        """Run ``x`` (one sample, size 1 along the batch; a tuple for a model with several
+        inputs) through head, edge and tail.
 
         Raises DeadlineExceeded after ``timeout`` seconds, RemoteProtocolError (with the
         edge's code) for an error frame, SignatureError for a result the enclave did not sign.
@@ -169,7 +172,7 @@ class Session:
 
     async def infer_stream(
         self,
-        xs: Iterable[torch.Tensor] | AsyncIterable[torch.Tensor],
+        xs: Iterable[Input] | AsyncIterable[Input],
         *,
         max_in_flight: int | None = None,
     ) -> AsyncIterator[Output]:
@@ -191,7 +194,7 @@ class Session:
 
     async def infer_many(
         self,
-        xs: Iterable[torch.Tensor] | AsyncIterable[torch.Tensor],
+        xs: Iterable[Input] | AsyncIterable[Input],
         *,
         max_in_flight: int | None = None,
     ) -> list[Output]:
@@ -203,12 +206,16 @@ class Session:
         if not future.cancelled():
             future.exception()  # retrieved: a waiter that timed out does not log it
 
-    def encode_input(self, x: torch.Tensor) -> bytes:
-        """Run the head on ``x`` and encode the boundary with the plan's codec (blocking)."""
-        if not isinstance(x, torch.Tensor):
-            raise PartitionError(f"input must be a torch.Tensor, not {type(x).__name__}")
+    def encode_input(self, x: Input) -> bytes:
+        """Run the head on ``x`` (a tensor, or a tuple of tensors for a model with several
+        inputs) and encode the boundary with the plan's codec (blocking)."""
+        inputs = x if isinstance(x, tuple) else (x,)
+        if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+            raise PartitionError(
+                f"input must be a torch.Tensor or a tuple of them, not {type(x).__name__}"
+            )
         with torch.inference_mode():
-            out = self._head(x)
+            out = self._head(*inputs)
         tensors = out if isinstance(out, tuple) else (out,)
         return encode_features(tensors, self.plan.codec)
 

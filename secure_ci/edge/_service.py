@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -93,9 +94,13 @@ class EdgeService:
         # one worker thread: a result is answered only once journaled, with no extra hand-off.
         # Every tail's batcher shares that worker: each dispatches at once when it is idle.
         self._worker = TailWorker(self._executor)
+        # A tail that cannot batch (see TailEntry) gets batches of one.
+        alone = dataclasses.replace(batch_limits, max_batch=1)
         self._batchers: dict[tuple[bytes, int], Batcher[Job, InferResult]] = {
             (e.model_id, e.cut): Batcher(
-                self._tail_runner(e), limits=batch_limits, worker=self._worker
+                self._tail_runner(e),
+                limits=batch_limits if e.batchable else alone,
+                worker=self._worker,
             )
             for e in models.entries()
         }
