@@ -28,6 +28,7 @@ import zstandard
 
 from secure_ci.exceptions import CodecError
 from secure_ci.partition._plan import TensorSpec
+from secure_ci.partition._quantize import F32_PARAMS, dequantize, quantize, unpack_nibbles
 
 __all__ = ["CODECS", "DEFAULT_MAX_BYTES", "decode_features", "encode_features"]
 
@@ -38,9 +39,6 @@ MAX_TENSORS = 255
 MAX_NDIM = 8
 _PREFIX = struct.Struct("<4sBBB")
 _DESCRIPTOR = struct.Struct("<BBB")
-_F32_PARAMS = 0x01
-_F16_MAX = float(np.finfo(np.float16).max)
-_F16_TINY = float(np.finfo(np.float16).smallest_subnormal)
 
 _BASES = ("float32", "float16", "int8", "int4")
 _LOSSLESS = ("", "zstd", "lz4")
@@ -103,7 +101,7 @@ def _payload_len(kind: str, desc: _Descriptor) -> int:
         return n * _DTYPES[desc.dtype_code][1].itemsize
     if kind == "f16":
         return 2 * n
-    params = desc.channels * 2 * (4 if desc.flags & _F32_PARAMS else 2)
+    params = desc.channels * 2 * (4 if desc.flags & F32_PARAMS else 2)
     return params + (n if kind == "q8" else (n + 1) // 2)
 
 
@@ -113,7 +111,7 @@ def encode_features(tensors: Sequence[torch.Tensor], codec: str) -> bytes:
     if len(tensors) > MAX_TENSORS:
         raise CodecError(f"{len(tensors)} tensors exceed the limit of {MAX_TENSORS}")
     header = [_PREFIX.pack(MAGIC, VERSION, stage << 4 | base, len(tensors))]
-    body: list[bytes] = []
+    body: list[bytes | memoryview] = []
     for tensor in tensors:
         if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _CODES:
             raise CodecError(
@@ -126,60 +124,31 @@ def encode_features(tensors: Sequence[torch.Tensor], codec: str) -> bytes:
         flags, payload = _encode_tensor(kind, tensor.detach().cpu())
         header.append(_DESCRIPTOR.pack(desc.dtype_code, flags, tensor.dim()))
         header.append(struct.pack(f"<{tensor.dim()}I", *tensor.shape))
-        body.append(payload)
+        body.extend(payload)
+    if stage == 0:
+        return b"".join([*header, *body])  # one copy of the payloads, straight from the arrays
     raw = b"".join(body)
     if stage == 1:
         raw = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(raw)
-    elif stage == 2:
+    else:
         raw = lz4.block.compress(raw, store_size=False)
     return b"".join(header) + raw
 
 
-def _encode_tensor(kind: str, tensor: torch.Tensor) -> tuple[int, bytes]:
+def _encode_tensor(kind: str, tensor: torch.Tensor) -> tuple[int, list[bytes | memoryview]]:
+    """``(flags, payload buffers)`` of one tensor, joined once by the caller."""
     if kind == "raw":
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.view(torch.int16)
         array = tensor.contiguous().numpy()
-        return 0, array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-    values = tensor.to(torch.float32).contiguous().numpy()
+        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        return 0, [np.ascontiguousarray(little).data]
+    values = tensor.to(torch.float32).contiguous()
     if kind == "f16":
-        return 0, values.astype("<f2").tobytes()
-    if not np.isfinite(values).all():
-        raise CodecError("quantized codecs cannot encode non-finite values")
-    qmax = 255 if kind == "q8" else 15
-    channels = values.shape[1] if values.ndim >= 2 else 1
-    if values.size == 0:
-        return 0, np.zeros(2 * channels, "<f2").tobytes()
-    grid = _channel_major(values, channels)
-    lo, hi = grid.min(axis=1), grid.max(axis=1)
-    exact = np.stack([(hi.astype(np.float64) - lo) / qmax, lo])
-    fits = np.abs(exact).max() <= _F16_MAX and not ((exact[0] > 0) & (exact[0] < _F16_TINY)).any()
-    params, flags = (
-        (exact.astype(np.float16), 0) if fits else (exact.astype(np.float32), _F32_PARAMS)
-    )
-    step = params[0].astype(np.float32)
-    safe = np.where(step > 0, step, np.float32(1.0))
-    with np.errstate(over="ignore", invalid="ignore"):
-        q = np.rint((grid - params[1].astype(np.float32)[:, None]) / safe[:, None])
-    q = np.clip(np.nan_to_num(q), 0, qmax).astype(np.uint8).reshape(-1)
-    if kind == "q4":
-        q = _pack_nibbles(q)
-    return flags, params.astype(params.dtype.newbyteorder("<")).tobytes() + q.tobytes()
-
-
-def _channel_major(values: np.ndarray[Any, Any], channels: int) -> np.ndarray[Any, Any]:
-    """View as (channels, everything else): dim 1 moved first."""
-    if values.ndim < 2:
-        return values.reshape(1, -1)
-    lead = values.shape[0]
-    return values.reshape(lead, channels, -1).transpose(1, 0, 2).reshape(channels, -1)
-
-
-def _pack_nibbles(q: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    if q.size % 2:
-        q = np.concatenate([q, np.zeros(1, np.uint8)])
-    packed: np.ndarray[Any, Any] = (q[0::2] | (q[1::2] << 4)).astype(np.uint8)
-    return packed
+        # torch's float16 conversion is vectorised; numpy's is a scalar loop
+        half = values.to(torch.float16).numpy()
+        return 0, [half.astype("<f2", copy=False).data]
+    return quantize(values, 255 if kind == "q8" else 15)
 
 
 def decode_features(
@@ -252,7 +221,7 @@ def _parse_header(view: memoryview) -> tuple[int, int, list[_Descriptor], int]:
         offset += 4 * ndim
         desc = _Descriptor(code, flags, tuple(shape))
         quantized = _kind(base, desc) in ("q8", "q4")
-        if flags & ~(_F32_PARAMS if quantized else 0):
+        if flags & ~(F32_PARAMS if quantized else 0):
             raise CodecError(f"tensor {index}: invalid flags 0x{flags:02x}")
         descs.append(desc)
     return base, stage, descs, offset
@@ -311,29 +280,14 @@ def _decode_tensor(kind: str, desc: _Descriptor, payload: memoryview) -> torch.T
         tensor = torch.from_numpy(array.reshape(desc.shape))
         return tensor.view(torch.bfloat16) if desc.dtype == torch.bfloat16 else tensor
     if kind == "f16":
-        values = np.frombuffer(payload, dtype="<f2").astype(np.float32)
-        return torch.from_numpy(values.reshape(desc.shape)).to(desc.dtype)
-    channels = desc.channels
-    pdtype = "<f4" if desc.flags & _F32_PARAMS else "<f2"
-    nparams = 2 * channels * np.dtype(pdtype).itemsize
+        half = np.frombuffer(payload, dtype="<f2").astype("=f2")
+        return torch.from_numpy(half.reshape(desc.shape)).to(desc.dtype)
+    pdtype = "<f4" if desc.flags & F32_PARAMS else "<f2"
+    nparams = 2 * desc.channels * np.dtype(pdtype).itemsize
     params = np.frombuffer(payload[:nparams], dtype=pdtype).astype(np.float32)
-    scale, zero = params[:channels], params[channels:]
-    if not (np.isfinite(params).all() and (scale >= 0).all()):
-        raise CodecError("quantization parameters are not finite and non-negative")
-    q = np.frombuffer(payload[nparams:], dtype=np.uint8)
+    codes = np.frombuffer(payload[nparams:], dtype=np.uint8)
     if kind == "q4":
-        if desc.numel % 2 and q.size and q[-1] >> 4:
+        if desc.numel % 2 and codes.size and codes[-1] >> 4:
             raise CodecError("int4 padding nibble is not zero")
-        q = np.stack([q & 0x0F, q >> 4], axis=1).reshape(-1)[: desc.numel]
-    with np.errstate(over="ignore", invalid="ignore"):
-        grid = q.reshape(channels, -1).astype(np.float32) * scale[:, None] + zero[:, None]
-    if not np.isfinite(grid).all():
-        raise CodecError("dequantized values overflow float32")
-    return torch.from_numpy(_from_channel_major(grid, desc.shape)).to(desc.dtype)
-
-
-def _from_channel_major(grid: np.ndarray[Any, Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
-    if len(shape) < 2:
-        return grid.reshape(shape)
-    lead, channels = shape[0], shape[1]
-    return np.ascontiguousarray(grid.reshape(channels, lead, -1).transpose(1, 0, 2)).reshape(shape)
+        codes = unpack_nibbles(codes, desc.numel)
+    return dequantize(codes, params, desc.shape).to(desc.dtype)
