@@ -5,12 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from secure_ci.edge import EdgeConfig, EdgeLimits, ModelSpec, load_edge_config
+from secure_ci.edge import (
+    EdgeConfig,
+    EdgeLimits,
+    ModelSpec,
+    load_edge_config,
+    load_model_tails,
+    load_zoo_tails,
+)
 from secure_ci.edge._config import parse_address
-from secure_ci.exceptions import ConfigError
+from secure_ci.exceptions import ConfigError, PackageError
 
 GOOD = (
     """
@@ -108,3 +116,140 @@ def test_checksummed_addresses_round_trip(raw: bytes) -> None:
 
     assert parse_address(to_checksum_address(raw)) == raw
     assert parse_address("0x" + raw.hex()) == raw
+
+
+# ------------------------------------------------------------------ model packages
+
+
+def _pack(path: Path, architecture: str) -> Path:
+    from secure_ci import zoo
+    from secure_ci.package import pack_bytes
+
+    torch.manual_seed(0)
+    entry = zoo.get(architecture)
+    data = pack_bytes(
+        entry.build(),
+        architecture=architecture,
+        input_shape=entry.input_shape,
+        codecs=("float32",),
+        repeats=1,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pack(tmp_path_factory.mktemp("pkg") / "digits.scipkg", "digits_cnn")
+
+
+PACKAGE_MODEL = """
+[[models]]
+package = "models/digits.scipkg"
+codecs = ["int8"]
+"""
+
+
+def test_a_package_entry_parses(tmp_path: Path) -> None:
+    config = load_edge_config(PACKAGE_MODEL, tmp_path)
+    (spec,) = config.models
+    assert spec == ModelSpec(
+        package=(tmp_path / "models" / "digits.scipkg").resolve(), codecs=("int8",)
+    )
+    assert spec.zoo is None
+    assert spec.cuts == ()
+    with_cuts = load_edge_config(PACKAGE_MODEL + "cuts = [1, 2]\n", tmp_path)
+    assert with_cuts.models[0].cuts == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        'zoo = "digits_cnn"',
+        "seed = 1",
+        "cuts = [1, 1]",
+        'weights = "w.safetensors"',
+        "cuts = [70000]",
+    ],
+)
+def test_bad_package_entries_are_config_errors(tmp_path: Path, extra: str) -> None:
+    with pytest.raises(ConfigError):
+        load_edge_config(PACKAGE_MODEL + extra + "\n", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["package = 3", 'package = ""', 'codecs = ["int8"]', "zoo = 4\ncuts = [1]", "cuts = [1]"],
+)
+def test_an_entry_needs_exactly_one_model_source(tmp_path: Path, entry: str) -> None:
+    with pytest.raises(ConfigError):
+        load_edge_config(f"[[models]]\n{entry}\n", tmp_path)
+
+
+def test_model_spec_validates_itself() -> None:
+    with pytest.raises(ConfigError, match="either a zoo name or a package"):
+        ModelSpec(cuts=(1,))
+    with pytest.raises(ConfigError, match="either a zoo name or a package"):
+        ModelSpec(zoo="digits_cnn", cuts=(1,), package=Path("p"))
+    with pytest.raises(ConfigError, match="cuts"):
+        ModelSpec(zoo="digits_cnn")
+    assert ModelSpec(package=Path("p")).name == "p"
+
+
+def test_load_model_tails_serves_every_servable_cut(digits_package: Path) -> None:
+    from secure_ci.package import load_package
+    from secure_ci.partition import decode_features, encode_features
+
+    package = load_package(digits_package)
+    tails = load_model_tails(ModelSpec(package=digits_package, codecs=("int8", "float32")))
+    assert [t.cut for t in tails] == list(package.servable_cuts)
+    assert len(tails) == len(package.cuts)
+    assert {t.model_id for t in tails} == {package.model_id}
+    entry = tails[2]
+    assert entry.inputs == package.cuts[2].boundary
+    head, _ = package.partitioner().split(2)
+    x = torch.randn(3, 1, 32, 32)
+    requests = [entry.decode("float32", encode_features(head(x[i : i + 1]), "float32"))
+                for i in range(3)]  # fmt: skip
+    outputs = entry.run_batch(requests)
+    with torch.no_grad():
+        expected = package.build()(x)
+    for i, out in enumerate(outputs):
+        (logits,) = decode_features(out)
+        assert torch.allclose(logits, expected[i : i + 1], atol=1e-5)
+
+
+def test_load_model_tails_with_listed_cuts(digits_package: Path, tmp_path: Path) -> None:
+    tails = load_model_tails(ModelSpec(package=digits_package, cuts=(2, 4), codecs=("int8",)))
+    assert [t.cut for t in tails] == [2, 4]
+    with pytest.raises(ConfigError, match="not cut 99"):
+        load_model_tails(ModelSpec(package=digits_package, cuts=(99,)))
+    with pytest.raises(ConfigError, match="cannot read model package"):
+        load_model_tails(ModelSpec(package=tmp_path / "absent.scipkg"))
+    tampered = tmp_path / "tampered.scipkg"
+    data = digits_package.read_bytes()
+    tampered.write_bytes(data[:-40] + bytes([data[-40] ^ 0x80]) + data[-39:])
+    with pytest.raises(PackageError, match="digest mismatch"):
+        load_model_tails(ModelSpec(package=tampered))
+
+
+def test_a_cut_without_a_sample_dimension_is_not_served(tmp_path: Path) -> None:
+    from secure_ci.package import load_package
+
+    path = _pack(tmp_path / "transformer.scipkg", "transformer_encoder")
+    package = load_package(path)
+    unservable = sorted(set(range(len(package.cuts))) - set(package.servable_cuts))
+    assert unservable
+    with pytest.raises(ConfigError, match="cannot be served"):
+        load_model_tails(ModelSpec(package=path, cuts=(unservable[0],)))
+    (tail,) = load_model_tails(ModelSpec(package=path, cuts=(package.servable_cuts[-1],)))
+    assert tail.model_id == package.model_id
+
+
+def test_load_model_tails_for_a_zoo_entry_is_load_zoo_tails() -> None:
+    spec = ModelSpec("digits_cnn", (2,), ("int8",), seed=3)
+    (tail,) = load_model_tails(spec)
+    (same,) = load_zoo_tails("digits_cnn", (2,), ("int8",), 3)
+    assert tail.model_id == same.model_id
+    assert tail.cut == same.cut == 2

@@ -1,0 +1,189 @@
+"""The model package container: one file, a manifest, the weights, and a digest of both.
+
+Byte layout (integers little-endian)::
+
+    offset      size  field
+    0           6     magic b"SCIPKG"
+    6           1     format version, 1
+    7           1     flags, 0 (any other value is refused)
+    8           4     M: manifest length, u32, 2 <= M <= MAX_MANIFEST_BYTES
+    12          M     manifest: canonical JSON (UTF-8, see below)
+    12+M        8     W: weights length, u64, W <= MAX_WEIGHTS_BYTES
+    20+M        W     weights: a safetensors file (8-byte header length, JSON header, data)
+    20+M+W      32    SHA-256( b"secure-ci/model-package/v1" || bytes[0 : 20+M+W] )
+
+The file ends exactly after the digest: a truncated file, appended bytes, or any changed
+byte before the digest is refused. The manifest also carries the SHA-256 of the weights
+section, so the manifest alone pins the weights.
+
+Canonical JSON is what ``json.dumps(value, sort_keys=True, separators=(",", ":"),
+ensure_ascii=True, allow_nan=False)`` writes: sorted keys, no whitespace, ASCII only,
+integers as written, floats in Python's shortest round-trip form. The reader refuses input
+that is not in that exact form, duplicate keys, NaN/Infinity, nesting deeper than
+``MAX_JSON_DEPTH`` and oversized input, before any value is interpreted.
+
+The digest detects corruption and edits, but anyone can recompute it: what authenticates a
+package is its ``model_id`` (architecture + weights), which the loader recomputes from the
+rebuilt model and a ledger registers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from secure_ci.exceptions import PackageError
+
+__all__ = [
+    "DIGEST_DOMAIN",
+    "MAGIC",
+    "MAX_JSON_DEPTH",
+    "MAX_MANIFEST_BYTES",
+    "MAX_PACKAGE_BYTES",
+    "MAX_WEIGHTS_BYTES",
+    "VERSION",
+    "Container",
+    "canonical_json",
+    "decode_container",
+    "encode_container",
+    "json_depth",
+    "parse_json",
+]
+
+MAGIC = b"SCIPKG"
+VERSION = 1
+DIGEST_DOMAIN = b"secure-ci/model-package/v1"
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_WEIGHTS_BYTES = 1 << 30
+MAX_JSON_DEPTH = 8
+_HEAD = struct.Struct("<6sBBI")
+_WEIGHTS_LEN = struct.Struct("<Q")
+_DIGEST_LEN = 32
+MAX_PACKAGE_BYTES = _HEAD.size + MAX_MANIFEST_BYTES + _WEIGHTS_LEN.size + MAX_WEIGHTS_BYTES + 32
+
+
+@dataclass(frozen=True)
+class Container:
+    """The sections of a package file whose digest verified."""
+
+    manifest: dict[str, Any]
+    weights: bytes
+    digest: bytes
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one encoding of a manifest."""
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                          allow_nan=False)  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        raise PackageError(f"manifest value cannot be encoded: {exc}") from exc
+    return text.encode("ascii")
+
+
+def _digest(body: bytes | memoryview) -> bytes:
+    return hashlib.sha256(DIGEST_DOMAIN + bytes(body)).digest()
+
+
+def encode_container(manifest: dict[str, Any], weights: bytes) -> bytes:
+    """The package bytes for ``manifest`` and the safetensors ``weights``."""
+    text = canonical_json(manifest)
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise PackageError(f"manifest of {len(text)} bytes exceeds {MAX_MANIFEST_BYTES}")
+    if len(weights) > MAX_WEIGHTS_BYTES:
+        raise PackageError(f"weights of {len(weights)} bytes exceed {MAX_WEIGHTS_BYTES}")
+    body = b"".join(
+        (
+            _HEAD.pack(MAGIC, VERSION, 0, len(text)),
+            text,
+            _WEIGHTS_LEN.pack(len(weights)),
+            weights,
+        )
+    )
+    return body + _digest(body)
+
+
+def decode_container(data: bytes) -> Container:
+    """Split and verify package bytes; every malformation is a :class:`PackageError`."""
+    if not isinstance(data, bytes):
+        raise PackageError(f"package must be bytes, not {type(data).__name__}")
+    if len(data) > MAX_PACKAGE_BYTES:
+        raise PackageError(f"package of {len(data)} bytes exceeds {MAX_PACKAGE_BYTES}")
+    if len(data) < _HEAD.size:
+        raise PackageError(f"not a model package: only {len(data)} bytes")
+    magic, version, flags, manifest_len = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise PackageError("not a model package (bad magic)")
+    if version != VERSION:
+        raise PackageError(f"unsupported model package version {version}")
+    if flags != 0:
+        raise PackageError(f"unknown package flags 0x{flags:02x}")
+    if not 2 <= manifest_len <= MAX_MANIFEST_BYTES:
+        raise PackageError(f"manifest length {manifest_len} outside 2..{MAX_MANIFEST_BYTES}")
+    at = _HEAD.size + manifest_len
+    if len(data) < at + _WEIGHTS_LEN.size:
+        raise PackageError("package is truncated inside the manifest")
+    (weights_len,) = _WEIGHTS_LEN.unpack_from(data, at)
+    if weights_len > MAX_WEIGHTS_BYTES:
+        raise PackageError(f"weights length {weights_len} exceeds {MAX_WEIGHTS_BYTES}")
+    end = at + _WEIGHTS_LEN.size + weights_len
+    if len(data) != end + _DIGEST_LEN:
+        problem = "truncated" if len(data) < end + _DIGEST_LEN else "followed by extra bytes"
+        raise PackageError(f"package is {problem}: {len(data)} bytes, layout needs {end + 32}")
+    view = memoryview(data)
+    digest = bytes(view[end:])
+    if _digest(view[:end]) != digest:
+        raise PackageError("package digest mismatch: the file was modified or corrupted")
+    manifest = parse_json(bytes(view[_HEAD.size : at]), "manifest", canonical=True)
+    if not isinstance(manifest, dict):
+        raise PackageError("manifest must be a JSON object")
+    return Container(manifest, bytes(view[at + _WEIGHTS_LEN.size : end]), digest)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key[:64]!r}")
+        out[key] = value
+    return out
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of containers (iterative: a hostile value cannot exhaust the stack)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_JSON_DEPTH:
+                break
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def parse_json(
+    raw: bytes, what: str, *, canonical: bool, max_bytes: int = MAX_MANIFEST_BYTES
+) -> Any:
+    """Parse bounded JSON: size, depth, duplicate keys, NaN; optionally canonical form."""
+    if len(raw) > max_bytes:
+        raise PackageError(f"{what} of {len(raw)} bytes exceeds {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+        value = json.loads(text, object_pairs_hook=_unique, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PackageError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise PackageError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    if canonical and canonical_json(value) != raw:
+        raise PackageError(f"{what} is not canonical JSON")
+    return value

@@ -1,0 +1,315 @@
+"""The manifest of a model package: pure data, validated field by field (never imports torch).
+
+JSON shape (canonical JSON in the file, see :mod:`secure_ci.package._format`)::
+
+    {"architecture": {"kind": "zoo", "name": "digits_cnn"},
+     "input": {"shape": [1, 1, 32, 32], "dtype": "float32"},
+     "model_id": "<64 hex>",                     Partitioner.model_id: architecture + weights
+     "weights": {"sha256": "<64 hex>", "bytes": N, "tensors": K, "parameters": P},
+     "analysis": {"total_flops": F, "total_params": P,
+                  "cuts": [Cut.to_json() + {"batch_dims": [[0], ...]}, ...]},
+     "profiles": [Profile.to_json(), ...],       measured on the packing machine
+     "codecs": {"measured_on": "calibration" | "random",
+                "calibration": null | {"source": str, "samples": n, "accuracy": a},
+                "rows": [{"cut": i, "codec": "int8", "bytes": b, "ratio": r,
+                          "accuracy_drop_pt": d | null}, ...]},
+     "created_with": {"secure_ci": "0.1.0", "torch": "2.13.0+cpu"}}
+
+``batch_dims`` lists, per boundary tensor, the dimensions that follow the batch size.
+``bytes`` is the mean encoded size of one sample's boundary, ``ratio`` that size over the
+float32 boundary bytes, ``accuracy_drop_pt`` the top-1 accuracy lost on the calibration set
+in percentage points (null without one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from secure_ci.exceptions import PackageError, PartitionError
+from secure_ci.partition._plan import Cut, TensorSpec
+from secure_ci.partition._profiles import Profile
+
+__all__ = ["Calibration", "CodecRow", "PackageManifest"]
+
+MAX_CUTS = 4096
+MAX_BOUNDARY = 255
+MAX_PROFILES = 8
+MAX_CODEC_ROWS = 1 << 16
+MAX_INPUT_ELEMENTS = 1 << 26
+MAX_NAME = 256
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CODEC = re.compile(r"[a-z0-9]{1,16}(\+[a-z0-9]{1,16}){0,3}")
+_ZOO_NAME = re.compile(r"[a-z0-9_]{1,64}")
+_SPEC_KEYS = {f.name for f in dataclasses.fields(TensorSpec)}
+CodecInputs = Literal["calibration", "random"]
+
+
+def _fields(value: object, keys: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != keys:
+        got = sorted(map(str, value)) if isinstance(value, dict) else type(value).__name__
+        raise PackageError(f"{what} must have exactly the keys {sorted(keys)}, got {got}")
+    return value
+
+
+def _int(value: object, what: str, low: int = 0, high: int = 1 << 62) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise PackageError(f"{what} must be an integer in {low}..{high}, got {value!r:.40}")
+    return value
+
+
+def _num(value: object, what: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PackageError(f"{what} must be a number, got {value!r:.40}")
+    if not low <= value <= high:  # exact for ints of any size; NaN fails too
+        raise PackageError(f"{what} must be in {low}..{high}, got {value!r:.40}")
+    return float(value)
+
+
+def _str(value: object, what: str, pattern: re.Pattern[str] | None = None) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+        raise PackageError(f"{what} must be a string of 1..{MAX_NAME} characters")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise PackageError(f"{what} is malformed: {value[:64]!r}")
+    return value
+
+
+def _list(value: object, what: str, limit: int) -> list[Any]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise PackageError(f"{what} must be a list of at most {limit} items")
+    return value
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The labelled set the codec table's accuracy was measured on."""
+
+    source: str
+    samples: int
+    accuracy: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "samples": self.samples, "accuracy": self.accuracy}
+
+    @classmethod
+    def from_json(cls, value: object) -> Calibration:
+        f = _fields(value, {"source", "samples", "accuracy"}, "codecs.calibration")
+        return cls(
+            source=_str(f["source"], "calibration source"),
+            samples=_int(f["samples"], "calibration samples", 1, 10_000_000),
+            accuracy=_num(f["accuracy"], "calibration accuracy", 0.0, 1.0),
+        )
+
+
+@dataclass(frozen=True)
+class CodecRow:
+    """What one codec costs at one cut: bytes per sample and accuracy drop (points)."""
+
+    cut: int
+    codec: str
+    nbytes: float
+    ratio: float
+    accuracy_drop_pt: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cut": self.cut,
+            "codec": self.codec,
+            "bytes": self.nbytes,
+            "ratio": self.ratio,
+            "accuracy_drop_pt": self.accuracy_drop_pt,
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> CodecRow:
+        f = _fields(value, {"cut", "codec", "bytes", "ratio", "accuracy_drop_pt"}, "codec row")
+        drop = f["accuracy_drop_pt"]
+        return cls(
+            cut=_int(f["cut"], "codec row cut", 0, MAX_CUTS - 1),
+            codec=_str(f["codec"], "codec name", _CODEC),
+            nbytes=_num(f["bytes"], "codec bytes", 0.0, 1e15),
+            ratio=_num(f["ratio"], "codec ratio", 0.0, 1e6),
+            accuracy_drop_pt=None if drop is None else _num(drop, "accuracy drop", -100, 100),
+        )
+
+
+@dataclass(frozen=True)
+class PackageManifest:
+    """Everything a package says about its model, apart from the weights themselves."""
+
+    architecture: str
+    input_shape: tuple[int, ...]
+    model_id: str
+    weights_sha256: str
+    weights_bytes: int
+    weights_tensors: int
+    weights_parameters: int
+    total_flops: int
+    total_params: int
+    cuts: tuple[Cut, ...]
+    batch_dims: tuple[tuple[tuple[int, ...], ...], ...]
+    profiles: tuple[Profile, ...]
+    codec_inputs: CodecInputs
+    calibration: Calibration | None
+    codecs: tuple[CodecRow, ...]
+    created_with: Mapping[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        cuts = [
+            {**cut.to_json(), "batch_dims": [list(d) for d in dims]}
+            for cut, dims in zip(self.cuts, self.batch_dims, strict=True)
+        ]
+        return {
+            "architecture": {"kind": "zoo", "name": self.architecture},
+            "input": {"shape": list(self.input_shape), "dtype": "float32"},
+            "model_id": self.model_id,
+            "weights": {
+                "sha256": self.weights_sha256,
+                "bytes": self.weights_bytes,
+                "tensors": self.weights_tensors,
+                "parameters": self.weights_parameters,
+            },
+            "analysis": {
+                "total_flops": self.total_flops,
+                "total_params": self.total_params,
+                "cuts": cuts,
+            },
+            "profiles": [p.to_json() for p in self.profiles],
+            "codecs": {
+                "measured_on": self.codec_inputs,
+                "calibration": None if self.calibration is None else self.calibration.to_json(),
+                "rows": [row.to_json() for row in self.codecs],
+            },
+            "created_with": dict(self.created_with),
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> PackageManifest:
+        """Validate a parsed manifest; anything unexpected is a :class:`PackageError`."""
+        top = {"architecture", "input", "model_id", "weights", "analysis", "profiles"}
+        f = _fields(value, top | {"codecs", "created_with"}, "manifest")
+        arch = _fields(f["architecture"], {"kind", "name"}, "architecture")
+        if arch["kind"] != "zoo":
+            raise PackageError(f"architecture kind {str(arch['kind'])[:32]!r} is not supported")
+        inp = _fields(f["input"], {"shape", "dtype"}, "input")
+        if inp["dtype"] != "float32":
+            raise PackageError("input dtype must be float32")
+        weights = _fields(f["weights"], {"sha256", "bytes", "tensors", "parameters"}, "weights")
+        analysis = _fields(f["analysis"], {"total_flops", "total_params", "cuts"}, "analysis")
+        codecs = _fields(f["codecs"], {"measured_on", "calibration", "rows"}, "codecs")
+        if codecs["measured_on"] not in ("calibration", "random"):
+            raise PackageError("codecs.measured_on must be 'calibration' or 'random'")
+        created = f["created_with"]
+        if not isinstance(created, dict) or len(created) > 16:
+            raise PackageError("created_with must be a small map of strings")
+        cuts, batch_dims = _cuts(_list(analysis["cuts"], "analysis.cuts", MAX_CUTS))
+        calibration = codecs["calibration"]
+        try:
+            profiles = tuple(
+                Profile.from_json(p) for p in _list(f["profiles"], "profiles", MAX_PROFILES)
+            )
+        except (PartitionError, OverflowError) as exc:  # OverflowError: a huge int timing
+            raise PackageError(f"malformed profile: {exc}") from None
+        manifest = cls(
+            architecture=_str(arch["name"], "architecture name", _ZOO_NAME),
+            input_shape=_input_shape(inp["shape"]),
+            model_id=_str(f["model_id"], "model_id", _HEX64),
+            weights_sha256=_str(weights["sha256"], "weights.sha256", _HEX64),
+            weights_bytes=_int(weights["bytes"], "weights.bytes"),
+            weights_tensors=_int(weights["tensors"], "weights.tensors"),
+            weights_parameters=_int(weights["parameters"], "weights.parameters"),
+            total_flops=_int(analysis["total_flops"], "analysis.total_flops"),
+            total_params=_int(analysis["total_params"], "analysis.total_params"),
+            cuts=cuts,
+            batch_dims=batch_dims,
+            profiles=profiles,
+            codec_inputs=codecs["measured_on"],
+            calibration=None if calibration is None else Calibration.from_json(calibration),
+            codecs=tuple(
+                CodecRow.from_json(r) for r in _list(codecs["rows"], "codec rows", MAX_CODEC_ROWS)
+            ),
+            created_with={
+                _str(k, "created_with key"): _str(v, "created_with value")
+                for k, v in created.items()
+            },
+        )
+        manifest.check()
+        return manifest
+
+    def check(self) -> None:
+        """Cross-field consistency: profiles and codec rows refer to this model's cuts."""
+        names = [cut.name for cut in self.cuts]
+        for p in self.profiles:
+            if p.model_id != self.model_id:
+                raise PackageError("a profile was measured on another model_id")
+            if [c.name for c in p.cuts] != names:
+                raise PackageError("a profile's cuts differ from the package's cuts")
+        seen = set()
+        for row in self.codecs:
+            if row.cut >= len(self.cuts) or (row.cut, row.codec) in seen:
+                raise PackageError(f"codec row for cut {row.cut} {row.codec} is out of place")
+            seen.add((row.cut, row.codec))
+        if (self.calibration is None) != (self.codec_inputs == "random"):
+            raise PackageError("codecs measured on a calibration set must describe it")
+
+
+def _input_shape(value: object) -> tuple[int, ...]:
+    dims = _list(value, "input shape", 8)
+    shape = tuple(_int(d, "input dimension", 1, MAX_INPUT_ELEMENTS) for d in dims)
+    if not shape or shape[0] != 1 or math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise PackageError(f"input shape {shape} must be one sample (1, ...) of bounded size")
+    return shape
+
+
+def _cuts(
+    values: list[Any],
+) -> tuple[tuple[Cut, ...], tuple[tuple[tuple[int, ...], ...], ...]]:
+    cuts, dims = [], []
+    keys = {"index", "name", "boundary", "boundary_names", "nbytes", "head_flops_share",
+            "head_params_share", "bottleneck", "batch_dims"}  # fmt: skip
+    for position, value in enumerate(values):
+        f = _fields(value, keys, f"cut {position}")
+        boundary = _list(f["boundary"], "cut boundary", MAX_BOUNDARY)
+        names = _list(f["boundary_names"], "cut boundary names", MAX_BOUNDARY)
+        batch = _list(f["batch_dims"], "cut batch_dims", MAX_BOUNDARY)
+        if len(batch) != len(boundary) or not isinstance(f["bottleneck"], bool):
+            raise PackageError(f"cut {position}: one batch_dims list per boundary tensor")
+        try:
+            cut = Cut(
+                index=_int(f["index"], "cut index", position, position),
+                name=_str(f["name"], "cut name"),
+                boundary=tuple(_spec(s) for s in boundary),
+                boundary_names=tuple(_str(n, "boundary name") for n in names),
+                nbytes=_int(f["nbytes"], "cut nbytes"),
+                head_flops_share=_num(f["head_flops_share"], "head_flops_share", 0.0, 1.0),
+                head_params_share=_num(f["head_params_share"], "head_params_share", 0.0, 1.0),
+                bottleneck=f["bottleneck"],
+            )
+        except PartitionError as exc:
+            raise PackageError(f"cut {position}: {exc}") from None
+        free = []
+        for spec, d in zip(cut.boundary, batch, strict=True):
+            ranks = _list(d, "batch dims", 8)
+            free.append(tuple(_int(k, "batch dim", 0, max(len(spec.shape) - 1, 0)) for k in ranks))
+        cuts.append(cut)
+        dims.append(tuple(free))
+    return tuple(cuts), tuple(dims)
+
+
+def _spec(value: object) -> TensorSpec:
+    f = _fields(value, _SPEC_KEYS, "boundary tensor")
+    shape = tuple(_int(d, "boundary dimension", 0, 1 << 40) for d in _list(f["shape"], "shape", 8))
+    if not isinstance(f["dtype"], str):
+        raise PackageError("boundary dtype must be a string")
+    extra = {}
+    if "batch_dim" in f:  # the analysis may say which dimension follows the batch
+        batch = f["batch_dim"]
+        extra["batch_dim"] = None if batch is None else _int(batch, "batch_dim", 0, 7)
+    try:
+        return TensorSpec(shape=shape, dtype=f["dtype"], **extra)
+    except PartitionError as exc:
+        raise PackageError(str(exc)) from None

@@ -1,0 +1,156 @@
+"""Packing a model: analyse it, profile it, measure the codecs, seal it in one file."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import secure_ci
+from secure_ci.exceptions import ConfigError
+from secure_ci.package._calibrate import DEFAULT_CODECS, Progress, measure_codecs
+from secure_ci.package._format import encode_container
+from secure_ci.package._manifest import MAX_INPUT_ELEMENTS, Calibration, PackageManifest
+from secure_ci.package._package import ModelPackage, build_zoo_model, read_package
+from secure_ci.package._weights import encode_weights
+from secure_ci.partition._partitioner import Partitioner
+from secure_ci.partition._profiler import profile
+from secure_ci.partition._trace import outputs_match
+
+__all__ = ["pack_bytes", "pack_model"]
+
+
+def _check_shape(input_shape: object) -> tuple[int, ...]:
+    if (
+        not isinstance(input_shape, tuple)
+        or not 1 <= len(input_shape) <= 8
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in input_shape)
+    ):
+        raise ConfigError(f"input_shape must be 1 to 8 positive integers, got {input_shape!r}")
+    if input_shape[0] != 1 or math.prod(input_shape) > MAX_INPUT_ELEMENTS:
+        raise ConfigError(f"input_shape {input_shape} must be one sample (1, ...) of bounded size")
+    return input_shape
+
+
+def _rebuild(model: nn.Module, architecture: str, input_shape: tuple[int, ...]) -> nn.Module:
+    """The zoo architecture with ``model``'s weights, checked to compute what ``model`` does."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    rebuilt = build_zoo_model(architecture, state, error=ConfigError)
+    example = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            same = outputs_match(model(example), rebuilt(example))
+    except Exception as exc:  # the caller's own forward: translate anything
+        raise ConfigError(f"model fails on an input of shape {input_shape}: {exc}") from exc
+    finally:
+        model.train(training)
+    if not same:
+        raise ConfigError(f"the model does not compute what zoo architecture {architecture} does")
+    return rebuilt
+
+
+def pack_bytes(
+    model: nn.Module,
+    *,
+    architecture: str,
+    input_shape: tuple[int, ...],
+    calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+    calibration_source: str = "calibration set",
+    codecs: Sequence[str] = DEFAULT_CODECS,
+    repeats: int = 3,
+    threads: int = 1,
+    progress: Progress | None = None,
+) -> bytes:
+    """The bytes of a package of ``model`` (see :func:`pack_model`); writes nothing."""
+    shape = _check_shape(input_shape)
+    if progress is not None:
+        progress("analysis", 0, 1)
+    rebuilt = _rebuild(model, architecture, shape)
+    weights = encode_weights(rebuilt.state_dict())
+    partitioner = Partitioner(rebuilt, (torch.zeros(shape),))
+    table = measure_codecs(partitioner, calibration, shape, codecs, progress)
+    if progress is not None:
+        progress("profile", 0, 1)
+    measured = profile(partitioner, repeats=repeats, threads=threads)
+    calibration_info = None
+    if calibration is not None and table.accuracy is not None:
+        samples = int(calibration[0].shape[0])
+        calibration_info = Calibration(calibration_source, samples, round(table.accuracy, 6))
+    manifest = PackageManifest(
+        architecture=architecture,
+        input_shape=shape,
+        model_id=partitioner.model_id,
+        weights_sha256=hashlib.sha256(weights).hexdigest(),
+        weights_bytes=len(weights),
+        weights_tensors=len(rebuilt.state_dict()),
+        weights_parameters=sum(p.numel() for p in rebuilt.parameters()),
+        total_flops=partitioner.total_flops,
+        total_params=partitioner.total_params,
+        cuts=partitioner.cuts,
+        batch_dims=table.batch_dims,
+        profiles=(measured,),
+        codec_inputs="random" if calibration_info is None else "calibration",
+        calibration=calibration_info,
+        codecs=table.rows,
+        created_with={"secure_ci": secure_ci.__version__, "torch": torch.__version__},
+    )
+    manifest.check()
+    if progress is not None:
+        progress("profile", 1, 1)
+    return encode_container(manifest.to_json(), weights)
+
+
+def pack_model(
+    model: nn.Module,
+    *,
+    architecture: str,
+    input_shape: tuple[int, ...],
+    out: Path,
+    calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+    calibration_source: str = "calibration set",
+    codecs: Sequence[str] = DEFAULT_CODECS,
+    repeats: int = 3,
+    threads: int = 1,
+    progress: Progress | None = None,
+) -> ModelPackage:
+    """Pack ``model`` (an instance of zoo ``architecture``) into the file ``out``.
+
+    The package holds the weights (safetensors), the cut analysis for ``input_shape`` (one
+    sample, batch dimension first), a latency profile (``repeats`` timed runs per cut with
+    ``threads`` threads) and the codec table, with the accuracy drop measured on
+    ``calibration`` (inputs, int64 labels) when given. The file is written atomically and
+    read back through :func:`load_package`'s checks before it is returned.
+    """
+    data = pack_bytes(
+        model,
+        architecture=architecture,
+        input_shape=input_shape,
+        calibration=calibration,
+        calibration_source=calibration_source,
+        codecs=codecs,
+        repeats=repeats,
+        threads=threads,
+        progress=progress,
+    )
+    package = read_package(data)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write model package {out}: {exc.strerror or exc}") from None
+    return package
