@@ -25,10 +25,11 @@ from secure_ci.edge._batcher import Batcher, BatchLimits, TailWorker
 from secure_ci.edge._config import EdgeConfig
 from secure_ci.edge._identity import EnclaveIdentity, MemoryJournal, RecordSink, create_identity
 from secure_ci.edge._models import ModelRegistry, TailEntry
-from secure_ci.edge._session import Job, check_request, serve_session
+from secure_ci.edge._requests import INLINE_DECODE_BYTES, Job, verify_request
+from secure_ci.edge._session import serve_session
 from secure_ci.exceptions import ChannelError, ConfigError, LedgerError, ProtocolError
 from secure_ci.ledger._journal import JournalEntry
-from secure_ci.ledger._records import LedgerDomain, TaskResult, commitment
+from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment
 from secure_ci.ledger._signing import SigningPool
 from secure_ci.protocol import ErrorCode, InferRequest, InferResult, Limits
 
@@ -96,7 +97,7 @@ class EdgeService:
         self._worker = TailWorker(self._executor)
         # A tail that cannot batch (see TailEntry) gets batches of one.
         alone = dataclasses.replace(batch_limits, max_batch=1)
-        self._batchers: dict[tuple[bytes, int], Batcher[Job, InferResult]] = {
+        self._batchers: dict[tuple[bytes, int], Batcher[Job, InferResult | ProtocolError]] = {
             (e.model_id, e.cut): Batcher(
                 self._tail_runner(e),
                 limits=batch_limits if e.batchable else alone,
@@ -146,15 +147,7 @@ class EdgeService:
         self._inflight[device] += 1
         self._idle.clear()
         try:
-            # Hashing, signature recovery and decoding release the GIL: off the loop.
-            record, features = await asyncio.get_running_loop().run_in_executor(
-                self._checkers, check_request, self, device, request, self._clock()
-            )
-            self._remember(device, request.task_id)
-            batcher = self._batchers[(request.model_id, request.cut)]
-            job = Job(record, request.signature, features, received_at)
-            async with asyncio.timeout(self.config.limits.request_timeout):
-                result = await batcher.submit(job)
+            result = await self._run_checked(device, request, received_at)
         except TimeoutError:
             raise ProtocolError("the edge did not finish in time", code=ErrorCode.TIMEOUT) from None
         finally:
@@ -166,25 +159,80 @@ class EdgeService:
         self.stats["results"] += 1
         return result
 
-    def _tail_runner(self, entry: TailEntry) -> Callable[[Sequence[Job]], list[InferResult]]:
-        def run(jobs: Sequence[Job]) -> list[InferResult]:
+    async def _run_checked(
+        self, device: bytes, request: InferRequest, received_at: float
+    ) -> InferResult:
+        tail = self.models.get(request.model_id, request.cut)
+        if request.deadline and request.deadline < self._clock():
+            raise ProtocolError("request deadline has passed", code=ErrorCode.TIMEOUT)
+        # The record check (hashes, signature recovery; they release the GIL) runs in a checker
+        # thread beside decoding and the tail; the worker waits for it before signing.
+        record = self._checkers.submit(
+            verify_request,
+            request,
+            device=device,
+            edge=self.identity.address,
+            domain=self.domain,
+        )
+        if len(request.payload) <= INLINE_DECODE_BYTES:
+            features = tail.decode(request.codec, request.payload)
+        else:
+            features = await asyncio.get_running_loop().run_in_executor(
+                self._checkers, tail.decode, request.codec, request.payload
+            )
+        self._remember(device, request.task_id)
+        batcher = self._batchers[(request.model_id, request.cut)]
+        async with asyncio.timeout(self.config.limits.request_timeout):
+            outcome = await batcher.submit(Job(request, record, features, received_at))
+        if isinstance(outcome, ProtocolError):  # its record failed: the task id stays free
+            self._recent[device].pop(request.task_id, None)
+            raise outcome
+        return outcome
+
+    def _tail_runner(
+        self, entry: TailEntry
+    ) -> Callable[[Sequence[Job]], list[InferResult | ProtocolError]]:
+        def run(jobs: Sequence[Job]) -> list[InferResult | ProtocolError]:
             outputs = entry.run_batch([j.features for j in jobs])
-            return self._sign_and_journal(list(zip(jobs, outputs, strict=True)))
+            checked: list[tuple[Job, TaskRequest, bytes]] = []
+            answers: list[InferResult | ProtocolError | None] = []
+            for job, output in zip(jobs, outputs, strict=True):
+                try:
+                    checked.append((job, self._checked(job), output))
+                    answers.append(None)
+                except ProtocolError as exc:
+                    answers.append(exc)
+            results = iter(self._sign_and_journal(checked))
+            return [next(results) if a is None else a for a in answers]
 
         return run
 
-    def _sign_and_journal(self, done: Sequence[tuple[Job, bytes]]) -> list[InferResult]:
+    def _checked(self, job: Job) -> TaskRequest:
+        """The job's verified record (waiting for its check if it is still running)."""
+        try:
+            return job.record.result(timeout=self.config.limits.request_timeout)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # a bug or a hung check: refuse, never sign unchecked
+            log.warning("request check failed: %r", exc)
+            raise ProtocolError("internal error", code=ErrorCode.INTERNAL) from None
+
+    def _sign_and_journal(
+        self, done: Sequence[tuple[Job, TaskRequest, bytes]]
+    ) -> list[InferResult]:
         """Sign each result record and journal them in one group commit (worker thread)."""
+        if not done:
+            return []
         finished = time.monotonic()
         seq = self.journal.next_seq  # only this thread appends
         salts = [self.random_bytes(32) for _ in done]
         records = []
-        for offset, ((job, output), salt) in enumerate(zip(done, salts, strict=True)):
+        for offset, ((job, request, output), salt) in enumerate(zip(done, salts, strict=True)):
             latency_ms = min(max(0, int((finished - job.received_at) * 1000)), 2**32 - 1)
             records.append(
                 TaskResult(
-                    task_id=job.request.task_id,
-                    request_hash=job.request.struct_hash(),
+                    task_id=request.task_id,
+                    request_hash=request.struct_hash(),
                     output_commitment=commitment(salt, output),
                     measurement=self.identity.measurement,
                     quote_id=self.identity.quote_id,
@@ -197,8 +245,8 @@ class EdgeService:
         signatures = self._sign(digests)
         self.journal.append_many(
             [
-                JournalEntry(job.request, record, job.device_sig, signature, digest)
-                for (job, _), record, signature, digest in zip(
+                JournalEntry(request, record, job.request.signature, signature, digest)
+                for (job, request, _), record, signature, digest in zip(
                     done, records, signatures, digests, strict=True
                 )
             ]
@@ -213,7 +261,7 @@ class EdgeService:
                 latency_ms=record.latency_ms,
                 signature=signature,
             )
-            for (_, output), salt, record, signature in zip(
+            for (_, _, output), salt, record, signature in zip(
                 done, salts, records, signatures, strict=True
             )
         ]

@@ -1,10 +1,11 @@
 """One device session on the edge: handshake, authentication, then pipelined requests.
 
-Every request is checked before it costs anything: the device's signature over its
-``TaskRequest`` record, the model and cut, the features against the registered boundary
-specs, replay across sessions and the deadline. Failures of one task answer with a per-task
-``Error`` frame; protocol faults end the session with a fatal ``Error`` frame. Nothing a device
-sends can crash the edge or hold resources beyond the configured limits.
+Every request is checked (see ``EdgeService.run_request``): the model and cut, the deadline,
+the features against the registered boundary specs before they reach torch, replay across
+sessions, and the device's signature over its ``TaskRequest`` record, which is checked beside
+the tail and before anything is signed, journaled or answered. Failures of one task answer
+with a per-task ``Error`` frame; protocol faults end the session with a fatal ``Error`` frame.
+Nothing a device sends can crash the edge or hold resources beyond the configured limits.
 """
 
 from __future__ import annotations
@@ -14,22 +15,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from secure_ci.attestation import fresh_evidence
 from secure_ci.channel import FramedStream
 from secure_ci.edge._config import format_address, parse_address
-from secure_ci.edge._models import Features
 from secure_ci.exceptions import (
     ChannelError,
     ConfigError,
     ProtocolError,
-    RecordError,
     SecureCIError,
     SignatureError,
 )
-from secure_ci.ledger._records import TaskRequest, commitment, recover_signer
+from secure_ci.ledger._records import recover_signer
 from secure_ci.protocol import (
     PROTOCOL_VERSIONS,
     Authenticate,
@@ -51,19 +49,9 @@ from secure_ci.protocol import (
 if TYPE_CHECKING:
     from secure_ci.edge._service import EdgeService
 
-__all__ = ["Job", "serve_session"]
+__all__ = ["serve_session"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One checked request on its way through the batcher."""
-
-    request: TaskRequest
-    device_sig: bytes
-    features: Features
-    received_at: float
 
 
 async def _expect_handshake(stream: FramedStream, edge: EdgeService) -> bytes:
@@ -216,33 +204,3 @@ async def _answer(
         with contextlib.suppress(SecureCIError, ConnectionError):
             error = Error(code=ErrorCode.INTERNAL, reason="internal error", task_id=request.task_id)
             await _send_answer(stream, edge, error)
-
-
-def check_request(
-    edge: EdgeService, device: bytes, request: InferRequest, now: float
-) -> tuple[TaskRequest, Features]:
-    """Verify a request's record signature, deadline, model, cut and features."""
-    if request.deadline and request.deadline < now:
-        raise ProtocolError("request deadline has passed", code=ErrorCode.TIMEOUT)
-    try:
-        record = TaskRequest(
-            task_id=request.task_id,
-            device=device,
-            device_seq=request.device_seq,
-            model_id=request.model_id,
-            cut=request.cut,
-            input_commitment=commitment(request.salt, request.payload),
-            edge=edge.identity.address,
-            deadline=request.deadline,
-            prev_request=request.prev_request,
-        )
-        signer = record.recover(request.signature, edge.domain)
-    except (RecordError, SignatureError) as exc:
-        raise ProtocolError(f"bad request record: {exc}", code=ErrorCode.BAD_SIGNATURE) from None
-    if signer != device:
-        raise ProtocolError(
-            "request not signed by the session's device", code=ErrorCode.BAD_SIGNATURE
-        )
-    tail = edge.models.get(request.model_id, request.cut)
-    features = tail.decode(request.codec, request.payload)
-    return record, features

@@ -23,7 +23,7 @@ from secure_ci.protocol import (
     encode_frame,
 )
 from secure_ci.protocol._frames import FrameBuffer
-from secure_ci.testing import DEV_NOW, RawDevice
+from secure_ci.testing import DEV_NOW, RawDevice, new_device_key
 
 SHORT = EdgeLimits(
     handshake_timeout=0.3, idle_timeout=0.3, max_inflight_per_device=4, max_sessions=3
@@ -262,3 +262,25 @@ async def test_request_written_with_the_challenge_is_refused_not_answered(
     assert served.edge.stats["results"] == 0
     await device.aclose()
     await _still_serving(served)
+
+
+async def test_a_request_with_a_forged_record_is_refused_and_leaves_no_record(
+    served: Served,
+) -> None:
+    """The record check runs beside the tail, but nothing is signed, journaled or answered
+    for a request whose record another key signed."""
+    device = await _ready(served)
+    forger = RawDevice(device.stream, device.enclave, new_device_key(), device.domain)
+    forger.edge_address = device.edge_address
+    payload = _payload(served)
+    forged = forger.request(payload, model_id=served.model_id, cut=CUT, codec="float32", seq=1)
+    await device.send(forged)
+    error = await device.receive()
+    assert isinstance(error, Error)
+    assert (error.code, error.task_id) == (ErrorCode.BAD_SIGNATURE, forged.task_id)
+    assert served.journal.entries == []
+    honest = device.request(payload, model_id=served.model_id, cut=CUT, codec="float32", seq=2)
+    await device.send(honest)
+    assert isinstance(await device.receive(), InferResult)
+    assert [e.request.task_id for e in served.journal.entries] == [honest.task_id]
+    await device.aclose()
