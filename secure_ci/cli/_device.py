@@ -185,7 +185,7 @@ async def _infer(
     journal: DeviceJournal,
     request_timeout: float,
     clock: Callable[[], float],
-) -> list[dict[str, Any]]:
+) -> int:
     from secure_ci.device import DEFAULT_DOMAIN, open_session
 
     domain = deployment.domain if deployment is not None else DEFAULT_DOMAIN
@@ -199,8 +199,18 @@ async def _infer(
                 registration=registration,
             ) as session:  # fmt: skip
                 window = asyncio.Semaphore(session.max_in_flight)
-                jobs = (_one(session, journal, window, address, n, x) for n, x in samples)
-                return list(await asyncio.gather(*jobs))
+                jobs = [
+                    asyncio.create_task(_one(session, journal, window, address, n, x))
+                    for n, x in samples
+                ]
+                try:
+                    for job in asyncio.as_completed(jobs):
+                        typer.echo(json.dumps(await job))  # printed once it is journalled
+                finally:
+                    for job in jobs:
+                        job.cancel()
+                    await asyncio.gather(*jobs, return_exceptions=True)
+                return len(jobs)
         except AuthorizationError as exc:
             failures.append(str(exc))
             if len(targets) == 1:
@@ -267,7 +277,7 @@ def infer(
     clock = time.time if at is None else (lambda: float(at))
     journal.parent.mkdir(parents=True, exist_ok=True)
 
-    async def go() -> list[dict[str, Any]]:
+    async def go() -> int:
         if the_deployment is None:
             targets: list[tuple[str, RegisteredEdge | None]] = [(str(edge), None)]
         else:
@@ -278,8 +288,7 @@ def infer(
                 the_deployment, book, timeout, clock,
             )  # fmt: skip
 
-    for row in asyncio.run(go()):
-        typer.echo(json.dumps(row))
+    asyncio.run(go())
 
 
 @app.command()

@@ -26,6 +26,7 @@ app = typer.Typer(help="Run the enclave-hosted edge service.", no_args_is_help=T
 log = logging.getLogger("secure_ci.edge")
 
 _DEV_PKI = "dev-pki.json"
+_STOPPED_BY: list[signal.Signals] = []  # the signal that stopped `serve` (SIGINT exits 130)
 
 
 def _dev_pki(state_dir: Path | None) -> DevPKI:
@@ -109,8 +110,13 @@ async def _serve(
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopped_by(sig: signal.Signals) -> None:
+        _STOPPED_BY.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopped_by, sig)
     async with open_edge(
         config, provider=provider, models=models, journal=journal, identity=identity,
         allowed_devices=allowed_devices,
@@ -260,3 +266,5 @@ def serve(
             _run(edge_config, provider, pki, models, identity, journal, operator_key, anchor_only)
         )
     typer.echo(f"stopped after {results} results")
+    if signal.SIGINT in _STOPPED_BY:
+        raise typer.Exit(130)  # drained and anchored first, then the Ctrl-C exit code

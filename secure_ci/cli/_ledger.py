@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from secure_ci.cli._common import DeploymentOption, load_deployment
+from secure_ci.cli._common import DeploymentOption, load_deployment, read_file
 from secure_ci.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 def _port_free(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
         try:
             sock.bind(("127.0.0.1", port))
         except OSError as exc:
@@ -130,6 +131,14 @@ def deploy(
     window: Annotated[int, typer.Option(help="Challenge window in seconds.")] = 3600,
     passphrase_file: Annotated[Path | None, typer.Option("--passphrase-file")] = None,
     passphrase_env: Annotated[str | None, typer.Option("--passphrase-env")] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Overwrite OUT only if the new deployment is the same contract (a dev chain "
+            "restarted: the same owner key redeploys at the same address).",
+        ),
+    ] = False,
 ) -> None:
     """Deploy SecureCILedger, owned by KEY_FILE's key, and write the deployment file."""
     from eth_account import Account
@@ -140,8 +149,11 @@ def deploy(
     from secure_ci.ledger._deployment import Deployment, check_rpc_url
 
     check_rpc_url(rpc, "--rpc")
+    old = None
     if out.exists():
-        raise ConfigError(f"{out} exists: a deployment file is never overwritten")
+        if not replace:
+            raise ConfigError(f"{out} exists: a deployment file is never overwritten")
+        old = Deployment.from_json(read_file(out, "deployment", 4096))
     key = load_private_key(key_file, "owner key", Passphrase(passphrase_file, passphrase_env))
 
     async def go() -> Deployment:
@@ -150,6 +162,11 @@ def deploy(
             return Deployment(c.chain_id, bytes.fromhex(c.address[2:]), block, rpc)
 
     found = run(go())
+    if old is not None and (old.chain_id, old.contract) != (found.chain_id, found.contract):
+        raise ConfigError(
+            f"the new contract {found.contract_text} (chain {found.chain_id}) is not the one in "
+            f"{out}; {out} is left as it was: write the new deployment to another file"
+        )
     write_atomic(out, (found.to_json() + "\n").encode(), 0o644)
     typer.echo(f"contract {found.contract_text}")
     typer.echo(f"chain_id {found.chain_id}")

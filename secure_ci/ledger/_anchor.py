@@ -178,12 +178,18 @@ class Anchorer:
             self.journal.mark_anchored, batch.batch_id, bytes(receipt.tx_hash), receipt.block_number
         )
         self.gas_used += int(receipt.gas_used)
-        log.debug("anchored batch %d (%d records)", batch.batch_id, batch.count)
+        log.info(
+            "anchored batch %d (records %d..%d) in block %d",
+            batch.batch_id, batch.first_seq, batch.first_seq + batch.count - 1,
+            receipt.block_number,
+        )  # fmt: skip
         return receipt
 
     async def run(self, *, poll_seconds: float = 0.05, stop: asyncio.Event | None = None) -> None:
         """Anchor due batches until cancelled or ``stop`` is set (then flush what is left)."""
         await self.sync()
+        if self.journal.unanchored():  # closed before a crash or a chain reset: anchor now
+            await self._close_and_anchor(full_only=True)
         while stop is None or not stop.is_set():
             if self.due():
                 aged = self.clock() - (self._pending_since or 0.0) >= self.max_seconds

@@ -41,8 +41,6 @@ from secure_ci.edge._ledger import LOG_CHUNK_BLOCKS, EdgeLedger
 from secure_ci.exceptions import (
     ChainError,
     ConfigError,
-    ContractRevertError,
-    LedgerError,
     RemoteProtocolError,
 )
 from secure_ci.ledger import (
@@ -202,38 +200,58 @@ async def test_registered_devices_follow_the_events_in_order() -> None:
     assert await devices.refresh() == 0
 
 
-class FlakyAnchorer:
-    """Fails ``failures`` times with a transport error, then anchors."""
+class FlakyChain:
+    """A ledger connection that fails ``failures`` times with a transport error, then ends."""
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.runs = 0
 
-    async def run(self, *, stop: asyncio.Event) -> None:
+    async def __call__(self, stop: asyncio.Event) -> None:
         self.runs += 1
         if self.runs <= self.failures:
             raise ChainError("node unreachable")
 
 
-def _loop_owner(anchorer: FlakyAnchorer) -> EdgeLedger:
-    settings = LedgerSettings("http://127.0.0.1:1", b"\x01" * 20, 1, endpoint="e")
-    fields: dict[str, Any] = {"client": None, "edge_config": None, "devices": None}
-    return EdgeLedger(settings=settings, anchorer=anchorer, endpoint="e", funded_wei=0, **fields)  # type: ignore[arg-type]
+def _supervised(flaky: FlakyChain, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> EdgeLedger:
+    identity = create_identity(dev_enclave(DEV_NOW).provider, now=DEV_NOW)
+    settings = LedgerSettings("http://127.0.0.1:1", b"\x01" * 20, 1, endpoint="e", chain_id=7)
+    journal = Journal.open(tmp_path / f"j{flaky.failures}.sqlite", edge=identity.address)
+    ledger = EdgeLedger(
+        settings=settings, edge_config=EdgeConfig(ledger=settings, journal_dir=tmp_path),
+        identity=identity, operator=Account.create(), journal=journal,
+        devices=RegisteredDevices(), endpoint="e",
+    )  # fmt: skip
+    monkeypatch.setattr(ledger, "_connection", flaky)
+    return ledger
 
 
-async def test_anchoring_retries_chain_failures_and_gives_up_after_stop(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_the_ledger_supervisor_retries_and_gives_up_only_after_stop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(_ledger, "RETRY_SECONDS", (0.001, 0.004))
-    flaky = FlakyAnchorer(failures=5)
-    await asyncio.wait_for(_loop_owner(flaky)._anchor_loop(asyncio.Event()), 10)
-    assert flaky.runs == 6  # retried while serving
+    flaky = FlakyChain(failures=5)
+    await asyncio.wait_for(
+        _supervised(flaky, monkeypatch, tmp_path)._supervise(asyncio.Event()), 10
+    )
+    assert flaky.runs == 6  # retried while serving, never raised
     stopped = asyncio.Event()
     stopped.set()
-    broken = FlakyAnchorer(failures=100)
-    with pytest.raises(ChainError):
-        await asyncio.wait_for(_loop_owner(broken)._anchor_loop(stopped), 10)
+    broken = FlakyChain(failures=100)
+    await asyncio.wait_for(_supervised(broken, monkeypatch, tmp_path)._supervise(stopped), 10)
     assert broken.runs == _ledger.SHUTDOWN_ATTEMPTS  # bounded once the edge stopped
+
+
+async def test_a_configuration_error_ends_the_supervisor(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    async def wrong_chain(stop: asyncio.Event) -> None:
+        raise ConfigError("the node runs chain 1, the deployment is on chain 7")
+
+    ledger = _supervised(FlakyChain(0), monkeypatch, tmp_path)
+    monkeypatch.setattr(ledger, "_connection", wrong_chain)
+    with pytest.raises(ConfigError, match="chain 7"):
+        await asyncio.wait_for(ledger._supervise(asyncio.Event()), 10)
 
 
 # ------------------------------------------------------------------ on anvil
@@ -306,6 +324,21 @@ async def _until(predicate: Any) -> None:
     pytest.fail("the device registry was not refreshed within 30 s")
 
 
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    """Wait (bounded) until a log record contains ``text``."""
+    for _ in range(1500):
+        if any(text in r.getMessage() for r in caplog.records):
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"nothing logged {text!r} within 30 s")
+
+
+@pytest.fixture
+def fast_retry(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(_ledger, "RETRY_SECONDS", (0.05, 0.2))
+    caplog.set_level("INFO", logger="secure_ci")
+
+
 async def _audited(chain: Chain, edge: bytes, path: Path) -> int:
     """Index the edge's batches from the chain's calldata and verify every task."""
     with AuditIndex(path, chain.ledger.domain) as index:
@@ -319,13 +352,13 @@ async def _audited(chain: Chain, edge: bytes, path: Path) -> int:
 @pytest.mark.anvil
 @pytest.mark.slow
 async def test_edge_registers_admits_registered_devices_and_anchors(
-    chain: Chain, tmp_path: Path
+    chain: Chain, tmp_path: Path, caplog: pytest.LogCaptureFixture, fast_retry: None
 ) -> None:
     enclave = dev_enclave(DEV_NOW)
     identity = create_identity(enclave.provider, now=DEV_NOW)
     member, late, stranger = (DeviceIdentity.generate() for _ in range(3))
     await chain.ledger.register_device(chain.fleet, chain.fleet_party, member)
-    # not yet allowed: the edge refuses to start (its batches would revert)
+    # not yet allowed: the edge serves on, says why it is not on the ledger, and retries
     settings = LedgerSettings(
         chain.node.url, bytes.fromhex(chain.ledger.address[2:]), chain.party,
         endpoint="edge.test:7443", batch_records=4, batch_seconds=0.2, refresh_seconds=0.05,
@@ -334,13 +367,15 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
     operator_key = bytes(chain.operator.key)
     book = ReceiptBook(chain.ledger, chain.ledger.domain, Account.from_key(member.key))
     with Journal.open(tmp_path / "edge.sqlite", edge=identity.address) as journal:
-        with pytest.raises(LedgerError, match="not allowed"):
-            async with open_edge_ledger(config, identity, operator_key, journal=journal):
-                pass
-        await chain.ledger.allow_measurement(identity.measurement)
-        with pytest.raises(ContractRevertError, match="NotPartyAdmin"):
-            async with open_edge_ledger(config, identity, bytes(chain.fleet.key), journal=journal):
-                pass
+        async with open_edge_ledger(config, identity, operator_key, journal=journal) as waiting:
+            await _logged(caplog, "is not allowed on the ledger")
+            assert not waiting.connected.is_set()
+        async with open_edge_ledger(
+            config, identity, bytes(chain.fleet.key), journal=journal
+        ) as wrong:  # the fleet's admin is not party 1's admin
+            await chain.ledger.allow_measurement(identity.measurement)
+            await _logged(caplog, "NotPartyAdmin")
+            assert not wrong.connected.is_set()
         xs = [torch.randn(1, 1, 32, 32) for _ in range(6)]
         async with (
             open_edge_ledger(config, identity, operator_key, journal=journal) as on_chain,
@@ -350,6 +385,8 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
                 clock=lambda: float(DEV_NOW),
             ) as edge,
         ):  # fmt: skip
+            await asyncio.wait_for(on_chain.wait_connected(), 60)
+            assert on_chain.registrations == 1
             assert on_chain.edge_config.chain_id == chain.node.chain_id
             assert on_chain.funded_wei == settings.fund_wei  # a fresh enclave key had nothing
             assert member.address in on_chain.devices
@@ -383,7 +420,9 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
     again = dataclasses.replace(config, ledger=dataclasses.replace(settings, fund_wei=1))
     with Journal.open(tmp_path / "edge.sqlite", edge=identity.address) as journal:
         async with open_edge_ledger(again, identity, operator_key, journal=journal) as on_chain:
+            await asyncio.wait_for(on_chain.wait_connected(), 60)
             assert on_chain.funded_wei == 0
+            assert on_chain.registrations == 0  # the chain already has this registration
             assert member.address in on_chain.devices
     assert (await chain.ledger.edge_state(identity.address_text)).next_seq == tasks
     await book.check(DEV_NOW)
@@ -431,6 +470,17 @@ refresh_seconds = 0.1
     return path
 
 
+async def _line(stdout: asyncio.StreamReader, text: str) -> str:
+    """The first line (stdout and stderr) that contains ``text`` (bounded)."""
+    async with asyncio.timeout(120):
+        while True:
+            line = (await stdout.readline()).decode()
+            if not line:
+                raise RuntimeError(f"the edge exited before it said {text!r}")
+            if text in line:
+                return line
+
+
 async def _header(stdout: asyncio.StreamReader) -> dict[str, str]:
     """The ``key value`` lines the edge prints up to ``ready`` (bounded)."""
     info: dict[str, str] = {}
@@ -450,6 +500,9 @@ async def test_edge_serve_cli_on_the_ledger(chain: Chain, tmp_path: Path) -> Non
     member, stranger = DeviceIdentity.generate(), DeviceIdentity.generate()
     await chain.ledger.register_device(chain.fleet, chain.fleet_party, member)
     await chain.ledger.allow_measurement(DEV_MRENCLAVE)
+    # the edge serves a model only once its id is registered on the ledger
+    model_id = bytes.fromhex(build_partitioner().model_id)
+    await chain.ledger.register_model(chain.operator, chain.party, model_id)
     config = _cli_config(tmp_path, chain)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "secure_ci", "edge", "serve", "--config", str(config),
@@ -463,8 +516,8 @@ async def test_edge_serve_cli_on_the_ledger(chain: Chain, tmp_path: Path) -> Non
         assert info["ledger"] == chain.ledger.address
         assert info["chain_id"] == str(chain.node.chain_id)
         assert info["party"] == str(chain.party)
-        assert info["registered"] == "127.0.0.1:7443"
-        assert info["devices"] == "1"
+        assert info["endpoint"] == "127.0.0.1:7443"
+        await _line(proc.stdout, "1 devices registered")
         pki = tmp_path / "pki"
         root = x509.load_pem_x509_certificate((pki / "dev-root.pem").read_bytes())
         trust = Trust(
@@ -480,7 +533,7 @@ async def test_edge_serve_cli_on_the_ledger(chain: Chain, tmp_path: Path) -> Non
         async with asyncio.timeout(60):
             tail = (await proc.stdout.read()).decode().splitlines()
             assert await proc.wait() == 0, tail
-        assert f"anchored {len(xs)} records" in tail, tail
+        assert "unanchored 0 records" in tail, tail
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -490,8 +543,12 @@ async def test_edge_serve_cli_on_the_ledger(chain: Chain, tmp_path: Path) -> Non
     assert await _audited(chain, bytes.fromhex(edge[2:]), tmp_path / "audit.sqlite") == len(xs)
 
 
-async def _serve_then_revoke(chain: Chain, tmp_path: Path) -> Journal:
-    """Serve one task, with the edge revoked on chain before it is anchored."""
+@pytest.mark.anvil
+async def test_a_revoked_edge_keeps_its_records_and_says_why(
+    chain: Chain, tmp_path: Path, caplog: pytest.LogCaptureFixture, fast_retry: None
+) -> None:
+    """Revoked on chain, the edge cannot anchor: it serves on, keeps every record it
+    acknowledged in the journal and logs the revert with what it means."""
     enclave = dev_enclave(DEV_NOW)
     identity = create_identity(enclave.provider, now=DEV_NOW)
     member = DeviceIdentity.generate()
@@ -512,14 +569,13 @@ async def _serve_then_revoke(chain: Chain, tmp_path: Path) -> Journal:
                 clock=lambda: float(DEV_NOW),
             ) as edge,
         ):  # fmt: skip
+            await asyncio.wait_for(on_chain.wait_connected(), 60)
             await chain.ledger.revoke_edge(chain.operator, identity.address_text)
             async with _session(edge.port, member, enclave, chain) as session:
-                await session.infer(torch.randn(1, 1, 32, 32))
-            await asyncio.sleep(30)  # the failed anchoring cancels this
-    return journal
-
-
-@pytest.mark.anvil
-async def test_a_revoked_edge_stops_with_the_revert(chain: Chain, tmp_path: Path) -> None:
-    with pytest.raises(ContractRevertError, match="UnknownEdge"):
-        await asyncio.wait_for(_serve_then_revoke(chain, tmp_path), 60)
+                for _ in range(2):  # answered while revoked
+                    await session.infer(torch.randn(1, 1, 32, 32))
+            await _logged(caplog, "UnknownEdge")
+            await _logged(caplog, "is revoked on the ledger")
+        assert journal.next_seq == 2
+        assert journal.unanchored_records == 2  # kept, never lost
+    assert (await chain.ledger.edge_state(identity.address_text)).next_seq == 0

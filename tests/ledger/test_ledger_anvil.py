@@ -14,8 +14,9 @@ from eth_account import Account
 from typer.testing import CliRunner
 
 from secure_ci.cli import app
-from secure_ci.exceptions import ChainError, ContractRevertError
+from secure_ci.exceptions import ChainError, ConfigError, ContractRevertError
 from secure_ci.ledger import AnvilNode, LedgerClient, find_anvil, open_ledger, run_anvil
+from secure_ci.ledger._deployment import Deployment
 from secure_ci.testing import ledger_world
 
 needs_anvil = pytest.mark.skipif(
@@ -95,22 +96,40 @@ async def test_bind_existing_contract(anvil: AnvilNode) -> None:
 
 
 @needs_anvil
-def test_cli_deploy_and_status(anvil: AnvilNode) -> None:
+def test_cli_deploy_writes_a_deployment_that_reading_commands_take(
+    anvil: AnvilNode, tmp_path: Path
+) -> None:
     runner = CliRunner()
-    env = {"SECURE_CI_LEDGER_KEY": anvil.keys[1]}
-    deployed = runner.invoke(app, ["ledger", "deploy", "--rpc", anvil.url], env=env)
+    key = tmp_path / "owner.key"
+    key.write_text(anvil.keys[1] + "\n")
+    out = tmp_path / "deployment.json"
+    args = ["ledger", "deploy", "--rpc", anvil.url, "--key-file", str(key), "--out", str(out)]
+    deployed = runner.invoke(app, args)
     assert deployed.exit_code == 0, deployed.output
-    address = deployed.output.strip().splitlines()[-1]
-    args = ["ledger", "status", "--rpc", anvil.url, "--contract", address, "--json"]
-    shown = runner.invoke(app, args)
+    deployment = Deployment.from_json(out.read_bytes())
+    assert deployment.chain_id == anvil.chain_id
+    assert deployment.rpc == anvil.url
+    assert f"contract {deployment.contract_text}" in deployed.output
+    assert deployment.deployment_block >= 1
+    again = runner.invoke(app, args)  # never overwritten
+    assert isinstance(again.exception, ConfigError)
+    assert out.read_bytes() == deployment.to_json().encode() + b"\n"
+    shown = runner.invoke(app, ["ledger", "status", "--deployment", str(out), "--json"])
     assert shown.exit_code == 0, shown.output
     summary = json.loads(shown.output)
     assert summary["chain_id"] == anvil.chain_id
     assert summary["owner"] == Account.from_key(anvil.keys[1]).address
     assert summary["edges"] == []
-    text = runner.invoke(app, args[:-1])
+    text = runner.invoke(app, ["ledger", "status", "--deployment", str(out)])
     assert text.exit_code == 0
-    assert f"contract: {address}" in text.output
+    assert f"contract: {deployment.contract_text}" in text.output
+    # a reading command never deploys: no deployment and no contract is a usage error
+    for reading in (
+        ["ledger", "status", "--rpc", anvil.url],
+        ["audit", "tasks", "--rpc", anvil.url],
+    ):
+        refused = runner.invoke(app, reading)
+        assert isinstance(refused.exception, ConfigError), refused.output
 
 
 @needs_anvil
