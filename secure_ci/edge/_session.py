@@ -44,6 +44,7 @@ from secure_ci.protocol import (
     InferRequest,
     Role,
     channel_binding,
+    wanted_models,
 )
 
 if TYPE_CHECKING:
@@ -95,8 +96,12 @@ async def _expect_handshake(stream: FramedStream, edge: EdgeService) -> bytes:
     if signer != device:
         raise ProtocolError("authentication signed by another key", code=ErrorCode.BAD_SIGNATURE)
     if device not in edge.allowed_devices:
+        log.info("session refused: device %s is not allowed (not registered?)", hello.device)
         raise ProtocolError("device is not allowed on this edge", code=ErrorCode.UNAUTHORIZED)
+    for model_id, cut in wanted_models(hello.capabilities):
+        edge.models.get(model_id, cut)  # UNKNOWN_MODEL before the device sends a feature byte
     await stream.send(AuthOk())
+    log.info("session admitted: device %s", hello.device)
     return device
 
 
