@@ -125,7 +125,7 @@ def pack(
 
 def _cuts_table(package: ModelPackage, summary: dict[str, Any]) -> Table:
     table = Table(title=f"{package.architecture}: {len(package.cuts)} cuts")
-    for column in ("#", "cut after", "boundary", "KiB", "batch dim", "head ms", "tail ms", "edge"):
+    for column in ("#", "cut after", "boundary", "KiB", "batch dim", "head ms", "tail ms"):
         table.add_column(column, justify="left" if column in ("cut after", "boundary") else "right")
     for cut in summary["cuts"]:
         table.add_row(
@@ -133,10 +133,11 @@ def _cuts_table(package: ModelPackage, summary: dict[str, Any]) -> Table:
             cut["name"],
             " + ".join("x".join(map(str, b["shape"])) for b in cut["boundary"]),
             f"{cut['nbytes'] / 1024:.1f}",
-            ",".join(str(d[0]) if len(d) == 1 else "-" for d in cut["batch_dims"]),
+            ",".join(
+                "-" if b["batch_dim"] is None else str(b["batch_dim"]) for b in cut["boundary"]
+            ),
             "-" if cut["head_ms"] is None else f"{cut['head_ms']:.3f}",
             "-" if cut["tail_ms"] is None else f"{cut['tail_ms']:.3f}",
-            "yes" if cut["servable"] else "no",
         )
     return table
 
@@ -180,7 +181,7 @@ def inspect(
         f"model_id    {package.model_id_hex}",
         f"weights     {summary['weights']['tensors']} tensors, "
         f"{summary['weights']['parameters']} parameters, sha256 {summary['weights']['sha256']}",
-        f"edge cuts   {', '.join(map(str, package.servable_cuts)) or 'none'}",
+        f"batchable   cuts {', '.join(map(str, package.batchable_cuts)) or 'none'}",
         "calibration "
         + (
             "none (codec bytes on random inputs)"
@@ -193,3 +194,27 @@ def inspect(
         console.print(line, markup=False)
     console.print(_cuts_table(package, summary))
     console.print(_codec_table(package))
+
+
+@app.command()
+def samples(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the inputs (.npy).")],
+    count: Annotated[int, typer.Option(help="How many inputs (1..540).")] = 8,
+) -> None:
+    """Write held-out digits (the calibration split, never trained on) as one .npy stack for
+    `secure-ci device infer`, and print their labels."""
+    import io
+
+    import numpy as np
+
+    from secure_ci.edge._state import write_atomic
+    from secure_ci.zoo._train import load_digits_data
+
+    data = load_digits_data()
+    if not 1 <= count <= len(data.test_y):
+        raise ConfigError(f"--count must be 1..{len(data.test_y)}")
+    buffer = io.BytesIO()
+    np.save(buffer, data.test_x[:count].numpy(), allow_pickle=False)
+    write_atomic(out, buffer.getvalue(), 0o644)
+    typer.echo(f"labels {' '.join(str(int(y)) for y in data.test_y[:count])}")
+    typer.echo(f"wrote {count} digits to {out}")

@@ -16,7 +16,7 @@ Example::
 
     [[models]]
     package = "digits.scipkg"         # a model package (`secure-ci model pack`), relative
-    cuts = [2, 4]                     # optional for a package: default every servable cut
+    cuts = [2, 4]                     # optional for a package: default every batchable cut
     codecs = ["float16", "int8"]
 
     [[models]]                        # or a zoo model with weights drawn from a seed (tests)
@@ -140,8 +140,8 @@ class ModelSpec:
     """A model served with the given cuts and feature codecs.
 
     Either ``zoo`` (a zoo model, weights drawn from ``seed``: for tests) or ``package`` (a
-    model package file), never both. A package with no ``cuts`` serves every cut its
-    analysis marks servable (each boundary tensor is one sample along dimension 0).
+    model package file), never both. A package with no ``cuts`` serves every cut whose
+    boundary tensors all have a batch dimension in its analysis (its batchable cuts).
     """
 
     zoo: str | None = None

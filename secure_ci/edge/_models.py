@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from secure_ci.edge._config import ModelSpec
-from secure_ci.exceptions import CodecError, ConfigError, PackageError, ProtocolError
+from secure_ci.exceptions import CodecError, ConfigError, ProtocolError
 from secure_ci.partition import Partitioner
 from secure_ci.partition._codec import CODECS, decode_features, encode_features
 from secure_ci.partition._plan import TensorSpec
-from secure_ci.partition._stage import Stage
 from secure_ci.protocol._codes import ErrorCode
 
 __all__ = [
@@ -283,9 +282,9 @@ def load_zoo_tails(
 def load_model_tails(spec: ModelSpec) -> list[TailEntry]:
     """The tails of one ``[[models]]`` entry: a zoo model, or a verified model package.
 
-    A package without cuts serves every cut its analysis marks servable; a listed cut the
-    package does not have, or whose boundary is not one sample along dimension 0, is a
-    :class:`ConfigError`. A package that fails verification raises :class:`PackageError`.
+    A package without cuts serves its batchable cuts (every boundary tensor has a batch
+    dimension); a listed cut the package does not have is a :class:`ConfigError`, and a
+    package that fails verification raises :class:`PackageError`.
     """
     if spec.package is None:
         if spec.zoo is None:  # pragma: no cover - ModelSpec requires one of the two
@@ -294,26 +293,12 @@ def load_model_tails(spec: ModelSpec) -> list[TailEntry]:
     from secure_ci.package import load_package
 
     package = load_package(spec.package)
-    servable = package.servable_cuts
-    cuts = spec.cuts or servable
+    cuts = spec.cuts or package.batchable_cuts
     if not cuts:
-        raise ConfigError(f"model package {spec.package} has no cut an edge can serve")
+        raise ConfigError(f"model package {spec.package}: no batchable cut, list the cuts")
     for cut in cuts:
         if cut >= len(package.cuts):
             raise ConfigError(
                 f"model package {spec.package} has {len(package.cuts)} cuts, not cut {cut}"
             )
-        if cut not in servable:
-            raise ConfigError(
-                f"cut {cut} of {spec.package} cannot be served: its boundary is not one "
-                "sample along dimension 0"
-            )
-    tails = tails_from_partitioner(package.partitioner(), cuts, spec.codecs)
-    for entry in tails:
-        tail = entry.tail
-        if isinstance(tail, Stage) and any(free != frozenset({0}) for free in tail.free_dims):
-            raise PackageError(
-                f"cut {entry.cut} of {spec.package}: the package claims a batch dimension "
-                "its model does not have"
-            )
-    return tails
+    return tails_from_partitioner(package.partitioner(), cuts, spec.codecs)

@@ -21,7 +21,7 @@ from secure_ci.exceptions import ConfigError
 from secure_ci.package._manifest import CodecRow
 from secure_ci.partition._codec import CODECS, decode_features, encode_features
 from secure_ci.partition._partitioner import Partitioner
-from secure_ci.partition._plan import Cut
+from secure_ci.partition._plan import Cut, TensorSpec
 from secure_ci.partition._stage import Stage
 
 __all__ = ["DEFAULT_CODECS", "CodecTable", "Progress", "measure_codecs"]
@@ -40,10 +40,9 @@ Features = tuple[torch.Tensor, ...]
 
 @dataclass(frozen=True)
 class CodecTable:
-    """Codec rows, the batch dimensions of every cut's boundary, and the baseline accuracy."""
+    """Codec rows and the baseline accuracy on the calibration set (None without one)."""
 
     rows: tuple[CodecRow, ...]
-    batch_dims: tuple[tuple[tuple[int, ...], ...], ...]
     accuracy: float | None
 
 
@@ -72,8 +71,9 @@ def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
     return [x[i : i + CHUNK] for i in range(0, x.shape[0], CHUNK)]
 
 
-def _batched(*stages: Stage) -> bool:
-    return all(free == frozenset({0}) for stage in stages for free in stage.free_dims)
+def _batched(inputs: tuple[TensorSpec, ...], cut: Cut) -> bool:
+    """Whether head and tail run on many samples at once, stacked along dimension 0."""
+    return all(spec.batch_dim == 0 for spec in (*inputs, *cut.boundary))
 
 
 def _logits(out: object) -> torch.Tensor:
@@ -124,18 +124,16 @@ def measure_codecs(
                           for c, yc in zip(_chunks(x), _chunks(y), strict=True))  # fmt: skip
             accuracy = correct / x.shape[0]
         rows: list[CodecRow] = []
-        batch_dims = []
         cuts = partitioner.cuts
         for done, cut in enumerate(cuts):
             if progress is not None:
                 progress("codec table", done, len(cuts))
             head, tail = partitioner.split(cut)
-            batch_dims.append(tuple(tuple(sorted(free)) for free in tail.free_dims))
-            batched = _batched(head, tail)
+            batched = _batched(partitioner.input_specs, cut)
             rows.extend(_cut_rows(cut, head, tail, batched, x, y, accuracy, codecs))
     if progress is not None:
         progress("codec table", len(cuts), len(cuts))
-    return CodecTable(tuple(rows), tuple(batch_dims), accuracy)
+    return CodecTable(tuple(rows), accuracy)
 
 
 def _cut_rows(

@@ -20,7 +20,8 @@ Canonical JSON is what ``json.dumps(value, sort_keys=True, separators=(",", ":")
 ensure_ascii=True, allow_nan=False)`` writes: sorted keys, no whitespace, ASCII only,
 integers as written, floats in Python's shortest round-trip form. The reader refuses input
 that is not in that exact form, duplicate keys, NaN/Infinity, nesting deeper than
-``MAX_JSON_DEPTH`` and oversized input, before any value is interpreted.
+``MAX_JSON_DEPTH`` (measured on the bytes, before the parser runs) and oversized input,
+before any value is interpreted.
 
 The digest detects corruption and edits, but anyone can recompute it: what authenticates a
 package is its ``model_id`` (architecture + weights), which the loader recomputes from the
@@ -34,6 +35,8 @@ import json
 import struct
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from secure_ci.exceptions import PackageError
 
@@ -51,6 +54,7 @@ __all__ = [
     "encode_container",
     "json_depth",
     "parse_json",
+    "scan_depth",
 ]
 
 MAGIC = b"SCIPKG"
@@ -171,12 +175,38 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
+def scan_depth(raw: bytes) -> int:
+    """Deepest nesting of ``[``/``{`` outside strings, found without parsing (vectorised).
+
+    JSON parsers recurse per level, and a raised recursion limit turns a deep document into a
+    crash rather than an error, so the depth is bounded before the parser sees the bytes. A
+    quote ends a string unless an odd run of backslashes precedes it; up to the first syntax
+    error this is exactly how a JSON parser reads the bytes (UTF-8 continuation bytes never
+    look like ASCII punctuation), so the parser never nests deeper than this.
+    """
+    data = np.frombuffer(raw, dtype=np.uint8)
+    if data.size == 0:
+        return 0
+    index = np.arange(data.size, dtype=np.int64)
+    backslash = data == 0x5C
+    last_other = np.maximum.accumulate(np.where(backslash, -1, index))
+    run = np.zeros(data.size, dtype=np.int64)
+    run[1:] = index[:-1] - last_other[:-1]  # backslashes right before each byte
+    quote = (data == 0x22) & (run % 2 == 0)
+    inside = (np.cumsum(quote) - quote) % 2 == 1
+    opening = ((data == 0x5B) | (data == 0x7B)) & ~inside
+    closing = ((data == 0x5D) | (data == 0x7D)) & ~inside
+    return int(np.cumsum(opening.astype(np.int64) - closing.astype(np.int64)).max())
+
+
 def parse_json(
     raw: bytes, what: str, *, canonical: bool, max_bytes: int = MAX_MANIFEST_BYTES
 ) -> Any:
     """Parse bounded JSON: size, depth, duplicate keys, NaN; optionally canonical form."""
     if len(raw) > max_bytes:
         raise PackageError(f"{what} of {len(raw)} bytes exceeds {max_bytes}")
+    if scan_depth(raw) > MAX_JSON_DEPTH:
+        raise PackageError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         text = raw.decode("utf-8")
         value = json.loads(text, object_pairs_hook=_unique, parse_constant=_reject_constant)

@@ -7,7 +7,7 @@ JSON shape (canonical JSON in the file, see :mod:`secure_ci.package._format`)::
      "model_id": "<64 hex>",                     Partitioner.model_id: architecture + weights
      "weights": {"sha256": "<64 hex>", "bytes": N, "tensors": K, "parameters": P},
      "analysis": {"total_flops": F, "total_params": P,
-                  "cuts": [Cut.to_json() + {"batch_dims": [[0], ...]}, ...]},
+                  "cuts": [Cut.to_json(), ...]},   boundary specs with batch_dim
      "profiles": [Profile.to_json(), ...],       measured on the packing machine
      "codecs": {"measured_on": "calibration" | "random",
                 "calibration": null | {"source": str, "samples": n, "accuracy": a},
@@ -15,7 +15,8 @@ JSON shape (canonical JSON in the file, see :mod:`secure_ci.package._format`)::
                           "accuracy_drop_pt": d | null}, ...]},
      "created_with": {"secure_ci": "0.1.0", "torch": "2.13.0+cpu"}}
 
-``batch_dims`` lists, per boundary tensor, the dimensions that follow the batch size.
+Each boundary tensor spec says which dimension follows the batch (``batch_dim``, null when
+samples cannot be batched).
 ``bytes`` is the mean encoded size of one sample's boundary, ``ratio`` that size over the
 float32 boundary bytes, ``accuracy_drop_pt`` the top-1 accuracy lost on the calibration set
 in percentage points (null without one).
@@ -23,7 +24,6 @@ in percentage points (null without one).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -45,7 +45,6 @@ MAX_NAME = 256
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _CODEC = re.compile(r"[a-z0-9]{1,16}(\+[a-z0-9]{1,16}){0,3}")
 _ZOO_NAME = re.compile(r"[a-z0-9_]{1,64}")
-_SPEC_KEYS = {f.name for f in dataclasses.fields(TensorSpec)}
 CodecInputs = Literal["calibration", "random"]
 
 
@@ -151,7 +150,6 @@ class PackageManifest:
     total_flops: int
     total_params: int
     cuts: tuple[Cut, ...]
-    batch_dims: tuple[tuple[tuple[int, ...], ...], ...]
     profiles: tuple[Profile, ...]
     codec_inputs: CodecInputs
     calibration: Calibration | None
@@ -159,10 +157,7 @@ class PackageManifest:
     created_with: Mapping[str, str]
 
     def to_json(self) -> dict[str, Any]:
-        cuts = [
-            {**cut.to_json(), "batch_dims": [list(d) for d in dims]}
-            for cut, dims in zip(self.cuts, self.batch_dims, strict=True)
-        ]
+        cuts = [cut.to_json() for cut in self.cuts]
         return {
             "architecture": {"kind": "zoo", "name": self.architecture},
             "input": {"shape": list(self.input_shape), "dtype": "float32"},
@@ -206,7 +201,7 @@ class PackageManifest:
         created = f["created_with"]
         if not isinstance(created, dict) or len(created) > 16:
             raise PackageError("created_with must be a small map of strings")
-        cuts, batch_dims = _cuts(_list(analysis["cuts"], "analysis.cuts", MAX_CUTS))
+        cuts = _cuts(_list(analysis["cuts"], "analysis.cuts", MAX_CUTS))
         calibration = codecs["calibration"]
         try:
             profiles = tuple(
@@ -225,7 +220,6 @@ class PackageManifest:
             total_flops=_int(analysis["total_flops"], "analysis.total_flops"),
             total_params=_int(analysis["total_params"], "analysis.total_params"),
             cuts=cuts,
-            batch_dims=batch_dims,
             profiles=profiles,
             codec_inputs=codecs["measured_on"],
             calibration=None if calibration is None else Calibration.from_json(calibration),
@@ -265,51 +259,45 @@ def _input_shape(value: object) -> tuple[int, ...]:
     return shape
 
 
-def _cuts(
-    values: list[Any],
-) -> tuple[tuple[Cut, ...], tuple[tuple[tuple[int, ...], ...], ...]]:
-    cuts, dims = [], []
+def _cuts(values: list[Any]) -> tuple[Cut, ...]:
+    cuts = []
     keys = {"index", "name", "boundary", "boundary_names", "nbytes", "head_flops_share",
-            "head_params_share", "bottleneck", "batch_dims"}  # fmt: skip
+            "head_params_share", "bottleneck"}  # fmt: skip
     for position, value in enumerate(values):
         f = _fields(value, keys, f"cut {position}")
         boundary = _list(f["boundary"], "cut boundary", MAX_BOUNDARY)
         names = _list(f["boundary_names"], "cut boundary names", MAX_BOUNDARY)
-        batch = _list(f["batch_dims"], "cut batch_dims", MAX_BOUNDARY)
-        if len(batch) != len(boundary) or not isinstance(f["bottleneck"], bool):
-            raise PackageError(f"cut {position}: one batch_dims list per boundary tensor")
+        if not isinstance(f["bottleneck"], bool):
+            raise PackageError(f"cut {position}: bottleneck must be true or false")
         try:
-            cut = Cut(
-                index=_int(f["index"], "cut index", position, position),
-                name=_str(f["name"], "cut name"),
-                boundary=tuple(_spec(s) for s in boundary),
-                boundary_names=tuple(_str(n, "boundary name") for n in names),
-                nbytes=_int(f["nbytes"], "cut nbytes"),
-                head_flops_share=_num(f["head_flops_share"], "head_flops_share", 0.0, 1.0),
-                head_params_share=_num(f["head_params_share"], "head_params_share", 0.0, 1.0),
-                bottleneck=f["bottleneck"],
+            cuts.append(
+                Cut(
+                    index=_int(f["index"], "cut index", position, position),
+                    name=_str(f["name"], "cut name"),
+                    boundary=tuple(_spec(s) for s in boundary),
+                    boundary_names=tuple(_str(n, "boundary name") for n in names),
+                    nbytes=_int(f["nbytes"], "cut nbytes"),
+                    head_flops_share=_num(f["head_flops_share"], "head_flops_share", 0.0, 1.0),
+                    head_params_share=_num(f["head_params_share"], "head_params_share", 0, 1),
+                    bottleneck=f["bottleneck"],
+                )
             )
         except PartitionError as exc:
             raise PackageError(f"cut {position}: {exc}") from None
-        free = []
-        for spec, d in zip(cut.boundary, batch, strict=True):
-            ranks = _list(d, "batch dims", 8)
-            free.append(tuple(_int(k, "batch dim", 0, max(len(spec.shape) - 1, 0)) for k in ranks))
-        cuts.append(cut)
-        dims.append(tuple(free))
-    return tuple(cuts), tuple(dims)
+    return tuple(cuts)
 
 
 def _spec(value: object) -> TensorSpec:
-    f = _fields(value, _SPEC_KEYS, "boundary tensor")
+    f = _fields(value, {"shape", "dtype", "batch_dim"}, "boundary tensor")
     shape = tuple(_int(d, "boundary dimension", 0, 1 << 40) for d in _list(f["shape"], "shape", 8))
     if not isinstance(f["dtype"], str):
         raise PackageError("boundary dtype must be a string")
-    extra = {}
-    if "batch_dim" in f:  # the analysis may say which dimension follows the batch
-        batch = f["batch_dim"]
-        extra["batch_dim"] = None if batch is None else _int(batch, "batch_dim", 0, 7)
+    batch = f["batch_dim"]
     try:
-        return TensorSpec(shape=shape, dtype=f["dtype"], **extra)
+        return TensorSpec(
+            shape=shape,
+            dtype=f["dtype"],
+            batch_dim=None if batch is None else _int(batch, "batch_dim", 0, 7),
+        )
     except PartitionError as exc:
         raise PackageError(str(exc)) from None

@@ -96,7 +96,6 @@ def pack_bytes(
         total_flops=partitioner.total_flops,
         total_params=partitioner.total_params,
         cuts=partitioner.cuts,
-        batch_dims=table.batch_dims,
         profiles=(measured,),
         codec_inputs="random" if calibration_info is None else "calibration",
         calibration=calibration_info,

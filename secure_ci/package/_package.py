@@ -122,10 +122,6 @@ class ModelPackage:
         return self._manifest.cuts
 
     @property
-    def batch_dims(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
-        return self._manifest.batch_dims
-
-    @property
     def profiles(self) -> tuple[Profile, ...]:
         return self._manifest.profiles
 
@@ -138,15 +134,13 @@ class ModelPackage:
         return self._manifest.calibration
 
     @property
-    def servable_cuts(self) -> tuple[int, ...]:
-        """Cuts an edge can batch: every boundary tensor is one sample along dimension 0."""
+    def batchable_cuts(self) -> tuple[int, ...]:
+        """Cuts whose every boundary tensor has a batch dimension: an edge batches requests
+        for these across devices (other cuts are served one request per call)."""
         return tuple(
             cut.index
-            for cut, dims in zip(self.cuts, self.batch_dims, strict=True)
-            if all(
-                spec.shape[:1] == (1,) and d == (0,)
-                for spec, d in zip(cut.boundary, dims, strict=True)
-            )
+            for cut in self.cuts
+            if all(spec.batch_dim is not None for spec in cut.boundary)
         )
 
     def build(self) -> nn.Module:
@@ -162,15 +156,15 @@ class ModelPackage:
         m = self._manifest
         timings = {c.index: c for c in m.profiles[0].cuts} if m.profiles else {}
         cuts = []
-        for cut, dims in zip(m.cuts, m.batch_dims, strict=True):
+        batchable = set(self.batchable_cuts)
+        for cut in m.cuts:
             timing = timings.get(cut.index)
             cuts.append(
                 {
                     **cut.to_json(),
-                    "batch_dims": [list(d) for d in dims],
                     "head_ms": timing.head_ms if timing else None,
                     "tail_ms": timing.tail_ms if timing else None,
-                    "servable": cut.index in self.servable_cuts,
+                    "batchable": cut.index in batchable,
                 }
             )
         return {
@@ -188,7 +182,7 @@ class ModelPackage:
             "total_flops": m.total_flops,
             "total_params": m.total_params,
             "cuts": cuts,
-            "servable_cuts": list(self.servable_cuts),
+            "batchable_cuts": list(self.batchable_cuts),
             "profiles": [p.to_json() for p in m.profiles],
             "codecs": {
                 "measured_on": m.codec_inputs,

@@ -197,14 +197,15 @@ def test_model_spec_validates_itself() -> None:
     assert ModelSpec(package=Path("p")).name == "p"
 
 
-def test_load_model_tails_serves_every_servable_cut(digits_package: Path) -> None:
+def test_load_model_tails_serves_every_batchable_cut(digits_package: Path) -> None:
     from secure_ci.package import load_package
     from secure_ci.partition import decode_features, encode_features
 
     package = load_package(digits_package)
     tails = load_model_tails(ModelSpec(package=digits_package, codecs=("int8", "float32")))
-    assert [t.cut for t in tails] == list(package.servable_cuts)
+    assert [t.cut for t in tails] == list(package.batchable_cuts)
     assert len(tails) == len(package.cuts)
+    assert all(t.batchable for t in tails)
     assert {t.model_id for t in tails} == {package.model_id}
     entry = tails[2]
     assert entry.inputs == package.cuts[2].boundary
@@ -232,19 +233,6 @@ def test_load_model_tails_with_listed_cuts(digits_package: Path, tmp_path: Path)
     tampered.write_bytes(data[:-40] + bytes([data[-40] ^ 0x80]) + data[-39:])
     with pytest.raises(PackageError, match="digest mismatch"):
         load_model_tails(ModelSpec(package=tampered))
-
-
-def test_a_cut_without_a_sample_dimension_is_not_served(tmp_path: Path) -> None:
-    from secure_ci.package import load_package
-
-    path = _pack(tmp_path / "transformer.scipkg", "transformer_encoder")
-    package = load_package(path)
-    unservable = sorted(set(range(len(package.cuts))) - set(package.servable_cuts))
-    assert unservable
-    with pytest.raises(ConfigError, match="cannot be served"):
-        load_model_tails(ModelSpec(package=path, cuts=(unservable[0],)))
-    (tail,) = load_model_tails(ModelSpec(package=path, cuts=(package.servable_cuts[-1],)))
-    assert tail.model_id == package.model_id
 
 
 def test_load_model_tails_for_a_zoo_entry_is_load_zoo_tails() -> None:

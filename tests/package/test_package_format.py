@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import struct
+import sys
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from secure_ci.package._format import (
     encode_container,
     json_depth,
     parse_json,
+    scan_depth,
 )
 from secure_ci.package._weights import MAX_TENSORS
 
@@ -81,6 +83,46 @@ def test_declared_lengths_are_bounded_before_anything_is_read() -> None:
         encode_container({"a": "x" * MAX_MANIFEST_BYTES}, b"")
     with pytest.raises(PackageError, match="must be bytes"):
         decode_container(bytearray(b"SCIPKG"))  # type: ignore[arg-type]
+
+
+def test_deep_nesting_is_refused_before_parsing_even_with_a_raised_recursion_limit() -> None:
+    deep = b"[" * 200_000 + b"]" * 200_000
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(1_000_000)  # json.loads would overflow the C stack: it never runs
+    try:
+        with pytest.raises(PackageError, match="deeper than"):
+            parse_json(deep, "x", canonical=False)
+        with pytest.raises(PackageError, match="deeper than"):
+            decode_weights(struct.pack("<Q", len(deep)) + deep)
+    finally:
+        sys.setrecursionlimit(previous)
+
+
+def test_scan_depth_reads_strings_as_a_parser_does() -> None:
+    assert scan_depth(b'{"a":"[[[","b":"\\"}') == 1
+    assert scan_depth(b'["\\"]') == 1
+    assert scan_depth(b'["\\"[[["]') == 1
+    assert scan_depth(b'["a"],[[1]]') == 2
+    assert scan_depth(b"") == 0
+
+
+@given(
+    st.recursive(
+        st.none() | st.integers() | st.text(alphabet='[]{}"\\ab\u00e9', max_size=8),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(st.text(alphabet='[]{}"\\ab', max_size=4), children, max_size=3)
+        ),
+        max_leaves=10,
+    ),
+    st.booleans(),
+)
+def test_scan_depth_equals_the_parsed_depth(value: object, ascii_only: bool) -> None:
+    for raw in (
+        json.dumps(value, ensure_ascii=ascii_only).encode(),
+        json.dumps(value, indent=1, ensure_ascii=ascii_only).encode(),
+    ):
+        assert scan_depth(raw) == json_depth(json.loads(raw))
 
 
 def test_json_depth_is_bounded() -> None:

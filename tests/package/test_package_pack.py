@@ -69,13 +69,13 @@ def test_codec_table_and_calibration() -> None:
     assert rows[pool1.index, "int8"].nbytes == pytest.approx(sum(sizes) / len(sizes), abs=0.1)
 
 
-def test_profile_batch_dims_and_describe() -> None:
+def test_profile_batch_dimensions_and_describe() -> None:
     package = read_package(digits_package())
     (measured,) = package.profiles
     assert measured.model_id == package.model_id_hex
     assert [c.name for c in measured.cuts] == [c.name for c in package.cuts]
-    assert all(dims == ((0,),) for dims in package.batch_dims)
-    assert package.servable_cuts == tuple(range(len(package.cuts)))
+    assert all(spec.batch_dim == 0 for cut in package.cuts for spec in cut.boundary)
+    assert package.batchable_cuts == tuple(range(len(package.cuts)))
     summary = json.loads(json.dumps(package.describe()))
     assert summary["model_id"] == package.model_id_hex
     assert summary["package_digest"] == package.digest.hex()
@@ -106,14 +106,14 @@ def test_pack_model_writes_a_file_load_package_reads(tmp_path: Path) -> None:
     assert loaded.calibration is None
     assert loaded.manifest.codec_inputs == "random"
     assert all(row.accuracy_drop_pt is None for row in loaded.codecs)
-    # attention reshapes put the batch elsewhere: those cuts cannot be batched by an edge
-    assert 0 < len(loaded.servable_cuts) < len(loaded.cuts)
+    # attention reshapes move the batch: the analysis says where, and the split still holds
+    moved = [c for c in loaded.cuts if any(s.batch_dim not in (0, None) for s in c.boundary)]
+    assert moved
     assert not list(tmp_path.glob("sub/.*tmp*"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.build()(x), model.eval()(x))
-    cut = loaded.servable_cuts[-1]
-    head, tail = loaded.partitioner().split(cut)
+    head, tail = loaded.partitioner().split(moved[0])
     with torch.no_grad():
         features = decode_features(encode_features(head(x[:1]), "float32"))
         assert torch.allclose(tail(*features), model(x[:1]), atol=1e-5)
@@ -197,6 +197,10 @@ def test_weights_not_matching_the_manifest_digest_are_refused() -> None:
 def test_a_doctored_analysis_is_refused() -> None:
     manifest, weights = sections(digits_package())
     manifest["analysis"]["cuts"][2]["nbytes"] += 4
+    with pytest.raises(PackageError, match="partition analysis does not match"):
+        read_package(reseal(manifest, weights))
+    manifest, weights = sections(digits_package())
+    manifest["analysis"]["cuts"][3]["boundary"][0]["batch_dim"] = None
     with pytest.raises(PackageError, match="partition analysis does not match"):
         read_package(reseal(manifest, weights))
     manifest, weights = sections(digits_package())
