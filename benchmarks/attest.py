@@ -5,6 +5,8 @@ SGX sample at its pinned clock. ``qvl_ms`` is bare dcap-qvl on the same input, s
 ``policy_overhead_ratio`` shows what our parsing and policy add. Mutants are sorted as in
 ``secure_ci.testing._quote_fuzz``: ``accepted`` counts forgeries (must be 0); mutants that only
 changed unsigned bytes and verify to an identical result are reported apart.
+Sizes (timed runs, dev mutants, Intel-sample mutants): ``full`` (2000, 7000, 3000), ``quick``
+(200, 300, 200), ``smoke`` (30, 40, 30).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ SAMPLE_POLICY = Policy(
     advisories=frozenset({"INTEL-SA-00289", "INTEL-SA-00615"}),
 )
 TARGETS = {"verify_p95_ms": 5.0, "evidence_bytes": 6 * 1024, "accepted": 0}
+SIZES = {"smoke": (30, 40, 30), "quick": (200, 300, 200), "full": (2000, 7000, 3000)}
 
 
 def _timed_ms(fn: Callable[[], object], runs: int) -> dict[str, float]:
@@ -67,8 +70,10 @@ def _sample() -> tuple[bytes, Collateral]:
     )
 
 
-def run(*, quick: bool) -> dict[str, Any]:
-    runs, dev_mutants, real_mutants = (200, 300, 200) if quick else (2000, 7000, 3000)
+def run(*, quick: bool, size: str | None = None) -> dict[str, Any]:
+    """Measure at ``size`` (``smoke``, ``quick``, ``full``; default from ``quick``)."""
+    name = size or ("quick" if quick else "full")
+    runs, dev_mutants, real_mutants = SIZES[name]
     pki = dev_pki()
     provider, policy, collateral = dev_provider(pki), dev_policy(pki), pki.collateral
     quote = provider.quote(bytes(64))
@@ -126,5 +131,51 @@ def run(*, quick: bool) -> dict[str, Any]:
         "meets_targets": worst_p95 <= TARGETS["verify_p95_ms"]
         and len(creds.cert_der) <= TARGETS["evidence_bytes"]
         and accepted == 0,
-        "quick": quick,
+        "size": name,
+        "quick": name != "full",
     }
+
+
+_LATENCIES = {
+    "verify_dev_ms": "verify (dev quote)",
+    "verify_intel_sample_ms": "verify (Intel SGX sample)",
+    "qvl_only_ms": "dcap-qvl alone (dev quote)",
+    "ratls_cert_verify_ms": "RA-TLS certificate verify",
+    "ratls_cert_make_ms": "RA-TLS certificate make",
+}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Latency p50/p95 per operation against the target, and mutation-fuzzing outcomes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), width_ratios=(3, 2))
+    labels = [label for key, label in _LATENCIES.items() if key in result]
+    rows = [result[key] for key in _LATENCIES if key in result]
+    ys = range(len(rows))
+    left.barh([y - 0.2 for y in ys], [r["p50"] for r in rows], height=0.4, label="p50")
+    left.barh([y + 0.2 for y in ys], [r["p95"] for r in rows], height=0.4, label="p95")
+    left.axvline(TARGETS["verify_p95_ms"], color="red", linestyle=":", label="verify p95 target")
+    left.set_yticks(list(ys), labels)
+    left.invert_yaxis()
+    left.set_xlabel("ms (wall clock, cached collateral)")
+    left.set_title("Attestation latency")
+    left.legend(fontsize=8)
+    fuzz = result["mutations"]
+    kinds = ("rejected", "accepted_unsigned_bytes_only", "accepted", "crashed")
+    names = ("dev_quote", "intel_sample")
+    bottom = [0] * len(names)
+    for kind in kinds:
+        counts = [fuzz[name][kind] for name in names]
+        right.bar(names, counts, bottom=bottom, label=kind.replace("_", " "))
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    right.set_ylim(0, 1.4 * max(bottom))  # room for the legend above the bars
+    right.set_ylabel("mutants")
+    right.set_title(f"Mutated quotes: {fuzz['accepted']} forgeries of {fuzz['tried']}")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

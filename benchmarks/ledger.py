@@ -25,12 +25,14 @@ the request chain where the batch left it out), the measurement anchored with th
 ``live_chain`` re-reads the batch (root, measurement) from the node for every audit (one
 JSON-RPC round trip). ``by_devices_per_batch``: calldata and floor gas
 per task when a batch's records come from more devices.
+Sizes (records anchored for throughput, records in the audit index, audits timed): ``full``
+(20,000, 1,000,000, 200), ``quick`` (10,000, 20,000, 200), ``smoke`` (2,000, 2,000, 20: one
+full batch each, the smallest run that still anchors a batch, builds the index and audits).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import statistics
 import tempfile
@@ -59,6 +61,12 @@ SIGNING_WORKERS = 1  # the enclave key's signing processes (the machine has 2 co
 MEASUREMENT = b"\x11" * 32
 QUOTE_ID = b"\x22" * 32
 ANCHOR_SELECTOR = keccak256(b"anchorBatch(uint64,bytes32,uint64,uint32,bytes32,bytes)")[:4]
+SIZES = {  # records anchored for throughput, records in the audit index, audits timed
+    "smoke": (BATCH, BATCH, 20),
+    "quick": (5 * BATCH, 20_000, 200),
+    "full": (10 * BATCH, 1_000_000, 200),
+}
+TARGETS = {"records_per_s": 10_000, "gas_per_task": 4_000, "audit_p50_ms": 5.0}
 
 
 def _requests(
@@ -265,15 +273,9 @@ async def _cancun_gas(n: int, workdir: Path) -> float:
         return (await _throughput(node.url, n, workdir))["gas_per_task"]
 
 
-async def _main(quick: bool) -> dict[str, Any]:
-    n = 5 * BATCH if quick else 10 * BATCH
-    audit_records = 20_000 if quick else 1_000_000
-    out: dict[str, Any] = {
-        "batch_size": BATCH,
-        "group_commit": GROUP,
-        "cpus": os.cpu_count(),
-        "load_avg_1m_at_start": os.getloadavg()[0],
-    }
+async def _main(size: str) -> dict[str, Any]:
+    n, audit_records, samples = SIZES[size]
+    out: dict[str, Any] = {"batch_size": BATCH, "group_commit": GROUP, "size": size}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         by_backend: dict[str, dict[str, float] | None] = {"inprocess": None, "anvil": None}
@@ -282,10 +284,10 @@ async def _main(quick: bool) -> dict[str, Any]:
         if find_anvil() is not None:
             with run_anvil() as node:
                 by_backend["anvil"] = await _throughput(node.url, n, workdir)
-                out.update(await _audit(node.url, audit_records, 200, workdir))
+                out.update(await _audit(node.url, audit_records, samples, workdir))
             cancun = await _cancun_gas(min(n, 5 * BATCH), workdir)
         else:
-            out.update(await _audit("inprocess", audit_records, 200, workdir))
+            out.update(await _audit("inprocess", audit_records, samples, workdir))
     main = by_backend["anvil"] or by_backend["inprocess"]
     assert main is not None
     for key in ("records_per_s", "records_per_cpu_s"):
@@ -297,9 +299,64 @@ async def _main(quick: bool) -> dict[str, Any]:
     }
     out["calldata_bytes_per_task"] = main["calldata_bytes_per_task"]
     out["by_devices_per_batch"] = _gas_by_devices()
-    out["load_avg_1m_at_end"] = os.getloadavg()[0]
+    out["targets"] = TARGETS
+    out["quick"] = size != "full"
     return out
 
 
-def run(*, quick: bool) -> dict[str, Any]:
-    return asyncio.run(_main(quick))
+def run(*, quick: bool, size: str | None = None) -> dict[str, Any]:
+    """Measure at ``size`` (``smoke``, ``quick``, ``full``; default from ``quick``)."""
+    return asyncio.run(_main(size or ("quick" if quick else "full")))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Throughput per backend, gas per task, calldata by devices per batch, audit latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (rate, gas), (devices, audit) = axes
+    backends = [b for b, v in result["records_per_s"].items() if v is not None]
+    width = 0.4
+    xs = range(len(backends))
+    wall = [result["records_per_s"][b] for b in backends]
+    cpu = [result["records_per_cpu_s"][b] for b in backends]
+    rate.bar([x - width / 2 for x in xs], wall, width, label="per wall-clock s")
+    rate.bar([x + width / 2 for x in xs], cpu, width, label="per CPU s")
+    rate.axhline(TARGETS["records_per_s"], color="red", linestyle=":", label="target")
+    rate.set_xticks(list(xs), backends)
+    rate.set_ylabel("records anchored / s (one edge)")
+    rate.set_title("Anchoring throughput, signatures included")
+    rate.legend(fontsize=8)
+    rules = {k: v for k, v in result["gas_per_task"].items() if v is not None}
+    gas.bar(list(rules), list(rules.values()), color="tab:green")
+    gas.axhline(TARGETS["gas_per_task"], color="red", linestyle=":", label="target")
+    gas.set_ylabel("gas per task")
+    gas.set_title(f"Gas per task ({result['calldata_bytes_per_task']:.0f} calldata bytes/task)")
+    gas.legend(fontsize=8)
+    by = result["by_devices_per_batch"]
+    counts = list(by)
+    gas_by = [by[c]["prague_gas_per_task"] for c in counts]
+    bytes_by = [by[c]["calldata_bytes_per_task"] for c in counts]
+    devices.plot(counts, gas_by, marker="o", label="Prague gas / task")
+    twin = devices.twinx()
+    twin.plot(counts, bytes_by, marker="s", color="tab:orange", label="calldata bytes / task")
+    devices.set_xlabel(f"devices in a batch of {result['batch_size']}")
+    devices.set_ylabel("gas per task")
+    twin.set_ylabel("calldata bytes per task")
+    devices.set_title("Cost by devices per batch")
+    devices.legend(loc="upper left", fontsize=8)
+    twin.legend(loc="lower right", fontsize=8)
+    verify = result["audit_verify_ms"]
+    kinds = {"offline index": verify, "live chain": verify["live_chain"]}
+    audit.bar([f"{k}\np50" for k in kinds], [v["p50"] for v in kinds.values()])
+    audit.bar([f"{k}\np95" for k in kinds], [v["p95"] for v in kinds.values()])
+    audit.axhline(TARGETS["audit_p50_ms"], color="red", linestyle=":", label="p50 target")
+    audit.set_ylabel("ms per audited task")
+    audit.set_title(f"Audit of one task among {verify['records']:,} ({verify['backend']})")
+    audit.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

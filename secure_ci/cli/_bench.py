@@ -1,15 +1,29 @@
-"""`secure-ci bench NAME`: run a benchmark from ``benchmarks/`` and write its JSON summary.
+"""`secure-ci bench NAME`: run a benchmark from the source checkout's ``benchmarks/``.
 
-A benchmark is ``benchmarks/<name>.py`` defining ``run(*, quick: bool) -> dict`` (JSON-ready)
-and optionally ``plot(result: dict, path: pathlib.Path) -> None``. Benchmarks live in the
-source checkout, not in the installed package.
+A benchmark is ``benchmarks/<name>.py`` defining ``run(*, quick: bool) -> dict`` (JSON-ready;
+it may also take ``size``, one of :data:`SIZES`) and optionally ``plot(result, path)``.
+Benchmarks live in the source checkout, not in the installed package.
+
+Every run goes through :func:`run_benchmark`, which adds a ``run`` record to the JSON: the git
+commit (and whether the tree was dirty), the machine's load average before and after, its CPU
+count, the size, wall time and versions. So every benchmark carries it alike, including ones
+written later. ``--plot`` uses the benchmark's own ``plot`` or, when it has none, a generic
+chart of its throughput and latency figures (``_bench_plot``).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import inspect
 import json
+import os
+import platform
+import shutil
+import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
@@ -21,6 +35,10 @@ from secure_ci.cli._app import app
 from secure_ci.exceptions import ConfigError
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+SIZES = ("smoke", "quick", "full")
+"""``smoke``: the smallest run that still exercises every part (the tests use it); ``quick``:
+minutes at most; ``full``: the figures for the record. A benchmark without a ``size``
+parameter runs ``smoke`` as ``quick``."""
 
 
 def available() -> list[str]:
@@ -39,30 +57,114 @@ def load(name: str) -> ModuleType:
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load benchmark {name!r}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # dataclasses (and pickling) look the module up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
     return module
+
+
+def _git(*args: str) -> str | None:
+    git = shutil.which("git")
+    if git is None:
+        return None
+    try:
+        done = subprocess.run(  # noqa: S603  (fixed argv, no shell)
+            [git, "-C", str(BENCH_DIR.parent), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def run_benchmark(name: str, *, size: str = "full") -> dict[str, Any]:
+    """Run benchmark ``name`` at ``size``; its JSON-ready result with a ``run`` record."""
+    if size not in SIZES:
+        raise ConfigError(f"unknown size {size!r}; one of {', '.join(SIZES)}")
+    module = load(name)
+    takes_size = "size" in inspect.signature(module.run).parameters
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    record: dict[str, Any] = {
+        "benchmark": name,
+        "size": size if takes_size or size != "smoke" else "quick",
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": None if status is None else bool(status),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "load_avg_start": _load(),
+    }
+    start = time.perf_counter()
+    quick = size != "full"
+    result: dict[str, Any] = (
+        module.run(quick=quick, size=size) if takes_size else module.run(quick=quick)
+    )
+    record["wall_seconds"] = round(time.perf_counter() - start, 2)
+    record["load_avg_end"] = _load()
+    record["platform"] = platform.platform()
+    record["versions"] = {
+        "python": platform.python_version(),
+        **{p: _version(p) for p in ("secure-ci", "torch", "numpy", "dcap-qvl", "web3")},
+    }
+    if not isinstance(result, dict):
+        raise ConfigError(f"benchmark {name!r} returned {type(result).__name__}, not a dict")
+    result["run"] = record
+    return result
+
+
+def plot_benchmark(name: str, result: dict[str, Any], path: Path) -> None:
+    """The benchmark's own plot, or the generic throughput/latency chart (PNG at ``path``)."""
+    module = load(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(module, "plot"):
+        module.plot(result, path)
+        return
+    from secure_ci.cli._bench_plot import plot_generic
+
+    plot_generic(name, result, path)
 
 
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="Benchmark name (a file in benchmarks/).")],
-    quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes, for smoke runs.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Same as --size quick.")] = False,
+    size: Annotated[
+        str | None, typer.Option(help="smoke (smallest, every part), quick or full.")
+    ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the JSON summary to this path.")
     ] = None,
     plot_path: Annotated[
-        Path | None, typer.Option("--plot", help="Write a PNG plot, where the benchmark has one.")
+        Path | None, typer.Option("--plot", help="Write a PNG plot of the results.")
     ] = None,
 ) -> None:
-    """Run a benchmark and print its figures (targets are in ARCHITECTURE.md)."""
-    module = load(name)
-    result: dict[str, Any] = module.run(quick=quick)
+    """Run a benchmark and print its figures (targets are in ARCHITECTURE.md).
+
+    The JSON records the git commit and the machine's load; every benchmark can plot.
+    """
+    if quick and size not in (None, "quick"):
+        raise ConfigError("--quick means --size quick; give one of them")
+    result = run_benchmark(name, size=size or ("quick" if quick else "full"))
     text = json.dumps(result, indent=2, sort_keys=True)
     Console().print_json(text)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(text + "\n")
     if plot_path is not None:
-        if not hasattr(module, "plot"):
-            raise ConfigError(f"benchmark {name!r} has no plot")
-        module.plot(result, plot_path)
+        plot_benchmark(name, result, plot_path)
