@@ -88,11 +88,14 @@ def _parse_codec(codec: str) -> tuple[int, int]:
     return _BASES.index(base), _LOSSLESS.index(stage)
 
 
+_KINDS = ("raw", "f16", "q8", "q4")
+
+
 def _kind(base: int, desc: _Descriptor) -> str:
     """How a tensor travels: 'raw', 'f16', 'q8' or 'q4' (non-floats always raw)."""
     if not desc.dtype.is_floating_point or base == 0:
         return "raw"
-    return ("raw", "f16", "q8", "q4")[base]
+    return _KINDS[base]
 
 
 def _payload_len(kind: str, desc: _Descriptor) -> int:
@@ -117,13 +120,15 @@ def encode_features(tensors: Sequence[torch.Tensor], codec: str) -> bytes:
             raise CodecError(
                 f"cannot encode {type(tensor).__name__} of dtype {getattr(tensor, 'dtype', None)}"
             )
-        if tensor.dim() > MAX_NDIM or any(d >= 1 << 32 for d in tensor.shape):
-            raise CodecError(f"tensor shape {tuple(tensor.shape)} is not encodable")
-        desc = _Descriptor(_CODES[tensor.dtype], 0, tuple(tensor.shape))
-        kind = _kind(base, desc)
-        flags, payload = _encode_tensor(kind, tensor.detach().cpu())
-        header.append(_DESCRIPTOR.pack(desc.dtype_code, flags, tensor.dim()))
-        header.append(struct.pack(f"<{tensor.dim()}I", *tensor.shape))
+        shape = tuple(tensor.shape)
+        if len(shape) > MAX_NDIM or max(shape, default=0) >= 1 << 32:
+            raise CodecError(f"tensor shape {shape} is not encodable")
+        kind = "raw" if base == 0 or not tensor.is_floating_point() else _KINDS[base]
+        if tensor.requires_grad or tensor.device.type != "cpu":
+            tensor = tensor.detach().cpu()
+        flags, payload = _encode_tensor(kind, tensor)
+        header.append(_DESCRIPTOR.pack(_CODES[tensor.dtype], flags, len(shape)))
+        header.append(struct.pack(f"<{len(shape)}I", *shape))
         body.extend(payload)
     if stage == 0:
         return b"".join([*header, *body])  # one copy of the payloads, straight from the arrays
@@ -143,7 +148,8 @@ def _encode_tensor(kind: str, tensor: torch.Tensor) -> tuple[int, list[bytes | m
         array = tensor.contiguous().numpy()
         little = array.astype(array.dtype.newbyteorder("<"), copy=False)
         return 0, [np.ascontiguousarray(little).data]
-    values = tensor.to(torch.float32).contiguous()
+    values = tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)
+    values = values.contiguous()
     if kind == "f16":
         # torch's float16 conversion is vectorised; numpy's is a scalar loop
         half = values.to(torch.float16).numpy()
@@ -284,7 +290,7 @@ def _decode_tensor(kind: str, desc: _Descriptor, payload: memoryview) -> torch.T
         return torch.from_numpy(half.reshape(desc.shape)).to(desc.dtype)
     pdtype = "<f4" if desc.flags & F32_PARAMS else "<f2"
     nparams = 2 * desc.channels * np.dtype(pdtype).itemsize
-    params = np.frombuffer(payload[:nparams], dtype=pdtype).astype(np.float32)
+    params = np.frombuffer(payload[:nparams], dtype=pdtype)
     codes = np.frombuffer(payload[nparams:], dtype=np.uint8)
     if kind == "q4":
         if desc.numel % 2 and codes.size and codes[-1] >> 4:

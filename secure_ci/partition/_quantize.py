@@ -46,28 +46,7 @@ def quantize(values: torch.Tensor, qmax: int) -> tuple[int, list[bytes | memoryv
     if values.numel() == 0:
         return 0, [np.zeros(2 * channels, "<f2").tobytes()]
     cube = values.reshape(lead, channels, rest)
-    # NaN and infinities propagate through amin/amax, so checking lo and hi is enough (no
-    # extra pass). Small-array numpy below sticks to operators and ufuncs: numpy's
-    # Python-level helpers cost more than the arithmetic at these sizes.
-    zero = cube.amin(dim=(0, 2)).numpy().astype(np.float64)
-    hi = cube.amax(dim=(0, 2)).numpy()
-    if not (-math.inf < float(zero.min()) and float(hi.max()) < math.inf):  # False for NaN
-        raise CodecError("quantized codecs cannot encode non-finite values")
-    step = (hi - zero) / qmax
-    if float(step.max()) * qmax > _RANGE_MAX:  # q * scale would overflow when decoded
-        raise CodecError("a channel's value range exceeds float32: cannot quantize it")
-    top = max(float(step.max()), float(abs(zero).max()))
-    fits = top <= _F16_MAX and not ((step > 0) & (step < _F16_TINY)).any()
-    params = np.concatenate((step, zero)).astype(np.float16 if fits else np.float32)
-    # quantize against the parameters the decoder will see: (x - zero) / step + 0.5, then
-    # truncation rounds; a zero step (constant channel) decodes to zero whatever the code
-    seen = params.astype(np.float64)
-    coef = np.empty(2 * channels, np.float32)
-    coef[:channels] = np.maximum(seen[channels:] - 0.5 * seen[:channels], -_F32_MAX)
-    coef[channels:] = np.minimum(1.0 / np.maximum(seen[:channels], 1e-300), _F32_MAX)
-    coef[channels:][seen[:channels] == 0] = 0.0  # constant channels: every code is 0
-    shift = torch.from_numpy(coef[:channels].reshape(channels, 1))
-    scale = torch.from_numpy(coef[channels:].reshape(channels, 1))
+    params, shift, scale = _parameters(cube, qmax)
     work = torch.sub(cube, shift).mul_(scale).clamp_(0.0, float(qmax))
     codes = work.numpy().astype(np.uint8)
     if lead > 1:
@@ -75,7 +54,50 @@ def quantize(values: torch.Tensor, qmax: int) -> tuple[int, list[bytes | memoryv
     flat = codes.reshape(-1)
     wire = params.astype(params.dtype.newbyteorder("<"), copy=False).tobytes()
     payload = (flat if qmax == 255 else pack_nibbles(flat)).data
-    return 0 if fits else F32_PARAMS, [wire, payload]
+    return 0 if params.dtype == np.float16 else F32_PARAMS, [wire, payload]
+
+
+def _parameters(
+    cube: torch.Tensor, qmax: int
+) -> tuple[np.ndarray[Any, Any], torch.Tensor, torch.Tensor]:
+    """``(params, shift, scale)``: the wire's per-channel steps then zeros (float16 when they
+    fit, else float32), and the float32 ``(channels, 1)`` coefficients that quantize
+    ``cube`` against them: ``code = trunc(clamp((x - shift) * scale))``.
+
+    NaN and infinities propagate through amin/amax, so checking lo and hi is enough (no
+    extra pass). The arithmetic is on arrays of one value a channel, where every numpy call
+    costs more than its work: the common case (float16 parameters, no constant channel)
+    takes the shortest path.
+    """
+    channels = cube.shape[1]
+    lo = cube.amin(dim=(0, 2)).numpy()
+    hi = cube.amax(dim=(0, 2)).numpy()
+    low, high = float(lo.min()), float(hi.max())
+    if not (-math.inf < low and high < math.inf):  # also False for NaN
+        raise CodecError("quantized codecs cannot encode non-finite values")
+    zero = lo.astype(np.float64)
+    step = hi - zero
+    step /= qmax
+    widest, narrowest = float(step.max()), float(step.min())
+    if widest * qmax > _RANGE_MAX:  # q * scale would overflow when decoded
+        raise CodecError("a channel's value range exceeds float32: cannot quantize it")
+    fits = max(widest, -low, float(lo.max())) <= _F16_MAX  # steps and |zeros|
+    if fits and narrowest < _F16_TINY:  # a float16 step would round a tiny range away
+        fits = not ((step > 0) & (step < _F16_TINY)).any()
+    params = np.concatenate((step, zero)).astype(np.float16 if fits else np.float32)
+    # quantize against the parameters the decoder will see: (x - zero) / step + 0.5, then
+    # truncation rounds; a zero step (constant channel) decodes to zero whatever the code
+    seen = params.astype(np.float64)
+    step, zero = seen[:channels], seen[channels:]
+    if fits and narrowest >= _F16_TINY:  # every step positive, 1 / step and shift finite
+        coef = np.concatenate((zero - 0.5 * step, 1.0 / step)).astype(np.float32)
+    else:
+        coef = np.empty(2 * channels, np.float32)
+        coef[:channels] = np.maximum(zero - 0.5 * step, -_F32_MAX)
+        coef[channels:] = np.minimum(1.0 / np.maximum(step, 1e-300), _F32_MAX)
+        coef[channels:][step == 0] = 0.0  # constant channels: every code is 0
+    coef = coef.reshape(2, channels, 1)
+    return params, torch.from_numpy(coef[0]), torch.from_numpy(coef[1])
 
 
 def pack_nibbles(codes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -105,7 +127,7 @@ def dequantize(
     values that overflow float32.
     """
     lead, channels, rest = _layout(shape)
-    coef = params.astype(np.float32)
+    coef = params.astype(np.float32)  # a writable copy in native byte order
     top = float(abs(coef).max())  # NaN compares False below
     if not (top <= _F32_MAX and coef[:channels].min() >= 0):
         raise CodecError("quantization parameters are not finite and non-negative")
