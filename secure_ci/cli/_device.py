@@ -353,10 +353,13 @@ async def _check(
     if not isinstance(found, Deployment):
         raise ConfigError("--check needs a deployment file")
     async with open_ledger(found.rpc, contract_address=found.contract_text) as ledger:
+        # anchored tasks are checked again: a chain that lost its state has lost them too
         tasks = [
             t
-            for t in book.tasks(state="answered")
-            if t.receipt.request.device == device.address and t.receipt.domain == found.domain
+            for t in book.tasks()
+            if t.state != "challenged"
+            and t.receipt.request.device == device.address
+            and t.receipt.domain == found.domain
         ]
         receipts = ReceiptBook(
             ledger, found.domain, Account.from_key(device.key), grace_seconds=grace
@@ -367,8 +370,11 @@ async def _check(
         await receipts.check(await ledger.timestamp())
         for task in tasks:
             if task.task_id in receipts.receipts:
-                book.mark_anchored(task, receipts.receipts[task.task_id].encode())
-            elif (
-                pending := receipts.pending.get(task.task_id)
-            ) and pending.challenge_id is not None:
+                if task.state != "anchored":
+                    book.mark_anchored(task, receipts.receipts[task.task_id].encode())
+                continue
+            if task.state == "anchored":
+                book.mark_unanchored(task)  # the chain no longer has it
+            pending = receipts.pending.get(task.task_id)
+            if pending is not None and pending.challenge_id is not None:
                 book.mark_challenged(task, pending.challenge_id)

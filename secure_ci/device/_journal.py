@@ -111,6 +111,10 @@ class DeviceJournal:
     def mark_anchored(self, task: JournalTask, receipt: bytes) -> None:
         self._set(task, "anchored", receipt=receipt)
 
+    def mark_unanchored(self, task: JournalTask) -> None:
+        """The chain no longer shows the task (it lost its state): answered again."""
+        self._set(task, "answered")
+
     def mark_challenged(self, task: JournalTask, challenge_id: int) -> None:
         self._set(task, "challenged", challenge_id=challenge_id)
 
