@@ -1,6 +1,7 @@
 """Render enclave/secure-ci-edge.manifest.template for this machine.
 
-Usage: python enclave/render.py --app-dir DIR --data-dir DIR [--out secure-ci-edge.manifest]
+Usage: python enclave/render.py --app-dir DIR --data-dir DIR --sealed-dir DIR
+    [--out secure-ci-edge.manifest]
 Then sign it with gramine-sgx-sign (see enclave/README.md).
 """
 
@@ -20,6 +21,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--app-dir", required=True, help="directory with edge.toml")
     parser.add_argument("--data-dir", required=True, help="writable journal directory")
+    parser.add_argument(
+        "--sealed-dir", required=True, help="host directory of the encrypted (sealed) keys"
+    )
     parser.add_argument("--out", default="secure-ci-edge.manifest")
     parser.add_argument("--enclave-size", default="8G")
     parser.add_argument("--max-threads", type=int, default=64)
@@ -36,6 +40,7 @@ def main() -> int:
         "arch_libdir": "/lib/x86_64-linux-gnu",
         "app_dir": str(Path(args.app_dir).resolve()),
         "data_dir": str(Path(args.data_dir).resolve()),
+        "sealed_dir": str(Path(args.sealed_dir).resolve()),
         "log_level": args.log_level,
         "enclave_size": args.enclave_size,
         "max_threads": args.max_threads,

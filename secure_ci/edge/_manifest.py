@@ -60,6 +60,27 @@ def _lookup(table: Mapping[str, Any], dotted: str) -> object:
     return node
 
 
+SEALED_PATH = "/sealed"
+"""Where the enclave keeps its keys: ``sealed_dir`` in the edge's configuration."""
+
+
+def _check_sealed_mount(mounts: list[dict[str, Any]]) -> None:
+    """The sealed directory must be an encrypted mount keyed to MRENCLAVE: a key sealed only
+    to MRSIGNER would open for every enclave the signer ever signs, a host-provided key for
+    the host."""
+    sealed = [m for m in mounts if m.get("path") == SEALED_PATH]
+    if len(sealed) != 1:
+        raise ConfigError(f"fs.mounts must mount {SEALED_PATH} once (the sealed keys)")
+    mount = sealed[0]
+    if mount.get("type") != "encrypted" or mount.get("key_name") != "_sgx_mrenclave":
+        raise ConfigError(
+            f'{SEALED_PATH} must be {{ type = "encrypted", key_name = "_sgx_mrenclave" }}'
+        )
+    uri = mount.get("uri")
+    if not isinstance(uri, str) or not uri.startswith("file:"):
+        raise ConfigError(f"the {SEALED_PATH} mount needs a file: uri")
+
+
 def validate_manifest(text: str) -> dict[str, Any]:
     """Parse a rendered manifest and check what a production edge enclave must have."""
     if "{{" in text or "{%" in text:
@@ -91,6 +112,7 @@ def validate_manifest(text: str) -> dict[str, Any]:
         isinstance(m, dict) and isinstance(m.get("path"), str) for m in mounts
     ):
         raise ConfigError("fs.mounts must be a list of tables with a path")
+    _check_sealed_mount(mounts)
     argv = _lookup(manifest, "loader.argv")
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise ConfigError("loader.argv must be a list of strings")

@@ -22,6 +22,7 @@ VALUES: dict[str, object] = {
     "arch_libdir": "/lib/x86_64-linux-gnu",
     "app_dir": "/opt/secure-ci/app",
     "data_dir": "/var/lib/secure-ci",
+    "sealed_dir": "/var/lib/secure-ci-sealed",
     "log_level": "error",
     "enclave_size": "8G",
     "max_threads": 64,
@@ -41,7 +42,14 @@ def test_template_renders_to_a_valid_production_manifest() -> None:
     assert manifest["libos"]["entrypoint"] == "/usr/bin/python3.11"
     assert manifest["loader"]["argv"][1:4] == ["-m", "secure_ci", "edge"]
     assert "file:/opt/secure-ci/app/" in manifest["sgx"]["trusted_files"]
-    assert {m["path"] for m in manifest["fs"]["mounts"]} >= {"/lib", "/app", "/tmp"}
+    assert {m["path"] for m in manifest["fs"]["mounts"]} >= {"/lib", "/app", "/tmp", "/sealed"}
+    sealed = next(m for m in manifest["fs"]["mounts"] if m["path"] == "/sealed")
+    assert sealed == {
+        "type": "encrypted",
+        "path": "/sealed",
+        "uri": "file:/var/lib/secure-ci-sealed",
+        "key_name": "_sgx_mrenclave",
+    }
     assert len(REQUIRED_MANIFEST_KEYS) >= 8
 
 
@@ -69,6 +77,9 @@ def test_injection_through_values_is_refused(bad: str) -> None:
         ("loader.argv", "loader.args"),
         ("fs.mounts = [", "fs.mounts = 3\nunused = ["),
         ("sgx.debug = false", "sgx.debug = false\nsgx.debug = true"),
+        ('key_name = "_sgx_mrenclave"', 'key_name = "_sgx_mrsigner"'),
+        ('{ type = "encrypted", path = "/sealed"', '{ path = "/sealed"'),
+        ('path = "/sealed"', 'path = "/keys"'),
     ],
 )
 def test_validation_catches_weakened_templates(old: str, new: str) -> None:
