@@ -36,8 +36,12 @@ def _checksummed(raw: bytes) -> str:
 
 def check_rpc_url(rpc: object, what: str = "rpc") -> str:
     """An http(s) URL with a host, or ConfigError."""
-    url = urllib.parse.urlsplit(rpc) if isinstance(rpc, str) and len(rpc) <= 2048 else None
-    if url is None or url.scheme not in ("http", "https") or not url.hostname:
+    try:
+        url = urllib.parse.urlsplit(rpc) if isinstance(rpc, str) and len(rpc) <= 2048 else None
+        host = url.hostname if url is not None else None
+    except ValueError:  # e.g. an unbalanced IPv6 bracket
+        url = host = None
+    if url is None or url.scheme not in ("http", "https") or not host:
         raise ConfigError(f"{what} must be an http(s) URL, not {rpc!r}")
     return str(rpc)
 
