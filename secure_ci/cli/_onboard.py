@@ -161,20 +161,28 @@ def device_register(
     admin_passphrase_file: Annotated[
         Path | None, typer.Option(help="Passphrase file of --key-file, if it is a keystore.")
     ] = None,
+    fund_wei: Annotated[
+        int, typer.Option(help="Top the device up to this (it pays for its challenges).")
+    ] = 10**16,
 ) -> None:
     """Register the device of IDENTITY for PARTY: the device key signs its proof of
-    possession, the party's admin sends it. --passphrase-* unlock the device keystore."""
+    possession, the party's admin sends it (and funds the device, which pays for its own
+    challenges). --passphrase-* unlock the device keystore."""
     from eth_account import Account
 
     device = Account.from_key(_key(identity, "device identity", passphrase_file, passphrase_env))
     admin = Account.from_key(_key(key_file, "party admin key", admin_passphrase_file, None))
 
-    async def go() -> None:
+    if not 0 <= fund_wei <= 10**24:
+        raise ConfigError("--fund-wei must be 0..10**24")
+
+    async def go() -> int:
         async with opened(deployment, rpc, contract) as ledger:
             await ledger.register_device(admin, party, device)
+            return await ledger.top_up(admin, device.address, fund_wei)
 
-    run(go())
-    typer.echo(f"device {device.address} registered for party {party}")
+    funded = run(go())
+    typer.echo(f"device {device.address} registered for party {party} (sent {funded} wei)")
 
 
 @device_app.command("revoke")

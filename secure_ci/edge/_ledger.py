@@ -34,6 +34,7 @@ from typing import Protocol
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from secure_ci.edge._challenges import ChallengeResponder
 from secure_ci.edge._config import EdgeConfig, LedgerSettings, format_address
 from secure_ci.edge._identity import EnclaveIdentity
 from secure_ci.exceptions import ConfigError, LedgerError, SecureCIError
@@ -52,6 +53,7 @@ RETRY_SECONDS = (0.5, 10.0)
 """First and longest wait before the ledger is tried again after a failure."""
 SHUTDOWN_ATTEMPTS = 3
 """Anchoring attempts after the edge stopped; what is left stays in the journal."""
+
 
 class DeviceLog(Protocol):
     """Where registry changes come from: the contract's device events, in chain order."""
@@ -194,12 +196,15 @@ class EdgeLedger:
             ident.address_text, settings.party_id, self.endpoint, ident.measurement.hex()[:16],
         )  # fmt: skip
 
-    async def _refresh_loop(self, stop: asyncio.Event) -> None:
+    async def _refresh_loop(self, stop: asyncio.Event, responder: ChallengeResponder) -> None:
+        """Follow the device registry and answer challenges (a failure ends this connection:
+        the supervisor reconnects)."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.refresh_seconds)
             if not stop.is_set():
-                await self.devices.refresh()  # a failure ends this connection: reconnect
+                await self.devices.refresh()
+                await responder.poll()
 
     async def _connection(self, stop: asyncio.Event) -> None:
         """One connection to the chain: register, load the registry, anchor until ``stop``."""
@@ -236,9 +241,13 @@ class EdgeLedger:
                 f", the chain lost {lost} batches: new epoch" if lost else "",
             )  # fmt: skip
             try:
+                responder = ChallengeResponder(
+                    client, self.journal, Account.from_key(self.identity.signing_key),
+                    settings.deployment_block,
+                )  # fmt: skip
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self.anchorer.run(stop=stop))
-                    group.create_task(self._refresh_loop(stop))
+                    group.create_task(self._refresh_loop(stop, responder))
             finally:
                 self.client = None
                 self.connected.clear()

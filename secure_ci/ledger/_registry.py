@@ -119,3 +119,18 @@ class RegistryReads(ContractSession):
         if receipt["status"] != 1:
             raise ChainError(f"funding {address} failed")
         return amount
+
+    async def opened_challenges(
+        self, edge_addr: object, first: int, last: int
+    ) -> list[tuple[int, int, bytes]]:
+        """``(challenge id, edge sequence number, record hash)`` of every challenge opened
+        against the edge in blocks ``first..last``."""
+        edge = as_address(edge_addr, "edge")
+        with self._errors():
+            logs = await self._contract.events.ChallengeOpened.get_logs(
+                argument_filters={"edge": edge}, from_block=first, to_block=last
+            )
+        return [
+            (int(e["args"]["challengeId"]), int(e["args"]["seq"]), bytes(e["args"]["recordHash"]))
+            for e in logs
+        ]

@@ -395,6 +395,14 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
                 assert len(await session.infer_many(xs)) == len(xs)
                 for r in session.receipts:
                     book.track(r.request, r.result, r.device_sig, r.edge_sig)
+            # the device forces a record onto the chain at once: the edge answers the
+            # challenge with the inclusion proof as soon as the record's batch is anchored
+            forced = session.receipts[-1]
+            device_account = Account.from_key(member.key)
+            await chain.ledger.fund(device_account.address, 10**17)  # a challenge costs gas
+            challenge = await chain.ledger.challenge(device_account, forced.result, forced.edge_sig)
+            await _logged(caplog, f"answered challenge {challenge}")
+            assert (await chain.ledger.challenge_info(challenge)).state == 2  # resolved
             assert await _refused(edge.port, stranger, enclave, chain) == ErrorCode.UNAUTHORIZED
             # registered while the edge runs: admitted from the next refresh on
             await chain.ledger.register_device(chain.fleet, chain.fleet_party, late)
