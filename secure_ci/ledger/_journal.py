@@ -36,6 +36,9 @@ __all__ = ["Batch", "Journal", "JournalEntry", "sign_entry"]
 _REQ, _RES = REQUEST_ROW, RESULT_ROW
 _GENESIS = bytes(32)
 _FORMAT = b"2"  # 2: TaskRequest with prevRequest
+MAX_CACHED = 1 << 14
+"""Unanchored entries kept in memory to save reading them back (older ones are read from
+disk): the cache stays bounded however long the chain is away."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -211,8 +214,11 @@ class Journal:
             )  # fmt: skip
         with self._tx() as conn:
             conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
+        recent = self._recent
         for e in entries:
-            self._recent[e.result.edge_seq] = e
+            recent[e.result.edge_seq] = e
+        while len(recent) > MAX_CACHED:  # oldest first: dicts keep insertion order
+            del recent[next(iter(recent))]
         self._next_seq += len(rows)
 
     def entries(self, first_seq: int, count: int) -> list[JournalEntry]:

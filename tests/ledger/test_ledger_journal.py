@@ -149,3 +149,25 @@ async def test_kill_9_loses_no_acknowledged_record(tmp_path: Path) -> None:
         state = await ledger.edge_state(EDGE)
         assert state.next_seq == journal.next_seq > acked
         assert state.head == journal.head
+
+
+def test_the_cache_stays_bounded_while_nothing_anchors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from secure_ci.ledger import _journal
+
+    monkeypatch.setattr(_journal, "MAX_CACHED", 8)
+    entries = sample_tasks(40, edge_key=EDGE_KEY, domain=DOMAIN)
+    with Journal.open(tmp_path / "j.db", edge=EDGE) as journal:
+        for i in range(0, 40, 5):
+            journal.append_many(entries[i : i + 5])
+            assert len(journal._recent) <= 8
+        assert journal.unanchored_records == 40
+        assert journal.entries(0, 40) == entries  # the rest comes back from disk
+        batch = journal.close_batch(40)
+        assert batch is not None
+        leaves = [leaf_hash(e.result.edge_seq, e.record_hash) for e in entries]
+        assert batch.root == MerkleTree.build(leaves).root
+        assert journal.unanchored_records == 40
+        journal.mark_anchored(0, None, None)
+        assert journal.unanchored_records == 0
