@@ -10,6 +10,8 @@ Speed: every step is one whole-array pass in torch or numpy (no per-channel Pyth
 The encoder works in the tensor's own ``(batch, channel, rest)`` layout and transposes only
 the one-byte codes; the decoder does the same in reverse. Non-finite inputs are caught from
 the per-channel minimum and maximum (both propagate NaN and infinity), not by another pass.
+Large single-row tensors take fbgemm's fused rowwise kernels where they give exactly this
+format (``_fused``); decoding always takes the one deterministic path below.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from secure_ci.exceptions import CodecError
+from secure_ci.partition._fused import quantize_fused
 
 __all__ = ["F32_PARAMS", "dequantize", "pack_nibbles", "quantize", "unpack_nibbles"]
 
@@ -46,56 +49,75 @@ def quantize(values: torch.Tensor, qmax: int) -> tuple[int, list[bytes | memoryv
     if values.numel() == 0:
         return 0, [np.zeros(2 * channels, "<f2").tobytes()]
     cube = values.reshape(lead, channels, rest)
-    params, shift, scale = _parameters(cube, qmax)
-    work = torch.sub(cube, shift).mul_(scale).clamp_(0.0, float(qmax))
+    if lead == 1:
+        fused = quantize_fused(cube.view(channels, rest), qmax)
+        if fused is not None:
+            return fused
+    lo, _, zero, step = _ranges(cube, qmax)
+    widest, narrowest = float(step.max()), float(step.min())
+    fits = max(widest, -float(lo.min()), float(lo.max())) <= _F16_MAX  # steps and |zeros|
+    if fits and narrowest < _F16_TINY:  # a float16 step would round a tiny range away
+        fits = not ((step > 0) & (step < _F16_TINY)).any()
+    # the 0.5 of rounding folds into the zero point unless that zero point is so much larger
+    # than the step that float32 would round the 0.5 away (then one more pass adds it)
+    folded = fits and narrowest >= _F16_TINY and float(abs(zero).max()) < 2**20 * narrowest
+    params, shift, scale = _coefficients(zero, step, folded, fits)
+    work = torch.sub(cube, shift).mul_(scale)
+    if not folded:
+        work.add_(0.5)
+    work.clamp_(0.0, float(qmax))
     codes = work.numpy().astype(np.uint8)
     if lead > 1:
         codes = np.ascontiguousarray(codes.transpose(1, 0, 2))
     flat = codes.reshape(-1)
     wire = params.astype(params.dtype.newbyteorder("<"), copy=False).tobytes()
     payload = (flat if qmax == 255 else pack_nibbles(flat)).data
-    return 0 if params.dtype == np.float16 else F32_PARAMS, [wire, payload]
+    return 0 if fits else F32_PARAMS, [wire, payload]
 
 
-def _parameters(
-    cube: torch.Tensor, qmax: int
-) -> tuple[np.ndarray[Any, Any], torch.Tensor, torch.Tensor]:
-    """``(params, shift, scale)``: the wire's per-channel steps then zeros (float16 when they
-    fit, else float32), and the float32 ``(channels, 1)`` coefficients that quantize
-    ``cube`` against them: ``code = trunc(clamp((x - shift) * scale))``.
+def _ranges(cube: torch.Tensor, qmax: int) -> tuple[np.ndarray[Any, Any], ...]:
+    """``(lo, hi, zero, step)`` per channel: float32 minimum and maximum, float64 zero point
+    and step. NaN and infinities propagate through amin/amax, so checking lo and hi is
+    enough (no extra pass); a range wider than float32 could never decode.
 
-    NaN and infinities propagate through amin/amax, so checking lo and hi is enough (no
-    extra pass). The arithmetic is on arrays of one value a channel, where every numpy call
-    costs more than its work: the common case (float16 parameters, no constant channel)
+    The arithmetic here and below is on arrays of one value a channel, where every numpy
+    call costs more than its work: it sticks to operators and ufuncs, and the common case
     takes the shortest path.
     """
-    channels = cube.shape[1]
     lo = cube.amin(dim=(0, 2)).numpy()
     hi = cube.amax(dim=(0, 2)).numpy()
-    low, high = float(lo.min()), float(hi.max())
-    if not (-math.inf < low and high < math.inf):  # also False for NaN
+    if not (-math.inf < float(lo.min()) and float(hi.max()) < math.inf):  # False for NaN
         raise CodecError("quantized codecs cannot encode non-finite values")
     zero = lo.astype(np.float64)
     step = hi - zero
     step /= qmax
-    widest, narrowest = float(step.max()), float(step.min())
-    if widest * qmax > _RANGE_MAX:  # q * scale would overflow when decoded
+    if float(step.max()) * qmax > _RANGE_MAX:  # q * scale would overflow when decoded
         raise CodecError("a channel's value range exceeds float32: cannot quantize it")
-    fits = max(widest, -low, float(lo.max())) <= _F16_MAX  # steps and |zeros|
-    if fits and narrowest < _F16_TINY:  # a float16 step would round a tiny range away
-        fits = not ((step > 0) & (step < _F16_TINY)).any()
+    return lo, hi, zero, step
+
+
+def _coefficients(
+    zero: np.ndarray[Any, Any], step: np.ndarray[Any, Any], folded: bool, fits: bool
+) -> tuple[np.ndarray[Any, Any], torch.Tensor, torch.Tensor]:
+    """``(params, shift, scale)``: the wire's per-channel steps then zeros (float16 when they
+    ``fits``, else float32), and the float32 ``(channels, 1)`` coefficients that quantize
+    against them: ``code = trunc(clamp((x - shift) * scale [+ 0.5]))``, i.e. (x - zero) /
+    step rounded half up. ``folded``: every step is positive and small next to its zero
+    point, the 0.5 is in ``shift = zero - step / 2`` and no guard is needed. Otherwise
+    ``shift`` is the zero point, the caller adds the 0.5, and a zero step (constant channel)
+    gets scale 0: every code is 0, and it decodes to the zero point.
+    """
+    channels = zero.size
     params = np.concatenate((step, zero)).astype(np.float16 if fits else np.float32)
-    # quantize against the parameters the decoder will see: (x - zero) / step + 0.5, then
-    # truncation rounds; a zero step (constant channel) decodes to zero whatever the code
     seen = params.astype(np.float64)
     step, zero = seen[:channels], seen[channels:]
-    if fits and narrowest >= _F16_TINY:  # every step positive, 1 / step and shift finite
+    if folded:
         coef = np.concatenate((zero - 0.5 * step, 1.0 / step)).astype(np.float32)
     else:
         coef = np.empty(2 * channels, np.float32)
-        coef[:channels] = np.maximum(zero - 0.5 * step, -_F32_MAX)
+        coef[:channels] = zero
         coef[channels:] = np.minimum(1.0 / np.maximum(step, 1e-300), _F32_MAX)
-        coef[channels:][step == 0] = 0.0  # constant channels: every code is 0
+        coef[channels:][step == 0] = 0.0
     coef = coef.reshape(2, channels, 1)
     return params, torch.from_numpy(coef[0]), torch.from_numpy(coef[1])
 
