@@ -259,6 +259,7 @@ class EdgeLedger:
         """Connect, and reconnect after any chain failure, until ``stop`` and a final flush."""
         delay, attempts_after_stop = RETRY_SECONDS[0], 0
         while True:
+            connects = self.connects
             try:
                 await self._connection(stop)
                 return
@@ -270,6 +271,8 @@ class EdgeLedger:
                     raise error from None
                 if not isinstance(error, SecureCIError):
                     raise
+                if self.connects > connects:  # it was connected: back-off starts afresh
+                    delay = RETRY_SECONDS[0]
                 if stop.is_set():
                     attempts_after_stop += 1
                     if attempts_after_stop >= SHUTDOWN_ATTEMPTS:
