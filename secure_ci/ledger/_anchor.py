@@ -25,7 +25,9 @@ from typing import Any, Protocol
 
 from secure_ci.exceptions import JournalError, LedgerError
 from secure_ci.ledger._calldata import BatchRecords, encode_batch
-from secure_ci.ledger._journal import Batch, Journal
+from secure_ci.ledger._journal import Batch, Journal, JournalEntry, verify_entry
+from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash
+from secure_ci.ledger._records import LedgerDomain
 
 __all__ = ["AnchorLedger", "Anchorer"]
 
@@ -36,6 +38,9 @@ _EPOCH_KEY = "epoch"
 
 class AnchorLedger(Protocol):
     """The part of ``LedgerClient`` the anchorer needs."""
+
+    @property
+    def domain(self) -> LedgerDomain: ...
 
     async def edge_state(self, addr: Any) -> Any: ...
 
@@ -153,8 +158,31 @@ class Anchorer:
             return None
         return raw[8:40], int.from_bytes(raw[40:44], "big")
 
+    def _checked(self, batch: Batch) -> list[JournalEntry]:
+        """The batch's entries, each verified unless this process journalled it itself, and
+        the stored root and head recomputed from them: the host controls the journal file, and
+        the enclave never anchors a record it did not sign (JournalError otherwise)."""
+        journal, domain = self.journal, self.ledger.domain
+        entries = journal.entries(batch.first_seq, batch.count)
+        checked = 0
+        for entry in entries:
+            if not journal.kept_in_memory(entry):
+                verify_entry(entry, journal.edge, domain)
+                checked += 1
+        leaves = [leaf_hash(e.result.edge_seq, e.record_hash) for e in entries]
+        root = MerkleTree.build(leaves).root
+        if root != batch.root or chain_head(batch.prev_head, root, batch.first_seq,
+                                            batch.count) != batch.head:  # fmt: skip
+            raise JournalError(
+                f"journal batch {batch.batch_id} was changed on disk (its root or head is not "
+                "its records'): refusing to anchor it"
+            )
+        if checked:
+            log.info("verified %d journal records read back from disk", checked)
+        return entries
+
     async def _anchor(self, batch: Batch) -> Any:
-        entries = self.journal.entries(batch.first_seq, batch.count)
+        entries = await asyncio.to_thread(self._checked, batch)
         calldata = encode_batch(
             BatchRecords(
                 self.journal.edge,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secure_ci.exceptions import JournalError
+from secure_ci.exceptions import JournalError, RecordError, SignatureError
 from secure_ci.ledger._calldata import AnchoredRecord
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash
 from secure_ci.ledger._records import (
@@ -28,10 +28,11 @@ from secure_ci.ledger._records import (
     Signer,
     TaskRequest,
     TaskResult,
+    recover_signer,
     sign_digest,
 )
 
-__all__ = ["Batch", "Journal", "JournalEntry", "sign_entry"]
+__all__ = ["Batch", "Journal", "JournalEntry", "sign_entry", "verify_entry"]
 
 _REQ, _RES = REQUEST_ROW, RESULT_ROW
 _GENESIS = bytes(32)
@@ -221,6 +222,10 @@ class Journal:
             del recent[next(iter(recent))]
         self._next_seq += len(rows)
 
+    def kept_in_memory(self, entry: JournalEntry) -> bool:
+        """True when ``entry`` is the one this process journalled (never read from disk)."""
+        return self._recent.get(entry.result.edge_seq) is entry
+
     def entries(self, first_seq: int, count: int) -> list[JournalEntry]:
         """Journaled records ``first_seq .. first_seq + count - 1``."""
         cached = [self._recent.get(seq) for seq in range(first_seq, first_seq + count)]
@@ -356,6 +361,25 @@ class Journal:
     def set_meta(self, key: str, value: bytes) -> None:
         with self._tx() as conn:
             conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
+def verify_entry(entry: JournalEntry, edge: bytes, domain: LedgerDomain) -> None:
+    """Check a journal entry read back from the host's disk: the enclave (``edge``) signed its
+    result, the result answers its request, and the device signed the request. JournalError
+    otherwise: the host changed, swapped or forged it."""
+    q, r = entry.request, entry.result
+    where = f"journal record {r.edge_seq}"
+    try:
+        if q.edge != edge or not r.matches(q):
+            raise JournalError(f"{where} does not answer its own request")
+        if r.digest(domain) != entry.record_hash:
+            raise JournalError(f"{where} does not hash to the record hash stored with it")
+        if recover_signer(entry.edge_sig, entry.record_hash) != edge:
+            raise JournalError(f"{where} is not signed by this enclave")
+        if q.recover(entry.device_sig, domain) != q.device:
+            raise JournalError(f"{where}: the request is not signed by its device")
+    except (SignatureError, RecordError) as exc:
+        raise JournalError(f"{where} does not verify: {exc}") from None
 
 
 def sign_entry(
