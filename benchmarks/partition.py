@@ -38,6 +38,7 @@ QUICK_CODECS = ("float16", "int8", "int4", "int8+zstd", "int4+zstd")
 OTHER_CODECS = ("float16", "int8", "int4", "int8+zstd", "int4+lz4")
 THRESHOLDS = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 SWEEP = ((1, 64, 28, 28), FRAME, (1, 64, 112, 112), (8, 64, 56, 56))
+COLORS = {"float32": "tab:gray", "float16": "tab:blue", "int8": "tab:orange", "int4": "tab:green"}
 
 
 @dataclass(frozen=True)
@@ -226,8 +227,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     top, middle, bottom = (figure.add_subplot(3, 1, i) for i in (1, 2, 3))
     for codec in dict.fromkeys(r["codec"] for r in rows):
         mine = {r["cut"]: r for r in rows if r["codec"] == codec}
-        top.plot(cuts, [mine[c]["bytes_ratio"] for c in cuts], marker="o", label=codec)
-        middle.plot(cuts, [mine[c]["accuracy_drop_pt"] for c in cuts], marker="o", label=codec)
+        style = {"marker": "o", "label": codec, "color": COLORS.get(codec)}
+        top.plot(cuts, [mine[c]["bytes_ratio"] for c in cuts], **style)
+        middle.plot(cuts, [mine[c]["accuracy_drop_pt"] for c in cuts], **style)
     top.set_ylabel("encoded / float32 bytes")
     top.set_title("Feature codecs on the trained digits CNN")
     top.legend()
@@ -245,7 +247,7 @@ def _plot_speed(axes: Any, speed: dict[str, Any]) -> None:
     axes.plot(sizes, [s["memcpy_gb_s"] for s in sweep], "k--", marker="s", label="memcpy")
     for codec in SPEED_CODECS:
         rates = [s["codecs"][codec]["gb_s"] for s in sweep]
-        axes.plot(sizes, rates, marker="o", label=f"{codec} encode + decode")
+        axes.plot(sizes, rates, marker="o", color=COLORS[codec], label=f"{codec} encode + decode")
     axes.axhline(TARGET_GB_S, color="red", linewidth=0.8, linestyle=":", label="target 1 GB/s")
     from matplotlib.ticker import FuncFormatter, LogLocator
 
