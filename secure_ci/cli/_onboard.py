@@ -7,6 +7,7 @@ so the admin needs the device's keystore (or runs the command where the device k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -72,51 +73,38 @@ def party_add(
     typer.echo(f"party {run(go())} admin {address}")
 
 
-def _set_measurement(
-    measurement: str, allowed: bool, key_file: Path, deployment: Path | None,
-    rpc: str | None, contract: str | None, file: Path | None, env: str | None,
-) -> None:  # fmt: skip
-    value = _hex(measurement, 32, "MEASUREMENT")
-    owner = _key(key_file, "owner key", file, env)
+def _measurement_command(allowed: bool) -> Callable[..., None]:
+    """``measurement allow`` or ``measurement revoke`` (one body, two commands)."""
 
-    async def go() -> None:
-        async with opened(deployment, rpc, contract, owner) as ledger:
-            await ledger.allow_measurement(value, allowed)
+    def command(
+        measurement: Annotated[str, typer.Argument(help="MRENCLAVE (64 hex digits).")],
+        key_file: KeyFile,
+        deployment: DeploymentOption = None,
+        rpc: RpcOption = None,
+        contract: ContractOption = None,
+        passphrase_file: PassphraseFile = None,
+        passphrase_env: PassphraseEnv = None,
+    ) -> None:
+        value = _hex(measurement, 32, "MEASUREMENT")
+        owner = _key(key_file, "owner key", passphrase_file, passphrase_env)
 
-    run(go())
-    typer.echo(f"measurement {value.hex()} {'allowed' if allowed else 'revoked'}")
+        async def go() -> None:
+            async with opened(deployment, rpc, contract, owner) as ledger:
+                await ledger.allow_measurement(value, allowed)
 
+        run(go())
+        typer.echo(f"measurement {value.hex()} {'allowed' if allowed else 'revoked'}")
 
-@measurement_app.command("allow")
-def measurement_allow(
-    measurement: Annotated[str, typer.Argument(help="MRENCLAVE (64 hex digits).")],
-    key_file: KeyFile,
-    deployment: DeploymentOption = None,
-    rpc: RpcOption = None,
-    contract: ContractOption = None,
-    passphrase_file: PassphraseFile = None,
-    passphrase_env: PassphraseEnv = None,
-) -> None:
-    """Allow an enclave measurement (signed by the deployment's owner)."""
-    _set_measurement(
-        measurement, True, key_file, deployment, rpc, contract, passphrase_file, passphrase_env
+    command.__doc__ = (
+        "Allow an enclave measurement (signed by the deployment's owner)."
+        if allowed
+        else "Take a measurement off the allow-list: devices refuse its edges from now on."
     )
+    return command
 
 
-@measurement_app.command("revoke")
-def measurement_revoke(
-    measurement: Annotated[str, typer.Argument(help="MRENCLAVE (64 hex digits).")],
-    key_file: KeyFile,
-    deployment: DeploymentOption = None,
-    rpc: RpcOption = None,
-    contract: ContractOption = None,
-    passphrase_file: PassphraseFile = None,
-    passphrase_env: PassphraseEnv = None,
-) -> None:
-    """Take a measurement off the allow-list: devices refuse its edges from now on."""
-    _set_measurement(
-        measurement, False, key_file, deployment, rpc, contract, passphrase_file, passphrase_env
-    )
+measurement_app.command("allow")(_measurement_command(True))
+measurement_app.command("revoke")(_measurement_command(False))
 
 
 @model_app.command("register")
