@@ -183,6 +183,8 @@ class PlainDevice:
         )
 
     async def aclose(self) -> None:
+        await self.stream.send(Close())
+        await self.stream.next_event()  # the edge's Close
         await self.stream.aclose()
 
 

@@ -188,6 +188,7 @@ async def _bench_setup(setup: Setup, quick: bool, ports: Ports) -> dict[str, Any
         "latency_ratio": median["secure"] / median["plain"],
         "durable_latency_ratio": median["durable"] / median["plain"],
         "measured_overhead_us": (median["secure"] - median["plain"]) * 1000,
+        "measured_durable_overhead_us": (median["durable"] - median["plain"]) * 1000,
         "throughput_plain": tput_p,
         "throughput_secure": tput_s,
         "throughput_ratio": tput_s / tput_p,
@@ -255,16 +256,34 @@ def plot(result: dict[str, Any], path: Path) -> None:
     lat.set_ylabel("round trip / plaintext round trip")
     lat.set_title("Latency, one device")
     lat.legend()
-    bottom = [0.0] * len(names)
-    keys = [k for k, v in setups[names[0]]["breakdown_us"].items() if "in_baseline" in v]
-    for key in keys:
-        values = [setups[n]["breakdown_us"][key]["us"] for n in names]
-        parts.bar(names, values, bottom=bottom, label=key)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    parts.plot(names, [setups[n]["overhead"]["measured_overhead_us"] for n in names], "k*",
-               markersize=12, label="measured secure - plain")  # fmt: skip
-    parts.set_ylabel("microseconds per request")
-    parts.set_title("Where a secure request's time goes")
+    # The security overhead by part: the secure edge's, then the durable edge's (+ fsync).
+    colors = {"tls": "C0", "signature_sign": "C1", "signature_verify": "C2", "journal_fsync": "C3"}
+    secure_parts = ["tls", "signature_sign", "signature_verify"]
+    labelled: set[str] = set()
+    positions = {n: (3 * i, 3 * i + 1) for i, n in enumerate(names)}
+    for n in names:
+        costs = setups[n]["breakdown_us"]
+        for x, keys in zip(
+            positions[n], (secure_parts, [*secure_parts, "journal_fsync"]), strict=True
+        ):
+            bottom = 0.0
+            for k in keys:
+                us = costs[k]["us"]
+                hatch = "//" if k in ("signature_verify", "journal_fsync") else None
+                label = None if k in labelled else k
+                parts.bar(x, us, bottom=bottom, color=colors[k], hatch=hatch, label=label)
+                labelled.add(k)
+                bottom += us
+        overhead = setups[n]["overhead"]
+        parts.plot(positions[n][0], overhead["measured_overhead_us"], "k*", markersize=12)
+        parts.plot(positions[n][1], overhead["measured_durable_overhead_us"], "kD", markersize=8)
+    parts.set_xticks(
+        [x for n in names for x in positions[n]],
+        [f"{n}\n{kind}" for n in names for kind in ("secure", "durable")],
+        fontsize=8,
+    )
+    parts.set_ylabel("µs per request (hatched: beside the tail, durable only)")
+    parts.set_title("Security overhead by part (markers: measured - plain)")
     parts.legend(fontsize=7)
     for n in names:
         rows = setups[n]["batching"]
