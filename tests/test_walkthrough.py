@@ -207,10 +207,19 @@ def test_the_readme_walkthrough_then_kills_and_a_chain_restart(shell: Shell) -> 
     verified = shell.run(audit)
     seconds = time.monotonic() - began
     shell.timings["audit verify --all (s)"] = round(seconds, 2)
-    assert f"{journalled} of {journalled} tasks verified" in verified, verified
-    # anchored exactly once: the chain's records are the device's tasks, no more
+    counts = re.search(r"(\d+) of (\d+) tasks verified", verified)
+    assert counts is not None, verified
+    ok, total = int(counts.group(1)), int(counts.group(2))
+    # every task the device got a result for is anchored (above) and verifies; the chain may
+    # hold a few more: records the edge journalled but could not answer before its kill -9
+    assert ok == total >= journalled, verified
+    # anchored exactly once: no (device, task id) twice, however often the edge restarted
+    export = shell.run("secure-ci audit export --deployment deployment.json")
+    rows = [json.loads(line) for line in export.splitlines()]
+    assert len(rows) == total
+    assert len({(r["device"], r["task_id"]) for r in rows}) == total
     status = json.loads(shell.run("secure-ci ledger status --deployment deployment.json --json"))
-    assert sum(e["records"] for e in status["edges"]) == journalled
+    assert sum(e["records"] for e in status["edges"]) == total
     print("walkthrough timings:", json.dumps(shell.timings))
 
 
