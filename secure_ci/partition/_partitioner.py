@@ -3,10 +3,11 @@
 :class:`Partitioner` traces the model with torch.fx, runs it once on the example inputs, and
 enumerates every cut position in topological order with the tensors that cross it, in one
 live-set sweep (O(nodes x boundary)). A second run with one more example row finds which
-dimension of each tensor is the batch (:attr:`TensorSpec.batch_dim`; not always the first). Nodes that do not depend on the inputs (parameters,
-constants and what is computed from them alone) never cross a cut: each side recomputes what
-it needs. :meth:`Partitioner.split` builds the head and tail modules for one cut on demand and
-checks them against the model on the example inputs, so a wrong split is never returned.
+dimension of each tensor is the batch (:attr:`TensorSpec.batch_dim`; not always the first).
+Nodes that do not depend on the inputs (parameters, constants and what is computed from them
+alone) never cross a cut: each side recomputes what it needs. :meth:`Partitioner.split`
+builds the head and tail modules for one cut on demand and checks them against the model on
+the example inputs, so a wrong split is never returned.
 """
 
 from __future__ import annotations
