@@ -113,6 +113,7 @@ class EdgeLimits:
     drain_timeout: float = 10.0
     max_batch: int = 32
     max_wait_ms: float = 2.0
+    max_deadline_seconds: float = 3600.0  # a request's deadline must fall within this
     max_queue: int = 1024
     signing_workers: int = 0  # processes that sign results (0: the tail thread; 1 is plenty)
 
@@ -122,7 +123,13 @@ class EdgeLimits:
         _bounded("max_inflight_per_device", self.max_inflight_per_device, 1, 10_000)
         _bounded("max_batch", self.max_batch, 1, 4096)
         _bounded("max_queue", self.max_queue, self.max_batch, 1 << 20)
-        for name in ("handshake_timeout", "idle_timeout", "request_timeout", "drain_timeout"):
+        for name in (
+            "handshake_timeout",
+            "idle_timeout",
+            "request_timeout",
+            "drain_timeout",
+            "max_deadline_seconds",
+        ):
             _bounded(name, getattr(self, name), 0.001, 86_400.0)
         _bounded("max_wait_ms", self.max_wait_ms, 0.0, 10_000.0)
         _bounded("signing_workers", self.signing_workers, 0, MAX_WORKERS)

@@ -79,6 +79,7 @@ class EdgeService:
         self._sessions = 0
         self._inflight: Counter[bytes] = Counter()
         self._recent: dict[bytes, OrderedDict[bytes, None]] = {}
+        self._seed_replay_memory()
         self._idle = asyncio.Event()
         self._idle.set()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="secure-ci-tail")
@@ -128,6 +129,21 @@ class EdgeService:
 
     # -- requests ---------------------------------------------------------------------------
 
+    def _seed_replay_memory(self) -> None:
+        """After a restart, remember the task ids the journal answered whose deadline has not
+        passed: a request replayed to the restarted edge is refused as before the restart
+        (older ones are refused by their deadline)."""
+        recent = getattr(self.journal, "recent_requests", None)
+        if recent is None:
+            return
+        now = self._clock()
+        for device, task_id, deadline in reversed(recent(RECENT_PER_DEVICE * 16)):
+            if deadline >= now:
+                memory = self._recent.setdefault(device, OrderedDict())
+                memory[task_id] = None
+                if len(memory) > RECENT_PER_DEVICE:
+                    memory.popitem(last=False)
+
     def _remember(self, device: bytes, task_id: bytes) -> None:
         recent = self._recent.setdefault(device, OrderedDict())
         if task_id in recent:
@@ -163,8 +179,15 @@ class EdgeService:
         self, device: bytes, request: InferRequest, received_at: float
     ) -> InferResult:
         tail = self.models.get(request.model_id, request.cut)
-        if request.deadline and request.deadline < self._clock():
+        now = self._clock()
+        if request.deadline < now:  # a deadline of 0 is in the past: every task has one
             raise ProtocolError("request deadline has passed", code=ErrorCode.TIMEOUT)
+        if request.deadline > now + self.config.limits.max_deadline_seconds:
+            raise ProtocolError(
+                f"request deadline is more than {self.config.limits.max_deadline_seconds:.0f} s"
+                " away",
+                code=ErrorCode.MALFORMED,
+            )
         # The record check (hashes, signature recovery; they release the GIL) runs in a checker
         # thread beside decoding and the tail; the worker waits for it before signing.
         record = self._checkers.submit(

@@ -222,6 +222,18 @@ class Journal:
             del recent[next(iter(recent))]
         self._next_seq += len(rows)
 
+    def recent_requests(self, limit: int) -> list[tuple[bytes, bytes, int]]:
+        """``(device, task id, deadline)`` of the last ``limit`` records, newest first."""
+        rows = self._rows("SELECT request FROM records ORDER BY seq DESC LIMIT ?", limit)
+        out = []
+        for (raw,) in rows:
+            try:
+                q = TaskRequest(*_REQ.unpack(raw))
+            except (struct.error, ValueError, TypeError) as exc:
+                raise JournalError(f"journal records are corrupt: {exc}") from exc
+            out.append((q.device, q.task_id, q.deadline))
+        return out
+
     def kept_in_memory(self, entry: JournalEntry) -> bool:
         """True when ``entry`` is the one this process journalled (never read from disk)."""
         return self._recent.get(entry.result.edge_seq) is entry

@@ -99,6 +99,7 @@ class RawDevice:
         self.domain = domain
         self.edge_address = b""
         self._seq = itertools.count(1)
+        self.now_fn: Callable[[], float] = time.time
 
     @classmethod
     async def connect(
@@ -116,7 +117,9 @@ class RawDevice:
         )
         conn = Connection(Role.DEVICE, limits=Limits(), now=time.monotonic())
         stream = FramedStream(channel.reader, channel.writer, conn)
-        return cls(stream, channel.peer, key, domain or LedgerDomain(0, bytes(20)))
+        device = cls(stream, channel.peer, key, domain or LedgerDomain(0, bytes(20)))
+        device.now_fn = now_fn
+        return device
 
     async def handshake(self) -> HelloAck:
         """Hello, then Authenticate with the channel binding; returns the HelloAck."""
@@ -145,11 +148,12 @@ class RawDevice:
         model_id: bytes,
         cut: int,
         codec: str,
-        deadline: int = 0,
+        deadline: int | None = None,
         task_id: bytes | None = None,
         seq: int | None = None,
     ) -> InferRequest:
-        """A correctly signed request for ``payload`` (the device library's own signing)."""
+        """A correctly signed request for ``payload`` (the device library's own signing);
+        the deadline defaults to a minute from the device's clock."""
         event, _ = sign_request(
             DeviceIdentity(self.key),
             enclave=EnclaveBinding(self.edge_address, bytes(32), bytes(32)),
@@ -159,7 +163,7 @@ class RawDevice:
             cut=cut,
             codec=codec,
             device_seq=next(self._seq) if seq is None else seq,
-            deadline=deadline,
+            deadline=int(self.now_fn()) + 60 if deadline is None else deadline,
             salt=os.urandom(32),
             payload=payload,
         )

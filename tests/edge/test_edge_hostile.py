@@ -272,6 +272,7 @@ async def test_a_request_with_a_forged_record_is_refused_and_leaves_no_record(
     device = await _ready(served)
     forger = RawDevice(device.stream, device.enclave, new_device_key(), device.domain)
     forger.edge_address = device.edge_address
+    forger.now_fn = device.now_fn
     payload = _payload(served)
     forged = forger.request(payload, model_id=served.model_id, cut=CUT, codec="float32", seq=1)
     await device.send(forged)

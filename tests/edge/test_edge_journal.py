@@ -70,3 +70,75 @@ async def test_results_are_durably_journaled_with_consecutive_sequence(tmp_path:
         assert entry.result.matches(entry.request)
     with Journal.open(path, edge=identity.address) as reopened:
         assert reopened.next_seq == 5
+
+
+async def test_a_replay_to_the_restarted_edge_is_refused(tmp_path: Path) -> None:
+    """The replay memory survives a restart: it is seeded from the journal's live requests."""
+    from secure_ci.protocol import Error, ErrorCode
+
+    enclave = dev_enclave(DEV_NOW)
+    key = new_device_key()
+    identity = create_identity(enclave.provider, now=DEV_NOW)
+    config = EdgeConfig(
+        limits=EdgeLimits(max_wait_ms=1.0), allowed_devices=frozenset({address_of(key)})
+    )
+    head, _ = build_partitioner().split(CUT)
+    model_id = bytes.fromhex(build_partitioner().model_id)
+    with torch.inference_mode():
+        payload = encode_features(head(torch.randn(1, 1, 32, 32)), "float16")
+    sent = None
+    for run in range(2):
+        with Journal.open(tmp_path / "j.sqlite", edge=identity.address) as journal:
+            async with open_edge(
+                config, provider=enclave.provider, models=registry(), journal=journal,
+                identity=identity, clock=lambda: float(DEV_NOW),
+            ) as edge:  # fmt: skip
+                device = await RawDevice.connect(
+                    edge.port, enclave=enclave, key=key, now_fn=lambda: DEV_NOW
+                )
+                await device.handshake()
+                if sent is None:
+                    sent = device.request(payload, model_id=model_id, cut=CUT, codec="float16")
+                await device.send(sent)  # the same signed request, once per run
+                answer = await device.receive()
+                await device.aclose()
+        if run == 0:
+            assert isinstance(answer, InferResult)
+        else:
+            assert isinstance(answer, Error)
+            assert answer.code == ErrorCode.REPLAY
+    with Journal.open(tmp_path / "j.sqlite", edge=identity.address) as journal:
+        assert journal.next_seq == 1  # answered once
+
+
+async def test_requests_without_a_deadline_or_too_far_out_are_refused(tmp_path: Path) -> None:
+    from secure_ci.protocol import Error, ErrorCode
+
+    enclave = dev_enclave(DEV_NOW)
+    key = new_device_key()
+    config = EdgeConfig(
+        limits=EdgeLimits(max_wait_ms=1.0, max_deadline_seconds=600),
+        allowed_devices=frozenset({address_of(key)}),
+    )
+    head, _ = build_partitioner().split(CUT)
+    model_id = bytes.fromhex(build_partitioner().model_id)
+    with torch.inference_mode():
+        payload = encode_features(head(torch.randn(1, 1, 32, 32)), "float16")
+    async with open_edge(
+        config, provider=enclave.provider, models=registry(), clock=lambda: float(DEV_NOW)
+    ) as edge:
+        device = await RawDevice.connect(
+            edge.port, enclave=enclave, key=key, now_fn=lambda: DEV_NOW
+        )
+        await device.handshake()
+        for deadline, code in ((0, ErrorCode.TIMEOUT), (DEV_NOW + 601, ErrorCode.MALFORMED)):
+            request = device.request(
+                payload, model_id=model_id, cut=CUT, codec="float16", deadline=deadline
+            )
+            await device.send(request)
+            answer = await device.receive()
+            assert isinstance(answer, Error)
+            assert answer.code == code
+        await device.send(device.request(payload, model_id=model_id, cut=CUT, codec="float16"))
+        assert isinstance(await device.receive(), InferResult)
+        await device.aclose()

@@ -146,6 +146,7 @@ async def test_task_errors_keep_the_session_alive(served: Served) -> None:
     forged = device.request(good, model_id=served.model_id, cut=CUT, codec="float32")
     other = RawDevice(device.stream, device.enclave, new_device_key(), device.domain)
     other.edge_address = device.edge_address
+    other.now_fn = device.now_fn
     resigned = other.request(
         good, model_id=served.model_id, cut=CUT, codec="float32", seq=next(device._seq)
     )
