@@ -60,6 +60,8 @@ Input: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
 """One sample: a tensor, or a tuple of tensors for a model with several inputs."""
 DEFAULT_DOMAIN = LedgerDomain(chain_id=0, contract=bytes(20))
 """EIP-712 domain used until a ledger is deployed (chain id 0, zero contract)."""
+RECEIPT_WINDOW = 4096
+"""Receipts a session keeps in memory (oldest dropped first)."""
 CLOSE_GRACE = 5.0
 """Seconds an orderly close waits for the edge to answer what is in flight."""
 
@@ -106,7 +108,9 @@ class Session:
         self.plan = plan
         self.domain = domain
         self.timeout = timeout
-        self.receipts: list[TaskReceipt] = []
+        self.receipts: deque[TaskReceipt] = deque(maxlen=RECEIPT_WINDOW)
+        """The last :data:`RECEIPT_WINDOW` receipts (a bounded window: the device journal,
+        ``secure_ci.device._journal``, is where a device keeps every receipt)."""
         self._stream = stream
         self._head = head
         self._model_id = bytes.fromhex(plan.model_id)

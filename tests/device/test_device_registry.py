@@ -17,6 +17,7 @@ import torch
 
 from secure_ci.device import DeviceIdentity, open_session
 from secure_ci.device._connect import check_registration
+from secure_ci.device._session import RECEIPT_WINDOW
 from secure_ci.device._tasks import EnclaveBinding
 from secure_ci.edge import (
     EdgeConfig,
@@ -85,6 +86,8 @@ async def test_the_registered_edge_serves(edge: tuple[EdgeService, DevEnclave]) 
     served, enclave = edge
     async with _session(served, enclave, registration=_registration(served)) as session:
         await session.infer(torch.randn(1, 1, 32, 32))
+        assert len(session.receipts) == 1
+        assert session.receipts.maxlen == RECEIPT_WINDOW  # bounded: the journal keeps them all
     assert served.stats["results"] == 1
 
 
