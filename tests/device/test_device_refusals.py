@@ -186,7 +186,7 @@ async def test_result_signed_by_another_key_is_refused() -> None:
     ):
         with pytest.raises(SignatureError):
             await session.infer(torch.ones(1, 4))
-        assert session.receipts == []
+        assert not session.receipts
 
 
 async def test_error_frame_carries_its_code() -> None:
