@@ -188,16 +188,21 @@ class EdgeService:
                 " away",
                 code=ErrorCode.MALFORMED,
             )
-        # The record check (hashes, signature recovery; they release the GIL) runs in a checker
-        # thread beside decoding and the tail; the worker waits for it before signing.
-        record = self._checkers.submit(
-            verify_request,
-            request,
-            device=device,
-            edge=self.identity.address,
-            domain=self.domain,
-        )
-        if len(request.payload) <= INLINE_DECODE_BYTES:
+        # See _requests: a lone small request is checked by the worker after its tail; other
+        # requests' records are checked in checker threads beside the tail (the worker is then
+        # kept for tails), and large payloads are decoded there too.
+        small = len(request.payload) <= INLINE_DECODE_BYTES
+        lone = len(self._inflight) == 1 and self._inflight[device] == 1
+        check = None
+        if not (small and lone):
+            check = self._checkers.submit(
+                verify_request,
+                request,
+                device=device,
+                edge=self.identity.address,
+                domain=self.domain,
+            )
+        if small:
             features = tail.decode(request.codec, request.payload)
         else:
             features = await asyncio.get_running_loop().run_in_executor(
@@ -205,8 +210,9 @@ class EdgeService:
             )
         self._remember(device, request.task_id)
         batcher = self._batchers[(request.model_id, request.cut)]
+        job = Job(request, device, check, features, received_at)
         async with asyncio.timeout(self.config.limits.request_timeout):
-            outcome = await batcher.submit(Job(request, record, features, received_at))
+            outcome = await batcher.submit(job)
         if isinstance(outcome, ProtocolError):  # its record failed: the task id stays free
             self._recent[device].pop(request.task_id, None)
             raise outcome
@@ -231,9 +237,13 @@ class EdgeService:
         return run
 
     def _checked(self, job: Job) -> TaskRequest:
-        """The job's verified record (waiting for its check if it is still running)."""
+        """The job's verified record: checked here, or by a checker thread (waited for)."""
         try:
-            return job.record.result(timeout=self.config.limits.request_timeout)
+            if job.check is None:
+                return verify_request(
+                    job.request, device=job.device, edge=self.identity.address, domain=self.domain
+                )
+            return job.check.result(timeout=self.config.limits.request_timeout)
         except ProtocolError:
             raise
         except Exception as exc:  # a bug or a hung check: refuse, never sign unchecked

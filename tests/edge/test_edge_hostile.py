@@ -10,7 +10,7 @@ import pytest
 import torch
 from edge_helpers import CUT, Served
 
-from secure_ci.edge import EdgeLimits
+from secure_ci.edge import EdgeLimits, _service
 from secure_ci.partition import encode_features
 from secure_ci.protocol import (
     Challenge,
@@ -264,11 +264,14 @@ async def test_request_written_with_the_challenge_is_refused_not_answered(
     await _still_serving(served)
 
 
+@pytest.mark.parametrize("inline_bytes", [16 << 10, 0], ids=["worker-checks", "checker-checks"])
 async def test_a_request_with_a_forged_record_is_refused_and_leaves_no_record(
-    served: Served,
+    served: Served, inline_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The record check runs beside the tail, but nothing is signed, journaled or answered
-    for a request whose record another key signed."""
+    """Wherever the record is checked (by the worker after a lone small request's tail, or in
+    a checker thread beside it), nothing is signed, journaled or answered for a request whose
+    record another key signed."""
+    monkeypatch.setattr(_service, "INLINE_DECODE_BYTES", inline_bytes)
     device = await _ready(served)
     forger = RawDevice(device.stream, device.enclave, new_device_key(), device.domain)
     forger.edge_address = device.edge_address
