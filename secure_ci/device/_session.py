@@ -165,9 +165,15 @@ class Session:
             async with asyncio.timeout(self.timeout):
                 result, receipt = await asyncio.shield(task.future)
         except TimeoutError:
-            raise DeadlineExceeded(
-                f"no result for task {task.request.task_id.hex()[:16]} within {self.timeout} s"
-            ) from None
+            # The edge went silent: the whole session fails, so every waiter gets
+            # DeadlineExceeded at once and every in-flight slot is freed (the protocol would
+            # otherwise count the unanswered requests against the edge's in-flight limit).
+            silent = DeadlineExceeded(
+                f"no result for task {task.request.task_id.hex()[:16]} within {self.timeout} s:"
+                " the session is closed"
+            )
+            self._fail(silent)
+            raise silent from None
         if receipt.result.status != 0:
             raise RemoteProtocolError(
                 f"the enclave reported status {receipt.result.status}", code=ErrorCode.INTERNAL

@@ -166,6 +166,24 @@ async def test_silent_edge_gives_deadline_exceeded() -> None:
             await session.infer(torch.ones(1, 4))
 
 
+async def test_a_silent_edge_never_blocks_the_device() -> None:
+    """More requests than in-flight slots against an edge that never answers: each raises
+    DeadlineExceeded (at once once the session failed), none waits for a slot forever."""
+    async with (
+        scripted_edge(handshake_then(_ignore), []) as (port, enclave),
+        _session(port, enclave, timeout=0.3) as session,
+    ):
+        slots = session.max_in_flight
+        calls = [asyncio.create_task(session.infer(torch.ones(1, 4))) for _ in range(slots + 8)]
+        done, pending = await asyncio.wait(calls, timeout=30)
+        assert not pending, "a request was still blocked 30 s after a 0.3 s deadline"
+        for call in done:
+            assert isinstance(call.exception(), DeadlineExceeded)
+        for _ in range(3):  # and later calls fail fast, never hang
+            with pytest.raises(DeadlineExceeded):
+                await asyncio.wait_for(session.infer(torch.ones(1, 4)), 5)
+
+
 async def test_announced_key_not_bound_by_the_quote_is_refused() -> None:
     received: list[bytes] = []
     with pytest.raises(ReportDataError, match="does not bind the result key"):
