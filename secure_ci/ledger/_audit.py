@@ -16,25 +16,41 @@ edge's registered measurement when the batch was anchored, which the contract an
 while it is on the allow-list (a later re-registration, revocation or allow-list change
 does not rewrite history: the batch's existence proves the edge was registered, active and
 allowed when it anchored).
+
+Findings are the rest of what an auditor must see (replays, unregistered devices, quote id
+mismatches, late anchoring, request-chain gaps; see ``_findings``): rules over several
+records are applied when a batch is indexed (``_audit_rules``), so a task's findings are
+primary-key lookups. One bad batch (calldata that does not decode, is not canonical, does
+not rebuild the root, or was not anchored by a direct call) is a finding against its edge:
+:meth:`AuditIndex.sync` skips it and indexes the rest of that edge's chain and every other
+edge. Task ids are scoped by device everywhere: two devices' records under one task id are
+never merged.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from secure_ci.exceptions import LedgerError, ProofError, RecordError, SignatureError
-from secure_ci.ledger._calldata import (
-    SIGNATURE_INTERVAL,
-    AnchoredRecord,
-    chain_links,
-    chain_successors,
-    decode_batch,
+from secure_ci.exceptions import ConfigError, ProofError, RecordError, SignatureError
+from secure_ci.ledger._audit_rules import all_stored_findings, stored_findings, stored_from
+from secure_ci.ledger._audit_store import (
+    SELECT_TASK_ID,
+    SELECT_TASKS,
+    open_index,
+    proof_from_blob,
 )
-from secure_ci.ledger._merkle import MerkleTree, leaf_hash, verify_proof
+from secure_ci.ledger._audit_sync import AuditLedger, IndexWriter
+from secure_ci.ledger._calldata import SIGNATURE_INTERVAL, AnchoredRecord
+from secure_ci.ledger._findings import (
+    DEFAULT_GRACE_SECONDS,
+    Finding,
+    FindingCode,
+    late_anchoring,
+)
+from secure_ci.ledger._merkle import leaf_hash, verify_proof
 from secure_ci.ledger._records import (
     REQUEST_ROW,
     RESULT_ROW,
@@ -45,57 +61,24 @@ from secure_ci.ledger._records import (
 
 __all__ = ["AuditIndex", "AuditLedger", "IndexedTask", "VerifiedTask"]
 
-_REQ, _RES = REQUEST_ROW, RESULT_ROW
-_FORMAT = b"2"  # 2: chained requests (next_seq column)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS batches (
-    edge BLOB NOT NULL, batch_id INTEGER NOT NULL, first_seq INTEGER NOT NULL,
-    count INTEGER NOT NULL, root BLOB NOT NULL, block_number INTEGER NOT NULL,
-    nodes BLOB NOT NULL, measurement BLOB NOT NULL, PRIMARY KEY (edge, batch_id));
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id BLOB NOT NULL, edge BLOB NOT NULL, batch_id INTEGER NOT NULL, seq INTEGER NOT NULL,
-    device BLOB NOT NULL, model_id BLOB NOT NULL, deadline INTEGER NOT NULL,
-    request BLOB NOT NULL, result BLOB NOT NULL, device_sig BLOB NOT NULL,
-    next_seq INTEGER NOT NULL);
-"""
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS tasks_task ON tasks (task_id);
-CREATE INDEX IF NOT EXISTS tasks_device ON tasks (device);
-CREATE INDEX IF NOT EXISTS tasks_edge ON tasks (edge, seq);
-"""
-_COLUMNS = (
-    "task_id, edge, batch_id, seq, device, model_id, deadline, request, result, device_sig,"
-    " next_seq"
-)
-# Only constant column names and "?" placeholders are ever spliced into SQL.
-_INSERT_TASK = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 11)})"  # noqa: S608
-_SELECT_TASKS = f"SELECT {_COLUMNS} FROM tasks"  # noqa: S608
-
-
-class AuditLedger(Protocol):
-    """The part of ``LedgerClient`` an auditor needs."""
-
-    chain_id: int
-    address: Any
-
-    async def edge_state(self, addr: Any) -> Any: ...
-    async def batch(self, addr: Any, batch_id: int) -> Any: ...
-    async def batch_calldata(self, addr: Any, batch_id: int) -> bytes: ...
+_MANY = 256  # listing more tasks than this reads all stored findings at once
 
 
 @dataclass(frozen=True, slots=True)
 class IndexedTask:
-    """A task as the index holds it.
+    """A task as the index holds it, with its findings.
 
     ``next_seq`` is the edge sequence number of the next request of the device's chain in the
     same batch (-1 if none): it carries the device signature when the record's was left out.
+    ``anchored_at`` is the anchoring block's timestamp (-1 if the index does not know it).
     """
 
     edge: bytes
     batch_id: int
     record: AnchoredRecord
     next_seq: int = -1
+    anchored_at: int = -1
+    findings: tuple[Finding, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         q, r = self.record.request, self.record.result
@@ -106,77 +89,42 @@ class IndexedTask:
                 out[name] = "0x" + value.hex() if isinstance(value, bytes) else value
         out["device_sig"] = "0x" + self.record.device_sig.hex()  # "0x": covered by chain_next_seq
         out["chain_next_seq"] = self.next_seq
+        out["anchored_at"] = self.anchored_at
+        out["findings"] = [{"code": str(f.code), "message": f.message} for f in self.findings]
         return out
 
 
 @dataclass(frozen=True, slots=True)
 class VerifiedTask:
-    """A task that passed :meth:`AuditIndex.verify`."""
+    """A task that passed :meth:`AuditIndex.verify`, with its findings (verification holds,
+    but an auditor must still see them)."""
 
     task: IndexedTask
     record_hash: bytes
     root: bytes
     proof: tuple[bytes, ...]
+    findings: tuple[Finding, ...] = ()
 
 
-def _nodes_blob(tree: MerkleTree) -> bytes:
-    return b"".join(b"".join(level) for level in tree.levels)
-
-
-def _proof_from_blob(blob: bytes, count: int, index: int) -> list[bytes]:
-    proof, offset, size = [], 0, count
-    while size > 1:
-        sibling = index ^ 1
-        if sibling < size:
-            start = offset + 32 * sibling
-            proof.append(blob[start : start + 32])
-        offset += 32 * size
-        size, index = (size + 1) // 2, index // 2
-    return proof
-
-
-def _hex(addr: Any) -> bytes:
-    return addr if isinstance(addr, bytes) else bytes.fromhex(str(addr).removeprefix("0x"))
-
-
-class AuditIndex:
+class AuditIndex(IndexWriter):
     """A local SQLite index of anchored records (``":memory:"`` or a file path).
 
     The index remembers the domain (chain id, contract) it was built for; ``domain=None``
-    opens an existing index with its own.
+    opens an existing index with its own. ``grace_seconds`` is how long after a request's
+    deadline its batch may be anchored before that is a late-anchoring finding.
     """
 
-    def __init__(self, path: Path | str, domain: LedgerDomain | None = None) -> None:
-        try:
-            self._conn = sqlite3.connect(str(path), isolation_level=None)
-            self._conn.executescript(_SCHEMA + _INDEXES)
-            row = self._conn.execute("SELECT value FROM meta WHERE key = 'domain'").fetchone()
-        except sqlite3.Error as exc:
-            raise LedgerError(f"cannot open audit index {path}: {exc}") from exc
-        try:
-            version = self._conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-        except sqlite3.Error as exc:
-            raise LedgerError(f"cannot read audit index {path}: {exc}") from exc
-        if row is not None and (version is None or bytes(version[0]) != _FORMAT):
-            self._conn.close()
-            raise LedgerError(f"audit index {path} has an older format: delete it to rebuild it")
-        stored = None
-        if row is not None:
-            raw = bytes(row[0])
-            stored = LedgerDomain(int.from_bytes(raw[20:], "big"), raw[:20])
-        if domain is None:
-            if stored is None:
-                self._conn.close()
-                raise LedgerError(f"audit index {path} is empty: give a chain to build it")
-            domain = stored
-        elif stored is None:
-            value = domain.contract + domain.chain_id.to_bytes(32, "big")
-            self._conn.execute("INSERT INTO meta VALUES ('domain', ?)", (value,))
-            self._conn.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
-        elif stored != domain:
-            self._conn.close()
-            raise LedgerError(f"audit index {path} belongs to another chain or contract")
-        self.domain = domain
+    def __init__(
+        self,
+        path: Path | str,
+        domain: LedgerDomain | None = None,
+        *,
+        grace_seconds: int = DEFAULT_GRACE_SECONDS,
+    ) -> None:
+        if isinstance(grace_seconds, bool) or not 0 <= grace_seconds < 1 << 63:
+            raise ConfigError("the anchoring grace must be a non-negative number of seconds")
+        self.grace_seconds = int(grace_seconds)
+        self._conn, self.domain = open_index(path, domain)
 
     def close(self) -> None:
         self._conn.close()
@@ -187,106 +135,70 @@ class AuditIndex:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add_batch(
-        self,
-        edge: bytes,
-        batch_id: int,
-        root: bytes,
-        block_number: int,
-        calldata: bytes,
-        measurement: bytes,
-        *,
-        first_seq: int | None = None,
-        count: int | None = None,
-    ) -> int:
-        """Index one anchored batch from its calldata; return the number of records.
+    # ------------------------------------------------------------------ queries
 
-        ``root``, ``first_seq``, ``count`` and the batch's ``measurement`` are as the
-        chain holds them. Calldata that does not rebuild exactly the anchored root over exactly
-        the anchored sequence range is refused: records outside it were never committed.
-        """
-        batch = decode_batch(calldata)
-        if batch.edge != edge:
-            raise RecordError("batch calldata names another edge")
-        if first_seq is not None and batch.first_seq != first_seq:
-            raise ProofError(f"calldata starts at seq {batch.first_seq}, the chain at {first_seq}")
-        if count is not None and len(batch.records) != count:
-            raise ProofError(f"calldata has {len(batch.records)} records, the chain {count}")
-        leaves = [leaf_hash(r.result.edge_seq, r.result.digest(self.domain)) for r in batch.records]
-        tree = MerkleTree.build(leaves)
-        if tree.root != root:
-            raise ProofError("the records in calldata do not rebuild the anchored Merkle root")
-        successors = chain_successors(chain_links(batch.records))
-        rows = (
-            (
-                r.request.task_id, edge, batch_id, r.result.edge_seq, r.request.device,
-                r.request.model_id, r.request.deadline,
-                _REQ.pack(*(getattr(r.request, f) for f in TaskRequest.__slots__)),
-                _RES.pack(*(getattr(r.result, f) for f in TaskResult.__slots__)),
-                r.device_sig, batch.first_seq + nxt if nxt >= 0 else -1,
-            )
-            for r, nxt in zip(batch.records, successors, strict=True)
-        )  # fmt: skip
-        nodes = _nodes_blob(tree)
-        try:
-            self._conn.execute("BEGIN")
-            self._conn.execute(
-                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    edge,
-                    batch_id,
-                    batch.first_seq,
-                    len(leaves),
-                    root,
-                    block_number,
-                    nodes,
-                    measurement,
-                ),
-            )
-            self._conn.executemany(_INSERT_TASK, rows)
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._conn.execute("ROLLBACK")
-            raise LedgerError(f"audit index write failed: {exc}") from exc
-        return len(leaves)
+    def batch_findings(self, edge: bytes | None = None) -> list[Finding]:
+        """The batches that could not be audited (one finding each), by edge and batch id."""
+        sql = "SELECT edge, batch_id, code, message FROM batch_findings"
+        rows = self._conn.execute(
+            sql + (" WHERE edge = ?" if edge is not None else "") + " ORDER BY edge, batch_id",
+            () if edge is None else (edge,),
+        )
+        return [Finding(FindingCode(c), str(m), bytes(e), int(b)) for e, b, c, m in rows]
 
-    def next_batch(self, edge: bytes) -> int:
-        row = self._conn.execute(
-            "SELECT COALESCE(MAX(batch_id) + 1, 0) FROM batches WHERE edge = ?", (edge,)
-        ).fetchone()
-        return int(row[0])
+    def findings(self, task: IndexedTask) -> tuple[Finding, ...]:
+        """Every finding of one indexed record (indexed lookups, no scan)."""
+        request, result = task.record.request, task.record.result
+        stored = stored_findings(self._conn, task.edge, task.batch_id, request, result)
+        return self._findings(task, stored)
 
-    async def sync(self, ledger: AuditLedger, edges: Iterable[Any]) -> int:
-        """Index every batch of ``edges`` the index lacks; return the number of records added."""
-        added = 0
-        for addr in edges:
-            edge = _hex(addr)
-            state = await ledger.edge_state("0x" + edge.hex())
-            for batch_id in range(self.next_batch(edge), int(state.next_batch_id)):
-                info = await ledger.batch("0x" + edge.hex(), batch_id)
-                calldata = await ledger.batch_calldata("0x" + edge.hex(), batch_id)
-                added += self.add_batch(
-                    edge,
-                    batch_id,
-                    bytes(info.root),
-                    int(info.block_number),
-                    calldata,
-                    bytes(info.measurement),
-                    first_seq=int(info.first_seq),
-                    count=int(info.count),
-                )
-        return added
+    def _findings(
+        self, task: IndexedTask, stored: list[tuple[FindingCode, str]]
+    ) -> tuple[Finding, ...]:
+        request, seq = task.record.request, task.record.result.edge_seq
+        late = late_anchoring(request.deadline, task.anchored_at, self.grace_seconds)
+        if late is not None:
+            stored = [*stored, (FindingCode.LATE_ANCHORING, late)]
+        return tuple(
+            Finding(code, message, task.edge, task.batch_id, seq)
+            for code, message in sorted(stored)
+        )
 
     def _rows_to_tasks(self, rows: Iterable[Any]) -> Iterator[IndexedTask]:
-        for _task, edge, batch_id, _s, _d, _m, _dl, req, res, sig, next_seq in rows:
+        for edge, batch_id, req, res, sig, next_seq, anchored_at in rows:
             record = AnchoredRecord(
-                TaskRequest(*_REQ.unpack(req)), TaskResult(*_RES.unpack(res)), bytes(sig)
+                TaskRequest(*REQUEST_ROW.unpack(req)),
+                TaskResult(*RESULT_ROW.unpack(res)),
+                bytes(sig),
             )
-            yield IndexedTask(bytes(edge), int(batch_id), record, int(next_seq))
+            yield IndexedTask(bytes(edge), int(batch_id), record, int(next_seq), int(anchored_at))
 
-    def show(self, task_id: bytes) -> list[IndexedTask]:
-        """Every indexed record of ``task_id`` (more than one means several edges ran it)."""
-        rows = self._conn.execute(_SELECT_TASKS + " WHERE task_id = ?", (task_id,))
+    def _with_findings(self, tasks: list[IndexedTask]) -> list[IndexedTask]:
+        if len(tasks) <= _MANY:
+            return [replace(t, findings=self.findings(t)) for t in tasks]
+        stored = all_stored_findings(self._conn)
+        return [
+            replace(
+                t,
+                findings=self._findings(
+                    t, stored_from(stored, t.edge, t.batch_id, t.record.request, t.record.result)
+                ),
+            )
+            for t in tasks
+        ]
+
+    def show(self, task_id: bytes, device: bytes | None = None) -> list[IndexedTask]:
+        """Every indexed record of ``task_id`` (of ``device``, if given), ordered by device,
+        edge and sequence number; each (device, task id) is its own task."""
+        return self._with_findings(self._records_of(task_id, device))
+
+    def _records_of(self, task_id: bytes, device: bytes | None) -> list[IndexedTask]:
+        where, args = " WHERE t.task_id = ?", [task_id]
+        if device is not None:
+            where, args = where + " AND t.device = ?", [*args, device]
+        rows = self._conn.execute(
+            SELECT_TASK_ID + where + " ORDER BY t.device, t.edge, t.seq", args
+        )
         return list(self._rows_to_tasks(rows))
 
     def tasks(
@@ -302,51 +214,59 @@ class AuditIndex:
         """Tasks filtered by device, edge, model and deadline in ``[since, until)``."""
         where: list[str] = []
         args: list[object] = []
-        for column, value in (("device", device), ("edge", edge), ("model_id", model)):
+        for column, value in (("t.device", device), ("t.edge", edge), ("t.model_id", model)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
         if since is not None:
-            where.append("deadline >= ?")
+            where.append("t.deadline >= ?")
             args.append(since)
         if until is not None:
-            where.append("deadline < ?")
+            where.append("t.deadline < ?")
             args.append(until)
         clause = (" WHERE " + " AND ".join(where)) if where else ""
-        sql = _SELECT_TASKS + clause + " ORDER BY edge, seq LIMIT ?"
-        return list(self._rows_to_tasks(self._conn.execute(sql, (*args, limit))))
+        sql = SELECT_TASKS + clause + " ORDER BY t.edge, t.seq LIMIT ?"
+        return self._with_findings(
+            list(self._rows_to_tasks(self._conn.execute(sql, (*args, limit))))
+        )
 
     def count(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
 
-    async def verify(self, task_id: bytes, ledger: AuditLedger | None) -> list[VerifiedTask]:
-        """Verify every indexed record of ``task_id`` (raises on the first failure).
+    # ------------------------------------------------------------------ verification
+
+    async def verify(
+        self, task_id: bytes, ledger: AuditLedger | None, device: bytes | None = None
+    ) -> list[VerifiedTask]:
+        """Verify every indexed record of ``task_id`` (of ``device``, if given); raises on the
+        first failure. Each result carries the record's findings.
 
         With ``ledger`` the batch's root and measurement are read from the chain now; with
         None they are those the chain held when the index was synced (no chain round trip).
         """
-        tasks = self.show(task_id)
+        tasks = self._records_of(task_id, device)
         if not tasks:
             raise RecordError(f"task 0x{task_id.hex()} is not in the index")
         return [await self.verify_task(t, ledger) for t in tasks]
 
     async def verify_task(self, task: IndexedTask, ledger: AuditLedger | None) -> VerifiedTask:
-        """Verify one indexed record: proof against the chain's root, signatures, measurement."""
+        """Verify one indexed record: proof against the chain's root, signatures, measurement;
+        the result carries the record's findings."""
         request, result = task.record.request, task.record.result
         row = self._conn.execute(
-            "SELECT first_seq, count, nodes, root, measurement FROM batches"
+            "SELECT first_seq, count, nodes, root, measurement, anchored_at FROM batches"
             " WHERE edge = ? AND batch_id = ?",
             (task.edge, task.batch_id),
         ).fetchone()
         if row is None:
             raise RecordError("the index lacks the task's batch")
-        first_seq, count, nodes, root, measurement = row
+        first_seq, count, nodes, root, measurement, anchored_at = row
         if not result.matches(request) or request.edge != task.edge:
             raise RecordError("result does not answer the request")
-        if not 0 <= result.edge_seq - first_seq < count:
+        if not 0 <= result.edge_seq - first_seq < count or not nodes:
             raise ProofError("the batch does not cover the task's sequence number")
         record_hash = result.digest(self.domain)
-        proof = _proof_from_blob(bytes(nodes), count, result.edge_seq - first_seq)
+        proof = proof_from_blob(bytes(nodes), count, result.edge_seq - first_seq)
         if ledger is not None:
             info = await ledger.batch("0x" + task.edge.hex(), task.batch_id)
             if not info.first_seq <= result.edge_seq < info.first_seq + info.count:
@@ -356,7 +276,8 @@ class AuditIndex:
         self._check_device_signature(task)
         if bytes(measurement) != result.measurement:
             raise SignatureError("the result's measurement is not the one anchored with its batch")
-        return VerifiedTask(task, record_hash, bytes(root), tuple(proof))
+        findings = self.findings(replace(task, anchored_at=int(anchored_at)))
+        return VerifiedTask(task, record_hash, bytes(root), tuple(proof), findings)
 
     def _check_device_signature(self, task: IndexedTask) -> None:
         """The device signed the request, directly or through a later request of its chain.
@@ -376,7 +297,7 @@ class AuditIndex:
             ).fetchone()
             if next_seq < 0 or row is None:
                 raise SignatureError("the device signature is missing and no request covers it")
-            successor = TaskRequest(*_REQ.unpack(row[0]))
+            successor = TaskRequest(*REQUEST_ROW.unpack(row[0]))
             if (
                 successor.prev_request != current.struct_hash()
                 or successor.device != request.device

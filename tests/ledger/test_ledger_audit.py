@@ -10,6 +10,7 @@ import pytest
 from eth_account import Account
 
 from secure_ci.exceptions import (
+    ConfigError,
     ContractRevertError,
     LedgerError,
     ProofError,
@@ -17,7 +18,8 @@ from secure_ci.exceptions import (
     SignatureError,
 )
 from secure_ci.ledger._anchor import Anchorer
-from secure_ci.ledger._audit import AuditIndex, _proof_from_blob
+from secure_ci.ledger._audit import AuditIndex
+from secure_ci.ledger._audit_store import proof_from_blob
 from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
 from secure_ci.ledger._journal import Journal
 from secure_ci.ledger._merkle import MerkleTree, leaf_hash
@@ -45,7 +47,7 @@ def test_proof_from_blob_matches_tree() -> None:
         tree = MerkleTree.build(leaves)
         blob = b"".join(b"".join(level) for level in tree.levels)
         for i in range(n):
-            assert _proof_from_blob(blob, n, i) == tree.proof(i)
+            assert proof_from_blob(blob, n, i) == tree.proof(i)
 
 
 async def test_sync_query_verify(tmp_path: Path) -> None:
@@ -110,8 +112,8 @@ async def test_tampered_record_proof_signature_fail(tmp_path: Path) -> None:
         await index2.verify(task.record.request.task_id, None)
 
 
-async def test_calldata_that_disagrees_with_the_root_fails_verify(tmp_path: Path) -> None:
-    ledger, _journal = await _ledger(tmp_path, n=8)
+async def test_calldata_that_disagrees_with_the_root_is_a_finding(tmp_path: Path) -> None:
+    ledger, journal = await _ledger(tmp_path, n=24)
     # the edge publishes a root over other records than its calldata shows
     batch = decode_batch(await ledger.batch_calldata(EDGE.address, 0))
     records = list(batch.records)
@@ -120,10 +122,22 @@ async def test_calldata_that_disagrees_with_the_root_fails_verify(tmp_path: Path
     )
     ledger.edges[EDGE_BYTES].calldata[0] = encode_batch(BatchRecords(EDGE_BYTES, 0, tuple(records)))
     index = AuditIndex(":memory:", ledger.domain)
-    with pytest.raises(ProofError, match="do not rebuild the anchored Merkle root"):
-        await index.sync(ledger, [EDGE_BYTES])  # refused when indexed, not only when verified
+    assert await index.sync(ledger, [EDGE_BYTES]) == 16  # refused when indexed; the rest is
+    (finding,) = index.batch_findings()
+    assert (finding.code, finding.batch_id, finding.seq) == ("batch-root-mismatch", 0, -1)
+    assert "do not rebuild the anchored Merkle root" in finding.message
+    assert finding.as_json()["edge"] == "0x" + EDGE_BYTES.hex()
     with pytest.raises(RecordError, match="not in the index"):
         await index.verify(records[2].request.task_id, ledger)
+    later = journal.entries(9, 1)[0]
+    (verified,) = await index.verify(later.request.task_id, ledger)
+    # its chain began in the batch that was not indexed: the auditor sees a gap, not a failure
+    assert [f.code for f in verified.findings] == ["request-chain-gap"]
+    with pytest.raises(ProofError, match="do not rebuild the anchored Merkle root"):
+        index.add_batch(
+            EDGE_BYTES, 0, (await ledger.batch(EDGE.address, 0)).root, 1,
+            ledger.edges[EDGE_BYTES].calldata[0], b"\x11" * 32,
+        )  # fmt: skip
     info = await ledger.batch(EDGE.address, 0)
     with pytest.raises(ProofError, match="records"):  # calldata beyond the anchored range
         index.add_batch(
@@ -200,6 +214,17 @@ def test_an_index_of_an_older_format_is_refused(tmp_path: Path) -> None:
         conn.execute("DELETE FROM meta WHERE key = 'format'")
     with pytest.raises(LedgerError, match="older format"):
         AuditIndex(tmp_path / "old.db", domain)
+    # format 2 (before findings): its tables lack the new columns; refused, never migrated
+    with sqlite3.connect(tmp_path / "v2.db") as conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        conn.execute("CREATE TABLE tasks (task_id BLOB NOT NULL)")
+        value = domain.contract + domain.chain_id.to_bytes(32, "big")
+        conn.execute("INSERT INTO meta VALUES ('domain', ?), ('format', ?)", (value, b"2"))
+    for opened_with in (domain, None):
+        with pytest.raises(LedgerError, match="older format: delete it to rebuild it"):
+            AuditIndex(tmp_path / "v2.db", opened_with)
+    with pytest.raises(ConfigError):
+        AuditIndex(":memory:", domain, grace_seconds=-1)
 
 
 async def test_every_task_verifies_through_its_request_chain(tmp_path: Path) -> None:
