@@ -4,6 +4,12 @@ Records come from the calldata of the anchoring transactions of the deployment's
 (``--deployment FILE``, or ``--rpc URL --contract ADDR``; never deployed here) into a local
 index (``--index PATH``, kept between runs; in memory without it). ``tasks``, ``show`` and
 ``export`` work from the index alone; ``verify`` also needs the chain.
+
+Every task carries its findings (one code and a message each: replayed-request,
+device-not-registered, quote-id-mismatch, late-anchoring after ``--grace`` seconds,
+request-chain-gap); a batch that cannot be audited is a finding against its edge and the
+rest is audited. ``verify --all`` exits 1 when anything does not verify or has a finding.
+Task ids are scoped by device: ``--device`` picks one device's task.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +36,18 @@ Rpc = Annotated[
 ]
 Contract = Annotated[str | None, typer.Option("--contract", help="SecureCILedger address.")]
 Index = Annotated[Path | None, typer.Option("--index", help="Local audit index (SQLite).")]
+Grace = Annotated[
+    int,
+    typer.Option(
+        "--grace",
+        min=0,
+        help="Seconds after a request's deadline its batch may be anchored (then: late-anchoring).",
+    ),
+]
+TaskDevice = Annotated[
+    str | None, typer.Option("--device", help="Only this device's task (ids are per device).")
+]
+_GRACE = 3600
 
 
 def _bytes(value: str | None, size: int, what: str) -> bytes | None:
@@ -45,7 +64,11 @@ def _bytes(value: str | None, size: int, what: str) -> bytes | None:
 
 @asynccontextmanager
 async def _opened(
-    deployment: Path | None, rpc: str | None, contract: str | None, index: Path | None
+    deployment: Path | None,
+    rpc: str | None,
+    contract: str | None,
+    index: Path | None,
+    grace: int = _GRACE,
 ) -> AsyncIterator[Any]:
     """Yield (index, ledger or None), syncing the index from the chain when one is given."""
     from secure_ci.cli._common import load_deployment
@@ -56,7 +79,7 @@ async def _opened(
     if deployment is None and rpc is None and contract is None:
         if index is None:
             raise ConfigError("give --deployment FILE (or --rpc URL --contract ADDR), or --index")
-        with AuditIndex(index) as idx:
+        with AuditIndex(index, grace_seconds=grace) as idx:
             yield idx, None
         return
     from secure_ci.ledger import open_ledger
@@ -71,9 +94,11 @@ async def _opened(
         if isinstance(found, Deployment) and ledger.chain_id != found.chain_id:
             raise ConfigError(f"the node runs chain {ledger.chain_id}, not the deployment's")
         domain = LedgerDomain(ledger.chain_id, bytes.fromhex(str(ledger.address)[2:]))
-        with AuditIndex(index if index is not None else ":memory:", domain) as idx:
+        with AuditIndex(
+            index if index is not None else ":memory:", domain, grace_seconds=grace
+        ) as idx:
             edges = {str(ev.edge) for ev in await ledger.batches(from_block=first)}
-            await idx.sync(ledger, sorted(edges))
+            await idx.sync(ledger, sorted(edges), from_block=first)
             yield idx, ledger
 
 
@@ -81,6 +106,18 @@ Deployment = Annotated[
     Path | None,
     typer.Option("--deployment", help="Deployment file written by `secure-ci ledger deploy`."),
 ]
+
+
+def _codes(row: dict[str, Any]) -> str:
+    return " ".join(f["code"] for f in row["findings"])
+
+
+def _batch_lines(idx: Any) -> list[str]:
+    """One line per batch that could not be audited."""
+    return [
+        f"{f.code}  edge 0x{f.edge.hex()} batch {f.batch_id}: {f.message}"
+        for f in idx.batch_findings()
+    ]
 
 
 def _run(coro: Any) -> Any:
@@ -105,11 +142,12 @@ def tasks(
     until: Annotated[int | None, typer.Option(help="Deadline < this unix time.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many tasks.")] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    grace: Grace = _GRACE,
 ) -> None:
-    """List recorded tasks, filtered."""
+    """List recorded tasks, filtered, with their findings."""
 
-    async def go() -> list[dict[str, Any]]:
-        async with _opened(deployment, rpc, contract, index) as (idx, _):
+    async def go() -> tuple[list[dict[str, Any]], list[str]]:
+        async with _opened(deployment, rpc, contract, index, grace) as (idx, _):
             found = idx.tasks(
                 device=_bytes(device, 20, "--device"),
                 edge=_bytes(edge, 20, "--edge"),
@@ -118,19 +156,23 @@ def tasks(
                 until=until,
                 limit=limit,
             )
-            return [t.as_json() for t in found]
+            return [t.as_json() for t in found], _batch_lines(idx)
 
-    rows = _run(go())
+    rows, bad = _run(go())
+    for line in bad:
+        sys.stderr.write(line + "\n")
     if as_json:
         for row in rows:
             sys.stdout.write(json.dumps(row, sort_keys=True) + "\n")
         return
     console = Console()
     for row in rows:
+        findings = f"  findings {_codes(row)}" if row["findings"] else ""
         console.print(
             f"{row['task_id']}  edge {row['edge']}  seq {row['edge_seq']}  "
-            f"device {row['device']}  status {row['status']}",
+            f"device {row['device']}  status {row['status']}{findings}",
             highlight=False,
+            soft_wrap=True,
         )
     console.print(f"{len(rows)} task(s)", highlight=False)
 
@@ -142,18 +184,32 @@ def show(
     rpc: Rpc = None,
     contract: Contract = None,
     index: Index = None,
+    device: TaskDevice = None,
+    grace: Grace = _GRACE,
 ) -> None:
-    """Print every record of one task as JSON."""
+    """Print every record of one task id as JSON, with its findings, device by device."""
     task_id = _bytes(task, 32, "TASK")
+    device_id = _bytes(device, 20, "--device")
 
     async def go() -> list[dict[str, Any]]:
-        async with _opened(deployment, rpc, contract, index) as (idx, _):
-            return [t.as_json() for t in idx.show(task_id or b"")]
+        async with _opened(deployment, rpc, contract, index, grace) as (idx, _):
+            return [t.as_json() for t in idx.show(task_id or b"", device_id)]
 
     rows = _run(go())
     if not rows:
-        raise SecureCIError(f"task {task} is not recorded")
+        raise SecureCIError(f"task {task} is not recorded" + (f" for {device}" if device else ""))
+    _note_devices(task, rows)
     sys.stdout.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+
+
+def _note_devices(task: str | None, rows: list[dict[str, Any]]) -> None:
+    """Say so when several devices use one task id: each (device, task id) is its own task."""
+    devices = sorted({row["device"] for row in rows})
+    if len(devices) > 1:
+        sys.stderr.write(
+            f"task id {task} is used by {len(devices)} devices, each its own task (listed"
+            f" device by device; --device picks one): {', '.join(devices)}\n"
+        )
 
 
 @app.command()
@@ -164,64 +220,106 @@ def verify(
     rpc: Rpc = None,
     contract: Contract = None,
     index: Index = None,
+    device: TaskDevice = None,
+    grace: Grace = _GRACE,
 ) -> None:
-    """Verify a task (or --all): leaf, proof against the chain, signatures, measurement.
+    """Verify a task (or --all): leaf, proof against the chain, signatures, measurement, and
+    report its findings.
 
-    Exit 1 if any record does not verify; --all reports each failure and a summary.
+    TASK: exit 1 if a record does not verify; its findings are in the JSON.
+    --all: reports each failure, each finding and each batch that could not be audited, and
+    a summary, verifying everything else; exit 1 if there is any of them.
     """
     if (task is None) == (not every):
         raise ConfigError("give one TASK id, or --all")
     task_id = _bytes(task, 32, "TASK")
+    device_id = _bytes(device, 20, "--device")
     if deployment is None and rpc is None:
         raise ConfigError("audit verify needs the chain: give --deployment FILE")
     if every:
-        failures, total = _run(_verify_all(deployment, rpc, contract, index))
-        sys.stdout.write(f"{total - failures} of {total} tasks verified\n")
-        if failures:
-            raise SecureCIError(f"{failures} of {total} tasks do not verify")
+        if device_id is not None:
+            raise ConfigError("--device goes with one TASK id")
+        summary = _run(_verify_all(deployment, rpc, contract, index, grace))
+        sys.stdout.write(summary.line() + "\n")
+        if not summary.clean:
+            raise SecureCIError(summary.line())
         return
 
     async def go() -> list[dict[str, Any]]:
-        async with _opened(deployment, rpc, contract, index) as (idx, ledger):
-            verified = await idx.verify(task_id or b"", ledger)
+        async with _opened(deployment, rpc, contract, index, grace) as (idx, ledger):
+            verified = await idx.verify(task_id or b"", ledger, device_id)
             return [
                 {
                     "task_id": task,
+                    "device": "0x" + v.task.record.request.device.hex(),
                     "edge": "0x" + v.task.edge.hex(),
                     "batch_id": v.task.batch_id,
                     "record_hash": "0x" + v.record_hash.hex(),
                     "root": "0x" + v.root.hex(),
                     "proof": ["0x" + p.hex() for p in v.proof],
                     "verified": True,
+                    "findings": [{"code": str(f.code), "message": f.message} for f in v.findings],
                 }
                 for v in verified
             ]
 
-    sys.stdout.write(json.dumps(_run(go()), indent=2, sort_keys=True) + "\n")
+    rows = _run(go())
+    _note_devices(task, rows)
+    sys.stdout.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass(frozen=True)
+class _Summary:
+    total: int
+    failures: int
+    findings: int
+    flagged: int
+    bad_batches: int
+
+    @property
+    def clean(self) -> bool:
+        return not (self.failures or self.findings or self.bad_batches)
+
+    def line(self) -> str:
+        return (
+            f"{self.total - self.failures} of {self.total} tasks verified; {self.findings}"
+            f" finding(s) on {self.flagged} task(s); {self.bad_batches} batch(es) not audited"
+        )
 
 
 async def _verify_all(
-    deployment: Path | None, rpc: str | None, contract: str | None, index: Path | None
-) -> tuple[int, int]:
-    """Verify every indexed task against the roots just read from the chain (one pass)."""
+    deployment: Path | None, rpc: str | None, contract: str | None, index: Path | None, grace: int
+) -> _Summary:
+    """Verify every indexed task against the roots just read from the chain (one pass);
+    print each failure (stderr) and each finding (stdout)."""
     from rich.progress import Progress
 
-    failures = 0
-    async with _opened(deployment, rpc, contract, index) as (idx, _):
+    failures = findings = flagged = 0
+    async with _opened(deployment, rpc, contract, index, grace) as (idx, _):
+        bad = _batch_lines(idx)
+        for line in bad:
+            sys.stdout.write(line + "\n")
         tasks = idx.tasks(limit=1 << 62)
         with Progress(console=Console(stderr=True), transient=True) as progress:
             bar = progress.add_task("verifying", total=len(tasks))
             for t in tasks:
+                where = (
+                    f"task 0x{t.record.request.task_id.hex()} device"
+                    f" 0x{t.record.request.device.hex()} (edge 0x{t.edge.hex()} seq"
+                    f" {t.record.result.edge_seq})"
+                )
                 try:
-                    await idx.verify_task(t, None)
+                    verified = await idx.verify_task(t, None)
                 except SecureCIError as exc:
                     failures += 1
-                    sys.stderr.write(
-                        f"task 0x{t.record.request.task_id.hex()} (edge 0x{t.edge.hex()} seq "
-                        f"{t.record.result.edge_seq}): {exc}\n"
-                    )
+                    sys.stderr.write(f"{where}: {exc}\n")
+                else:
+                    for f in verified.findings:
+                        sys.stdout.write(f"{f.code}  {where}: {f.message}\n")
+                    findings += len(verified.findings)
+                    flagged += bool(verified.findings)
                 progress.advance(bar)
-    return failures, len(tasks)
+    return _Summary(len(tasks), failures, findings, flagged, len(bad))
 
 
 @app.command()
@@ -232,20 +330,31 @@ def export(
     index: Index = None,
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
     limit: Annotated[int, typer.Option(help="At most this many tasks.")] = 10_000_000,
+    grace: Grace = _GRACE,
 ) -> None:
-    """Write every indexed task to stdout as JSON lines or CSV."""
+    """Write every indexed task to stdout as JSON lines or CSV, with its findings.
+
+    JSON: ``findings`` is a list of {code, message}; CSV: ``findings`` holds the codes
+    (space-separated) and ``finding_messages`` the messages (" | "-separated). Batches that
+    could not be audited are listed on stderr.
+    """
     if fmt not in ("jsonl", "csv"):
         raise ConfigError("--format must be jsonl or csv")
 
-    async def go() -> list[dict[str, Any]]:
-        async with _opened(deployment, rpc, contract, index) as (idx, _):
-            return [t.as_json() for t in idx.tasks(limit=limit)]
+    async def go() -> tuple[list[dict[str, Any]], list[str]]:
+        async with _opened(deployment, rpc, contract, index, grace) as (idx, _):
+            return [t.as_json() for t in idx.tasks(limit=limit)], _batch_lines(idx)
 
-    rows = _run(go())
+    rows, bad = _run(go())
+    for line in bad:
+        sys.stderr.write(line + "\n")
     if fmt == "jsonl":
         for row in rows:
             sys.stdout.write(json.dumps(row, sort_keys=True) + "\n")
         return
+    for row in rows:
+        row["finding_messages"] = " | ".join(f["message"] for f in row["findings"])
+        row["findings"] = _codes(row)
     if rows:
         writer = csv.DictWriter(sys.stdout, fieldnames=sorted(rows[0]))
         writer.writeheader()
