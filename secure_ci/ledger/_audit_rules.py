@@ -5,8 +5,9 @@ indexed lookups (never a scan of the index): a single-task audit then reads its 
 with one primary-key lookup per table. Late anchoring depends on a grace the auditor picks
 and is computed when a task is read (:func:`late_anchoring`).
 
-- Replays: each new record probes ``(task_id, device, edge)``; both records of a pair get a
-  finding, whichever batch came first.
+- Replays: each new record probes ``(task_id, device, edge)`` for the earliest other record
+  of the group; every record of a replayed task gets one finding, whichever batch came
+  first, and a task anchored n times costs n findings.
 - Request-chain gaps: only a record that starts a chain in its batch can have a gap (a
   record that continues one names an earlier record of the batch); it probes the request
   hash it names. A gap is resolved when a later-indexed batch (another edge's, or one synced
@@ -57,14 +58,17 @@ CREATE TABLE IF NOT EXISTS registry (
 """
 _ZERO = bytes(32)
 _OUTPUT = "substr({0}.result, 65, 32)"  # RESULT_ROW: taskId 32 | requestHash 32 | output 32
+# For each new record, the earliest *other* record of its (task id, device, edge): one index
+# seek (tasks_task orders a group by seq), however many times a task was replayed.
 _REPLAYS = f"""
-SELECT n.seq, o.edge, o.seq, n.request = o.request,
+SELECT n.edge, n.seq, o.seq, n.request = o.request,
        {_OUTPUT.format("n")} != {_OUTPUT.format("o")}
-FROM tasks n JOIN tasks o INDEXED BY tasks_task
-  ON o.task_id = n.task_id AND o.device = n.device AND o.edge = n.edge AND o.rowid != n.rowid
+FROM tasks n JOIN tasks o ON o.rowid = (
+    SELECT f.rowid FROM tasks f INDEXED BY tasks_task
+    WHERE f.task_id = n.task_id AND f.device = n.device AND f.edge = n.edge AND f.seq != n.seq
+    ORDER BY f.seq LIMIT 1)
 WHERE n.rowid > ?
 """  # noqa: S608 (constant text only)
-_INSERT_FINDING = "INSERT OR IGNORE INTO findings VALUES (?, ?, ?, ?)"
 
 
 def add_registry_events(conn: sqlite3.Connection, events: Iterable[RegistryEvent]) -> None:
@@ -85,15 +89,22 @@ def _state_at(conn: sqlite3.Connection, kind: int, key: bytes, block: int) -> tu
 
 
 def _replays(conn: sqlite3.Connection, after_rowid: int) -> None:
-    rows = conn.execute(_REPLAYS, (after_rowid,)).fetchall()
-    findings = []
-    for seq, other_edge, other_seq, same_request, other_output in rows:
+    """Each new record of a replayed task names the earliest other anchoring of it; that one,
+    if it has no replay finding yet, names the new record. One finding per record, so a task
+    anchored n times costs n findings, not n squared."""
+    code = str(FindingCode.REPLAYED_REQUEST)
+    for edge, seq, other, same_request, other_output in conn.execute(
+        _REPLAYS, (after_rowid,)
+    ).fetchall():
         what = "the same signed request" if same_request else "another request of this task"
         output = ", with another output" if other_output else ""
-        for at, peer in ((seq, other_seq), (other_seq, seq)):  # the join keeps one edge
+        for at, peer in ((seq, other), (other, seq)):
             message = f"{what} is also anchored at seq {peer} of this edge{output}"
-            findings.append((bytes(other_edge), at, str(FindingCode.REPLAYED_REQUEST), message))
-    conn.executemany(_INSERT_FINDING, findings)
+            conn.execute(
+                "INSERT OR IGNORE INTO findings SELECT ?, ?, ?, ? WHERE NOT EXISTS"
+                " (SELECT 1 FROM findings WHERE edge = ? AND seq = ? AND code = ?)",
+                (edge, at, code, message, edge, at, code),
+            )
 
 
 def request_key(request_hash: bytes) -> int:

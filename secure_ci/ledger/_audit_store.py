@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     device BLOB NOT NULL, model_id BLOB NOT NULL, deadline INTEGER NOT NULL,
     request BLOB NOT NULL, result BLOB NOT NULL, device_sig BLOB NOT NULL,
     next_seq INTEGER NOT NULL, request_key INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS tasks_task ON tasks (task_id, device);
+CREATE INDEX IF NOT EXISTS tasks_task ON tasks (task_id, device, edge, seq);
 CREATE INDEX IF NOT EXISTS tasks_device ON tasks (device);
 CREATE INDEX IF NOT EXISTS tasks_edge ON tasks (edge, seq);
 CREATE INDEX IF NOT EXISTS tasks_request ON tasks (request_key);

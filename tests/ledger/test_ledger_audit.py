@@ -270,3 +270,38 @@ async def test_a_changed_record_under_a_later_signature_fails_verify(tmp_path: P
         assert not honest.record.device_sig
         with pytest.raises(SignatureError, match="missing"):
             await index.verify_task(replace(honest, next_seq=-1), None)
+
+
+async def test_a_task_replayed_many_times_costs_one_finding_per_record(tmp_path: Path) -> None:
+    """A Byzantine edge anchors one signed request 600 times: every copy is flagged once,
+    naming the earliest other copy (findings grow with the copies, not their square)."""
+    ledger = MemoryLedger()
+    ledger.register_edge(EDGE, b"\x11" * 32)
+    (entry,) = sample_tasks(1, edge_key=EDGE_KEY, domain=ledger.domain, chained=False)
+    for first, copies in ((0, 500), (500, 100)):
+        records = tuple(
+            replace(entry.anchored(), result=replace(entry.result, edge_seq=first + i))
+            for i in range(copies)
+        )
+        tree = MerkleTree.build(
+            [leaf_hash(r.result.edge_seq, r.result.digest(ledger.domain)) for r in records]
+        )
+        state = await ledger.edge_state(EDGE.address)
+        await ledger.anchor_batch(
+            EDGE, state.next_batch_id, tree.root, first, copies, state.head,
+            encode_batch(BatchRecords(EDGE_BYTES, first, records)),
+        )  # fmt: skip
+    with AuditIndex(":memory:", ledger.domain) as index:
+        assert await index.sync(ledger, [EDGE_BYTES]) == 600
+        copies_found = index.show(entry.request.task_id)
+        assert len(copies_found) == 600
+        for task in copies_found:
+            (finding,) = task.findings
+            assert finding.code == "replayed-request"
+            assert "the same signed request" in finding.message
+        first_copy, later = copies_found[0], copies_found[-1]
+        assert "also anchored at seq 1 of this edge" in first_copy.findings[0].message
+        assert "also anchored at seq 0 of this edge" in later.findings[0].message
+        (stored,) = index._conn.execute("SELECT COUNT(*) FROM findings").fetchone()
+        assert stored == 600
+        await index.verify_task(later, ledger)  # the device did sign it: verified, and flagged
