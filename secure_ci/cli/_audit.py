@@ -308,16 +308,16 @@ async def _verify_all(
                     f" 0x{t.record.request.device.hex()} (edge 0x{t.edge.hex()} seq"
                     f" {t.record.result.edge_seq})"
                 )
+                found = t.findings  # as listed; a task that fails still shows them
                 try:
-                    verified = await idx.verify_task(t, None)
+                    found = (await idx.verify_task(t, None)).findings
                 except SecureCIError as exc:
                     failures += 1
                     sys.stderr.write(f"{where}: {exc}\n")
-                else:
-                    for f in verified.findings:
-                        sys.stdout.write(f"{f.code}  {where}: {f.message}\n")
-                    findings += len(verified.findings)
-                    flagged += bool(verified.findings)
+                for f in found:
+                    sys.stdout.write(f"{f.code}  {where}: {f.message}\n")
+                findings += len(found)
+                flagged += bool(found)
                 progress.advance(bar)
     return _Summary(len(tasks), failures, findings, flagged, len(bad))
 
