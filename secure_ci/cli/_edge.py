@@ -170,9 +170,10 @@ async def _run(
         typer.echo(f"endpoint {ledger.endpoint}")
         if anchor_only:
             typer.echo(f"anchoring {journal.unanchored_records} records, then stopping")
-            await ledger.wait_connected()
-            return 0
-        results = await _serve(
+            await ledger.wait_connected()  # leaving the block flushes the journal
+            results = 0
+        else:
+            results = await _serve(
             ledger.edge_config, provider, pki, models, identity, journal, ledger.devices,
             ledger.supervisor,
         )  # fmt: skip

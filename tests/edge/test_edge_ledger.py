@@ -549,6 +549,16 @@ async def test_edge_serve_cli_on_the_ledger(chain: Chain, tmp_path: Path) -> Non
     edge = info["enclave"]
     assert (await chain.ledger.edge_state(edge)).next_seq == len(xs)
     assert await _audited(chain, bytes.fromhex(edge[2:]), tmp_path / "audit.sqlite") == len(xs)
+    # --anchor-only (retiring an edge): connects, anchors what its journal holds, stops
+    retire = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "secure_ci", "edge", "serve", "--config", str(config),
+        "--anchor-only", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(retire.communicate(), 120)
+    assert retire.returncode == 0, out.decode()
+    assert "then stopping" in out.decode()
+    assert "unanchored 0 records" in out.decode()
+    assert "listening" not in out.decode()  # it serves nothing
 
 
 @pytest.mark.anvil
