@@ -204,8 +204,8 @@ async def _infer(
                     for n, x in samples
                 ]
                 try:
-                    for job in asyncio.as_completed(jobs):
-                        typer.echo(json.dumps(await job))  # printed once it is journalled
+                    for job in jobs:  # in input order, each once it is journalled
+                        typer.echo(json.dumps(await job))
                 finally:
                     for job in jobs:
                         job.cancel()
