@@ -15,6 +15,14 @@ from secure_ci.testing._ledger_world import LedgerWorld, ledger_world
 from secure_ci.testing._memory_ledger import MemoryLedger, sample_requests, sample_tasks
 from secure_ci.testing._protocol import connected_pair, pump, sample_events, sample_request
 from secure_ci.testing._quote_fuzz import FuzzReport, fuzz_verifier, mutate_quote, quote_regions
+from secure_ci.testing._shaper import (
+    Link,
+    LinkShaper,
+    ShaperStats,
+    ThreadedShaper,
+    open_link_shaper,
+    shaper_thread,
+)
 
 __all__: list[str] = [
     "DEV_MRENCLAVE",
@@ -23,8 +31,12 @@ __all__: list[str] = [
     "DevEnclave",
     "FuzzReport",
     "LedgerWorld",
+    "Link",
+    "LinkShaper",
     "MemoryLedger",
     "RawDevice",
+    "ShaperStats",
+    "ThreadedShaper",
     "connected_pair",
     "dev_enclave",
     "dev_pki",
@@ -34,10 +46,12 @@ __all__: list[str] = [
     "ledger_world",
     "mutate_quote",
     "new_device_key",
+    "open_link_shaper",
     "pump",
     "quote_regions",
     "sample_events",
     "sample_request",
     "sample_requests",
     "sample_tasks",
+    "shaper_thread",
 ]
