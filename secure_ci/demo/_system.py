@@ -37,14 +37,13 @@ from secure_ci.edge import (
 from secure_ci.exceptions import ConfigError, SecureCIError
 from secure_ci.ledger import Anchorer, AuditIndex, Journal, ReceiptBook, open_ledger
 from secure_ci.partition import PartitionPlan
+from secure_ci.plan import EDGE_ONLY_CUT
 
 if TYPE_CHECKING:
     from secure_ci.zoo._train import TrainedDigits
 
 __all__ = ["EDGE_ONLY_CUT", "SystemDemoConfig", "run_system_demo"]
 
-EDGE_ONLY_CUT = 0xFFFF
-"""The cut number under which the edge serves the whole model (the device head is empty)."""
 DEMO_MRENCLAVE = hashlib.sha256(b"secure-ci demo edge enclave").digest()
 DEMO_MRSIGNER = hashlib.sha256(b"secure-ci demo signer").digest()
 ETHER = 10**18

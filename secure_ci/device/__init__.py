@@ -1,6 +1,13 @@
 """The device client library: run the head, send features to an attested edge, get results.
 
-::
+A device over several edges plans every task and fails over (:func:`open_device`)::
+
+    async with open_device(edges, package=package, identity=identity, policy=policy,
+                           collateral=collateral, journal=journal) as device:
+        y = await device.infer(x)
+        ys = await device.infer_many(frames)
+
+One session with one edge, split and codec fixed (:func:`open_session`)::
 
     async with open_session("edge:7443", policy=policy, collateral=collateral,
                             identity=identity, model=model, plan=plan,
@@ -15,7 +22,9 @@
 
 from __future__ import annotations
 
+from secure_ci.device._breaker import Breaker, BreakerState
 from secure_ci.device._connect import open_session
+from secure_ci.device._fleet import Attempt, Device, TaskOutcome, open_device
 from secure_ci.device._identity import DeviceIdentity
 from secure_ci.device._redundant import RedundantResult, infer_redundant, outputs_agree
 from secure_ci.device._session import DEFAULT_DOMAIN, Input, Output, Session, parse_edge_address
@@ -23,14 +32,20 @@ from secure_ci.device._tasks import EnclaveBinding, TaskReceipt, sign_request, v
 
 __all__ = [
     "DEFAULT_DOMAIN",
+    "Attempt",
+    "Breaker",
+    "BreakerState",
+    "Device",
     "DeviceIdentity",
     "EnclaveBinding",
     "Input",
     "Output",
     "RedundantResult",
     "Session",
+    "TaskOutcome",
     "TaskReceipt",
     "infer_redundant",
+    "open_device",
     "open_session",
     "outputs_agree",
     "parse_edge_address",

@@ -4,7 +4,14 @@ SQLite (WAL, ``synchronous=FULL``): :meth:`DeviceJournal.record` returns once th
 request, the enclave-signed result and both salts are on disk, so a device that printed a
 result can always prove it later (the receipt), or challenge the edge that did not anchor it.
 States: ``answered`` (verified result, not yet seen on chain), ``anchored`` (an inclusion
-receipt is stored), ``challenged`` (overdue or anchored wrongly; the challenge id is stored).
+receipt is stored), ``challenged`` (overdue or anchored wrongly; the challenge id is stored),
+``superseded`` (a verified result that came after the task had been accepted from another
+edge or finished locally: kept as evidence, never used).
+
+A fleet device (:mod:`secure_ci.device._fleet`) also writes ahead: :meth:`begin` stores a
+task's inputs before any work, :meth:`finish` removes them and records the outcome (mode,
+edge, every attempt) with the accepted receipt in one transaction, so a device killed at any
+point finds its unfinished tasks in :meth:`unfinished` and no finished one twice.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     chain_id INTEGER NOT NULL, contract BLOB NOT NULL, deadline INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'answered', receipt BLOB, challenge_id INTEGER,
     PRIMARY KEY (device, task_id, edge));
+CREATE TABLE IF NOT EXISTS pending (
+    task_key INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, inputs BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outcomes (
+    task_key INTEGER PRIMARY KEY, finished REAL NOT NULL, mode TEXT NOT NULL, edge TEXT,
+    task_id BLOB, attempts TEXT NOT NULL);
 """
 _COLUMNS = (
     "request, result, device_sig, edge_sig, input_salt, output_salt, chain_id, contract,"
@@ -96,17 +108,61 @@ class DeviceJournal:
 
     def record(self, receipt: TaskReceipt) -> None:
         """Durably keep a verified task (returns after fsync); recording twice is a no-op."""
-        q, r = receipt.request, receipt.result
-        self._execute(
-            "INSERT OR IGNORE INTO tasks (device, task_id, edge, edge_seq, request, result,"
-            " device_sig, edge_sig, input_salt, output_salt, chain_id, contract, deadline)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            q.device, q.task_id, q.edge, r.edge_seq,
-            REQUEST_ROW.pack(*(getattr(q, f) for f in TaskRequest.__slots__)),
-            RESULT_ROW.pack(*(getattr(r, f) for f in TaskResult.__slots__)),
-            receipt.device_sig, receipt.edge_sig, receipt.input_salt, receipt.output_salt,
-            receipt.domain.chain_id, receipt.domain.contract, q.deadline,
-        )  # fmt: skip
+        self._execute(_INSERT, *_row(receipt, "answered"))
+
+    def begin(self, inputs: bytes, now: float) -> int:
+        """Write a task's inputs ahead of its work (returns after fsync); its key."""
+        try:
+            with self._lock:
+                cursor = self._conn.execute(
+                    "INSERT INTO pending (created, inputs) VALUES (?, ?)", (now, inputs)
+                )
+        except sqlite3.Error as exc:
+            raise JournalError(f"device journal failed: {exc}") from exc
+        return int(cursor.lastrowid or 0)
+
+    def finish(
+        self,
+        key: int,
+        *,
+        mode: str,
+        edge: str | None,
+        attempts: str,
+        receipt: TaskReceipt | None,
+        now: float,
+    ) -> None:
+        """A task is done: its outcome (and accepted receipt) in, its inputs out, atomically."""
+        try:
+            with self._lock:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if receipt is not None:
+                        self._conn.execute(_INSERT, _row(receipt, "answered"))
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?)",
+                        (key, now, mode, edge, receipt and receipt.request.task_id, attempts),
+                    )
+                    self._conn.execute("DELETE FROM pending WHERE task_key = ?", (key,))
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise JournalError(f"device journal failed: {exc}") from exc
+
+    def record_superseded(self, receipt: TaskReceipt) -> None:
+        """A verified result that arrived after its task was accepted elsewhere."""
+        self._execute(_INSERT, *_row(receipt, "superseded"))
+
+    def unfinished(self) -> list[tuple[int, bytes]]:
+        """Tasks begun and never finished (the device stopped): (key, inputs), oldest first."""
+        rows = self._execute("SELECT task_key, inputs FROM pending ORDER BY task_key")
+        return [(int(k), bytes(v)) for k, v in rows]
+
+    def outcome(self, key: int) -> tuple[str, str | None, str] | None:
+        """A finished task's (mode, edge, attempts as JSON), or None."""
+        rows = self._execute("SELECT mode, edge, attempts FROM outcomes WHERE task_key = ?", key)
+        return None if not rows else (str(rows[0][0]), rows[0][1], str(rows[0][2]))
 
     def mark_anchored(self, task: JournalTask, receipt: bytes) -> None:
         self._set(task, "anchored", receipt=receipt)
@@ -136,6 +192,24 @@ class DeviceJournal:
 
     def __len__(self) -> int:
         return int(self._execute("SELECT COUNT(*) FROM tasks")[0][0])
+
+
+_INSERT = (
+    "INSERT OR IGNORE INTO tasks (device, task_id, edge, edge_seq, request, result, device_sig,"
+    " edge_sig, input_salt, output_salt, chain_id, contract, deadline, state)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _row(receipt: TaskReceipt, state: str) -> tuple[object, ...]:
+    q, r = receipt.request, receipt.result
+    return (
+        q.device, q.task_id, q.edge, r.edge_seq,
+        REQUEST_ROW.pack(*(getattr(q, f) for f in TaskRequest.__slots__)),
+        RESULT_ROW.pack(*(getattr(r, f) for f in TaskResult.__slots__)),
+        receipt.device_sig, receipt.edge_sig, receipt.input_salt, receipt.output_salt,
+        receipt.domain.chain_id, receipt.domain.contract, q.deadline, state,
+    )  # fmt: skip
 
 
 def _task(row: Any) -> JournalTask:

@@ -121,6 +121,7 @@ class Session:
         self._tasks: dict[bytes, _Task] = {}
         self._slots = asyncio.Semaphore(stream.connection.max_in_flight)
         self._failure: SecureCIError | None = None
+        self._failed = asyncio.Event()
         self._closing = False
 
     @property
@@ -154,23 +155,16 @@ class Session:
         """Send features the head already encoded (with this plan's codec); the output and
         the task's receipt. ``salt`` fixes the input commitment (and so the default task id):
         the same features with the same salt are the same task at every edge."""
-        await self._slots.acquire()
-        try:
-            task = await self._submit(payload, salt=salt)
-        except BaseException:
-            self._slots.release()
-            raise
-        task.future.add_done_callback(self._release_slot)  # a late answer frees it too
+        future = await self.submit(payload, salt=salt)
         try:
             async with asyncio.timeout(self.timeout):
-                result, receipt = await asyncio.shield(task.future)
+                result, receipt = await asyncio.shield(future)
         except TimeoutError:
             # The edge went silent: the whole session fails, so every waiter gets
             # DeadlineExceeded at once and every in-flight slot is freed (the protocol would
             # otherwise count the unanswered requests against the edge's in-flight limit).
             silent = DeadlineExceeded(
-                f"no result for task {task.request.task_id.hex()[:16]} within {self.timeout} s:"
-                " the session is closed"
+                f"no result within {self.timeout} s: the session with the edge is closed"
             )
             self._fail(silent)
             raise silent from None
@@ -179,6 +173,45 @@ class Session:
                 f"the enclave reported status {receipt.result.status}", code=ErrorCode.INTERNAL
             )
         return await asyncio.to_thread(self._decode_output, result.payload), receipt
+
+    async def submit(
+        self,
+        payload: bytes,
+        *,
+        salt: bytes | None = None,
+        cut: int | None = None,
+        codec: str | None = None,
+    ) -> asyncio.Future[tuple[InferResult, TaskReceipt]]:
+        """Sign and send one request (waiting for a free in-flight slot); the future of its
+        verified result and receipt. ``cut`` and ``codec`` override the plan's for this task
+        (the edge serves every cut of the model it has resident, so a switch is a header
+        change). The future fails when the edge refuses, the result does not verify, or the
+        session fails; no deadline is kept here: :meth:`infer_encoded` keeps ``timeout``."""
+        await self._slots.acquire()
+        try:
+            task = await self._submit(payload, salt=salt, cut=cut, codec=codec)
+        except BaseException:
+            self._slots.release()
+            raise
+        task.future.add_done_callback(self._release_slot)  # a late answer frees it too
+        return task.future
+
+    def fail(self, exc: SecureCIError) -> None:
+        """Give the session up: every waiter gets ``exc`` and its slots are freed."""
+        self._fail(exc)
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    async def wait_failed(self) -> SecureCIError:
+        """Wait until the session fails (the edge closed, crashed or went silent); why."""
+        await self._failed.wait()
+        return self._failure or ChannelError("the session failed")
+
+    def decode_output(self, payload: bytes) -> Output:
+        """A result's payload as the model's output (bounded by the session's limits)."""
+        return self._decode_output(payload)
 
     async def infer_stream(
         self,
@@ -234,7 +267,9 @@ class Session:
         tensors = decode_features(payload, max_bytes=limit)
         return tensors[0] if len(tensors) == 1 else tensors
 
-    async def _submit(self, payload: bytes, *, salt: bytes | None = None) -> _Task:
+    async def _submit(
+        self, payload: bytes, *, salt: bytes | None, cut: int | None, codec: str | None
+    ) -> _Task:
         if self._failure is not None:
             raise self._failure
         if self._closing:
@@ -245,8 +280,8 @@ class Session:
             enclave=self.binding,
             domain=self.domain,
             model_id=self._model_id,
-            cut=self.plan.cut,
-            codec=self.plan.codec,
+            cut=self.plan.cut if cut is None else cut,
+            codec=self.plan.codec if codec is None else codec,
             device_seq=seq,
             deadline=int(self._clock() + self.timeout) + 1,
             salt=self._random(32) if salt is None else salt,
@@ -310,6 +345,7 @@ class Session:
         if self._failure is None:
             log.debug("session with %s ended: %s", self.binding.address.hex(), exc)
             self._failure = exc
+            self._failed.set()
         for task in self._tasks.values():
             if not task.future.done():
                 task.future.set_exception(exc)

@@ -24,6 +24,7 @@ from secure_ci.exceptions import CodecError, ConfigError, ProtocolError
 from secure_ci.partition import Partitioner
 from secure_ci.partition._codec import CODECS, decode_features, encode_features
 from secure_ci.partition._plan import TensorSpec
+from secure_ci.plan import EDGE_ONLY_CUT
 from secure_ci.protocol._codes import ErrorCode
 
 __all__ = [
@@ -284,7 +285,10 @@ def load_model_tails(spec: ModelSpec) -> list[TailEntry]:
 
     A package without cuts serves its batchable cuts (every boundary tensor has a batch
     dimension); a listed cut the package does not have is a :class:`ConfigError`, and a
-    package that fails verification raises :class:`PackageError`.
+    package that fails verification raises :class:`PackageError`. A package's whole model
+    is served too, as cut :data:`~secure_ci.plan.EDGE_ONLY_CUT` (a device's edge-only
+    mode): every tail stays resident, so a device switching cut or codec per task costs the
+    edge nothing.
     """
     if spec.package is None:
         if spec.zoo is None:  # pragma: no cover - ModelSpec requires one of the two
@@ -301,4 +305,9 @@ def load_model_tails(spec: ModelSpec) -> list[TailEntry]:
             raise ConfigError(
                 f"model package {spec.package} has {len(package.cuts)} cuts, not cut {cut}"
             )
-    return tails_from_partitioner(package.partitioner(), cuts, spec.codecs)
+    partitioner = package.partitioner()
+    whole = TailEntry.build(
+        package.model_id, EDGE_ONLY_CUT, partitioner.model, partitioner.input_specs,
+        frozenset(spec.codecs),
+    )  # fmt: skip
+    return [*tails_from_partitioner(partitioner, cuts, spec.codecs), whole]

@@ -222,7 +222,9 @@ class EdgeService:
         self, entry: TailEntry
     ) -> Callable[[Sequence[Job]], list[InferResult | ProtocolError]]:
         def run(jobs: Sequence[Job]) -> list[InferResult | ProtocolError]:
+            started = time.monotonic()
             outputs = entry.run_batch([j.features for j in jobs])
+            compute_us = _us(time.monotonic() - started)
             checked: list[tuple[Job, TaskRequest, bytes]] = []
             answers: list[InferResult | ProtocolError | None] = []
             for job, output in zip(jobs, outputs, strict=True):
@@ -231,7 +233,7 @@ class EdgeService:
                     answers.append(None)
                 except ProtocolError as exc:
                     answers.append(exc)
-            results = iter(self._sign_and_journal(checked))
+            results = iter(self._sign_and_journal(checked, started, compute_us))
             return [next(results) if a is None else a for a in answers]
 
         return run
@@ -251,9 +253,10 @@ class EdgeService:
             raise ProtocolError("internal error", code=ErrorCode.INTERNAL) from None
 
     def _sign_and_journal(
-        self, done: Sequence[tuple[Job, TaskRequest, bytes]]
+        self, done: Sequence[tuple[Job, TaskRequest, bytes]], started: float, compute_us: int
     ) -> list[InferResult]:
-        """Sign each result record and journal them in one group commit (worker thread)."""
+        """Sign each result record and journal them in one group commit (worker thread);
+        the batch ``started`` then (monotonic) and its tail took ``compute_us``."""
         if not done:
             return []
         finished = time.monotonic()
@@ -293,8 +296,10 @@ class EdgeService:
                 edge_seq=record.edge_seq,
                 latency_ms=record.latency_ms,
                 signature=signature,
+                queue_us=_us(started - job.received_at),
+                compute_us=compute_us,
             )
-            for (_, _, output), salt, record, signature in zip(
+            for (job, _, output), salt, record, signature in zip(
                 done, salts, records, signatures, strict=True
             )
         ]
@@ -413,3 +418,8 @@ async def open_edge(
         with contextlib.suppress(Exception):
             await server.wait_closed()
         await edge._drain(sessions)
+
+
+def _us(seconds: float) -> int:
+    """``seconds`` as whole microseconds in a protocol u32."""
+    return min(max(0, int(seconds * 1e6)), 2**32 - 1)

@@ -6,11 +6,13 @@ from enum import Enum, IntEnum
 
 __all__ = ["PROTOCOL_VERSIONS", "ErrorCode", "Role"]
 
-PROTOCOL_VERSIONS: tuple[int, ...] = (2,)
+PROTOCOL_VERSIONS: tuple[int, ...] = (3,)
 """Versions this implementation speaks, in order of preference (highest last).
 
 2: ``InferRequest`` carries ``prev_request`` (the request chain of the TaskRequest record).
-Version 1 peers are refused at the hello: their requests could not be verified.
+3: ``InferResult`` carries ``queue_us`` and ``compute_us`` (the edge's queue wait and tail
+time: what a device's planner needs to tell the network's share of a round trip).
+Older peers are refused at the hello.
 """
 
 

@@ -249,6 +249,8 @@ class InferResult(Event):
         edge_seq="u64",
         latency_ms="u32",
         signature="sig65",
+        queue_us="u32",
+        compute_us="u32",
     )
     PAYLOAD = "payload"
     task_id: bytes
@@ -258,6 +260,11 @@ class InferResult(Event):
     edge_seq: int
     latency_ms: int
     signature: bytes
+    queue_us: int = 0
+    """Microseconds the task waited at the edge before its batch ran (protocol 3; unsigned:
+    a planning hint, not evidence)."""
+    compute_us: int = 0
+    """Microseconds its batch's tail took at the edge (protocol 3; unsigned, as above)."""
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def _result(task_id: bytes) -> InferResult:
 def test_handshake_reaches_ready_and_negotiates_version() -> None:
     device, edge = connected_pair()
     assert device.state is edge.state is State.READY
-    assert device.version == edge.version == 2  # v2: InferRequest.prev_request
+    assert device.version == edge.version == 3  # v3: InferResult.queue_us, compute_us
     assert edge.hello is not None
     assert edge.hello.device == "0x" + "11" * 20
     assert device.max_in_flight == 8  # lowered to what the edge announced

@@ -215,6 +215,8 @@ _events = st.one_of(
         salt=_id32,
         edge_seq=_u64,
         latency_ms=st.integers(0, (1 << 32) - 1),
+        queue_us=st.integers(0, (1 << 32) - 1),
+        compute_us=st.integers(0, (1 << 32) - 1),
         signature=_sig,
     ),
     st.builds(Error, code=st.integers(0, 65535), reason=_text, task_id=st.none() | _id32),

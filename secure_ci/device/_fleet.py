@@ -1,0 +1,510 @@
+"""A device over a fleet of edges: plans every task, fails over, keeps working offline.
+
+::
+
+    async with open_device(edges, package=package, identity=identity, policy=policy,
+                           collateral=collateral, journal=journal) as device:
+        y = await device.infer(x)
+        ys = await device.infer_many(frames)
+        device.last.decision.explain()   # why the last task ran where it ran
+
+Each task is planned (:class:`~secure_ci.plan.Planner`) over every (edge, cut, codec) and
+device-only, from the package's costs and live estimates fed by every completed task (the
+edge reports its queue wait and compute time in each result). The encoded features are kept
+until a verified result is accepted: when the edge crashes, hangs past an adaptive timeout,
+refuses, or answers with a result that does not verify, the same signed-over features go to
+the next edge (one task id across attempts; each attempt is its own request naming its
+edge), and with no edge left the tail runs here, on those features: the head never runs
+twice. Exactly one result is accepted per task; a verified result that arrives later is
+journalled as ``superseded``. A :class:`~secure_ci.device._breaker.Breaker` per edge keeps a
+failing edge out, backing off; sessions are reconnected in the background.
+
+With a journal the device writes ahead: a task's inputs are on disk before any work, and its
+outcome (every attempt, the accepted receipt) replaces them atomically, so after kill -9
+:meth:`Device.resume` finishes what was left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from secure_ci.attestation import Collateral, Policy
+from secure_ci.device._breaker import Breaker
+from secure_ci.device._connect import open_session
+from secure_ci.device._identity import DeviceIdentity
+from secure_ci.device._journal import DeviceJournal
+from secure_ci.device._local import LocalModel
+from secure_ci.device._session import DEFAULT_DOMAIN, Input, Output, Session
+from secure_ci.device._tasks import TaskReceipt
+from secure_ci.exceptions import (
+    ChannelError,
+    DeadlineExceeded,
+    ProtocolError,
+    RemoteProtocolError,
+    SecureCIError,
+)
+from secure_ci.ledger._records import LedgerDomain
+from secure_ci.ledger._registry import RegisteredEdge
+from secure_ci.package import ModelPackage
+from secure_ci.partition import PartitionPlan
+from secure_ci.partition._codec import decode_features, encode_features
+from secure_ci.plan import (
+    Configuration,
+    Decision,
+    EdgeEstimator,
+    Planner,
+    SpeedEstimator,
+)
+from secure_ci.protocol import InferResult
+
+__all__ = ["Attempt", "Device", "TaskOutcome", "open_device"]
+
+log = logging.getLogger(__name__)
+
+HISTORY = 4096
+"""Outcomes a device keeps in memory (the journal keeps all of them)."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try of a task at one edge: ``ok``, ``timeout``, ``failed`` (the session broke),
+    ``refused`` (an error frame) or ``unverified`` (the result did not verify)."""
+
+    edge: str
+    outcome: str
+    ms: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """How one task ended: where it ran, every attempt, its output and its receipt."""
+
+    key: int | None
+    output: Output
+    mode: str
+    """``device`` (planned device-only), ``edge``, ``split``, or ``local-tail`` (every edge
+    failed: the tail ran here on the features the head had already computed)."""
+    configuration: Configuration
+    edge: str | None
+    attempts: tuple[Attempt, ...]
+    latency_ms: float
+    receipt: TaskReceipt | None
+    decision: Decision = field(repr=False)
+
+    @property
+    def failovers(self) -> int:
+        return sum(a.outcome != "ok" for a in self.attempts)
+
+
+class _Edge:
+    """One edge: its session (kept by a background task), estimates and breaker."""
+
+    def __init__(self, name: str, registration: RegisteredEdge | None, breaker: Breaker) -> None:
+        self.name = name
+        self.registration = registration
+        self.estimator = EdgeEstimator()
+        self.breaker = breaker
+        self.session: Session | None = None
+        self.ready = asyncio.Event()
+
+    def usable(self, now: float) -> bool:
+        s = self.session
+        return s is not None and not s.failed and self.breaker.allows(now)
+
+
+class Device:
+    """A device over a fleet of edges (make it with :func:`open_device`)."""
+
+    def __init__(
+        self,
+        local: LocalModel,
+        planner: Planner,
+        edges: Mapping[str, _Edge],
+        *,
+        journal: DeviceJournal | None,
+        deadline_ms: float,
+        slowdown: float,
+        attempt_floor: float,
+        attempt_cap: float,
+        clock: Callable[[], float],
+        monotonic: Callable[[], float],
+        random_bytes: Callable[[int], bytes],
+    ) -> None:
+        self.local = local
+        self.planner = planner
+        self.journal = journal
+        self.deadline_ms = deadline_ms
+        self.speed = SpeedEstimator()
+        self.stats: Counter[str] = Counter()
+        self.history: deque[TaskOutcome] = deque(maxlen=HISTORY)
+        self._edges = edges
+        self._costs = planner.space.costs
+        self._slowdown = slowdown
+        self._floor, self._cap = attempt_floor, attempt_cap
+        self._clock, self._monotonic, self._random = clock, monotonic, random_bytes
+
+    @property
+    def edges(self) -> tuple[str, ...]:
+        return tuple(self._edges)
+
+    @property
+    def last(self) -> TaskOutcome | None:
+        return self.history[-1] if self.history else None
+
+    def healthy(self) -> list[str]:
+        """Edges that would get a task now."""
+        now = self._monotonic()
+        return [name for name, e in self._edges.items() if e.usable(now)]
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Wait until every edge has a session (or ``timeout`` seconds; no error)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                for e in self._edges.values():
+                    await e.ready.wait()
+
+    async def calibrate(self) -> float:
+        """Measure this device against the package's profile (the whole model, once to warm
+        up and once timed); the speed factor the planner starts from."""
+        x = torch.zeros(self.local.package.input_shape)
+        await asyncio.to_thread(self.local.run, (x,))
+        await self._locally(self.local.run, (x,), self._costs.device_full_ms)
+        return self.speed.factor
+
+    # -- inference ----------------------------------------------------------------------
+
+    async def infer(self, x: Input, *, deadline_ms: float | None = None) -> Output:
+        """Run one sample wherever the planner says; fails over; never loses it."""
+        return (await self.run(x, deadline_ms=deadline_ms)).output
+
+    async def infer_many(
+        self, xs: Iterable[Input], *, max_in_flight: int = 8, deadline_ms: float | None = None
+    ) -> list[Output]:
+        """Outputs of ``xs`` in order, with up to ``max_in_flight`` tasks at once."""
+        window = asyncio.Semaphore(max(1, max_in_flight))
+
+        async def one(x: Input) -> Output:
+            async with window:
+                return await self.infer(x, deadline_ms=deadline_ms)
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(x)) for x in xs]
+        return [t.result() for t in tasks]
+
+    async def run(self, x: Input, *, deadline_ms: float | None = None) -> TaskOutcome:
+        """Like :meth:`infer`, with the whole outcome (mode, attempts, receipt, decision)."""
+        inputs = x if isinstance(x, tuple) else (x,)
+        key = None
+        if self.journal is not None:
+            blob = encode_features(inputs, "float32")
+            key = await asyncio.to_thread(self.journal.begin, blob, self._clock())
+        return await self._run(key, inputs, deadline_ms)
+
+    async def resume(self) -> list[TaskOutcome]:
+        """Finish every task the journal shows begun but not finished (after a crash)."""
+        if self.journal is None:
+            return []
+        done = []
+        for key, blob in await asyncio.to_thread(self.journal.unfinished):
+            done.append(await self._run(key, decode_features(blob), None))
+        return done
+
+    async def _run(
+        self, key: int | None, inputs: tuple[torch.Tensor, ...], deadline_ms: float | None
+    ) -> TaskOutcome:
+        start = self._monotonic()
+        decision = self._decide(deadline_ms)
+        config = decision.configuration
+        self.stats["tasks"] += 1
+        self.stats["plan_switches"] += decision.switched and self.stats["tasks"] > 1
+        if config.mode == "device":
+            output = await self._locally(self.local.run, inputs, self._costs.device_full_ms)
+            return await self._finish(key, output, "device", config, (), start, None, decision)
+        cut, codec = config.cut, config.codec or ""
+        payload, head_ms = await asyncio.to_thread(self.local.encode, inputs, cut, codec)
+        head_ms = await self._slow(head_ms)
+        profiled = self._costs.head_ms[self._costs.position(cut)]
+        if profiled > 0:
+            self.speed.update(head_ms, profiled, self._monotonic())
+        salt = self._random(32)
+        attempts: list[Attempt] = []
+        edge: str | None = config.edge
+        while edge is not None:
+            attempt, accepted = await self._attempt(edge, payload, salt, cut, codec, decision)
+            attempts.append(attempt)
+            if accepted is not None:
+                result, receipt, session = accepted
+                output = await asyncio.to_thread(session.decode_output, result.payload)
+                return await self._finish(
+                    key, output, config.mode, config, attempts, start, receipt, decision, edge
+                )
+            edge = self._next_edge(decision, cut, codec, tried={a.edge for a in attempts})
+        self.stats["local_tail"] += 1
+        tail_ms = self._costs.tail_ms[self._costs.position(cut)]
+        output = await self._locally(lambda _: self.local.finish(cut, payload), inputs, tail_ms)
+        return await self._finish(
+            key, output, "local-tail", config, attempts, start, None, decision
+        )
+
+    def _decide(self, deadline_ms: float | None) -> Decision:
+        now = self._monotonic()
+        estimates = {n: e.estimator.estimate() for n, e in self._edges.items() if e.usable(now)}
+        deadline = self.deadline_ms if deadline_ms is None else deadline_ms
+        return self.planner.decide(
+            estimates, now=now, device_speed=self.speed.factor, deadline_ms=deadline
+        )
+
+    def _next_edge(self, decision: Decision, cut: int, codec: str, tried: set[str]) -> str | None:
+        """The cheapest other usable edge for the same cut and codec (the features are
+        already encoded for them), by the decision's predictions."""
+        now = self._monotonic()
+        best, best_ms = None, math.inf
+        for i, c in enumerate(self.planner.configurations):
+            if c.cut != cut or c.codec != codec or c.edge is None or c.edge in tried:
+                continue
+            if not self._edges[c.edge].usable(now):
+                continue
+            ms = float(decision.table.expected_ms[i])
+            if not math.isfinite(ms):  # the edge was not usable when the task was planned
+                ms = float(self._costs.tail_ms[self._costs.position(cut)]) * 10
+            if ms < best_ms:
+                best, best_ms = c.edge, ms
+        return best
+
+    async def _attempt(
+        self, name: str, payload: bytes, salt: bytes, cut: int, codec: str, decision: Decision
+    ) -> tuple[Attempt, tuple[InferResult, TaskReceipt, Session] | None]:
+        edge = self._edges[name]
+        session = edge.session
+        sent = self._monotonic()
+        if session is None or session.failed:
+            return Attempt(name, "failed", 0.0, "no session"), None
+        edge.breaker.acquire(sent)
+        limit = self._attempt_timeout(decision, name, cut, codec)
+        future: asyncio.Future[tuple[InferResult, TaskReceipt]] | None = None
+        try:
+            async with asyncio.timeout(limit):
+                future = await session.submit(payload, salt=salt, cut=cut, codec=codec)
+                result, receipt = await asyncio.shield(future)
+        except TimeoutError:
+            self._abandon(edge, session, future)
+            return self._failed(edge, sent, "timeout", f"no result within {limit:.3f} s"), None
+        except (ChannelError, DeadlineExceeded) as exc:
+            return self._failed(edge, sent, "failed", str(exc)), None
+        except (RemoteProtocolError, ProtocolError) as exc:
+            return self._failed(edge, sent, "refused", str(exc)), None
+        except SecureCIError as exc:  # the result did not verify: this edge lies
+            session.fail(ChannelError(f"edge {name} sent a result that did not verify"))
+            return self._failed(edge, sent, "unverified", str(exc)), None
+        now = self._monotonic()
+        edge.breaker.success(now)
+        position = self._costs.position(cut)
+        edge.estimator.observe_result(
+            nbytes=len(payload),
+            round_trip_ms=(now - sent) * 1e3,
+            queue_ms=result.queue_us / 1e3,
+            compute_ms=result.compute_us / 1e3,
+            profiled_compute_ms=self._costs.tail_ms[position],
+            now=now,
+        )
+        return Attempt(name, "ok", (now - sent) * 1e3), (result, receipt, session)
+
+    def _attempt_timeout(self, decision: Decision, name: str, cut: int, codec: str) -> float:
+        """Predicted time of this configuration at this edge, doubled, plus four standard
+        deviations; at least ``attempt_floor`` and at most ``attempt_cap`` seconds."""
+        for i, c in enumerate(self.planner.configurations):
+            if c.edge == name and c.cut == cut and c.codec == codec and c.exit is None:
+                ms = float(decision.table.full_path_ms[i])
+                std = float(decision.table.std_ms[i])
+                if math.isfinite(ms) and math.isfinite(std):
+                    return min(self._cap, max(self._floor, (2 * ms + 4 * std) / 1e3))
+        return self._cap
+
+    def _failed(self, edge: _Edge, sent: float, outcome: str, detail: str) -> Attempt:
+        now = self._monotonic()
+        edge.breaker.failure(now)
+        self.stats["failovers"] += 1
+        log.info("task failed over from %s (%s): %s", edge.name, outcome, detail)
+        return Attempt(edge.name, outcome, (now - sent) * 1e3, detail)
+
+    def _abandon(
+        self,
+        edge: _Edge,
+        session: Session,
+        future: asyncio.Future[tuple[InferResult, TaskReceipt]] | None,
+    ) -> None:
+        """A task given up on at a silent edge: a late verified result is journalled as
+        superseded; a session still silent after ``attempt_cap`` is given up."""
+        if future is None:
+            return
+
+        def late(f: asyncio.Future[tuple[InferResult, TaskReceipt]]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            self.stats["superseded"] += 1
+            if self.journal is not None:
+                self.journal.record_superseded(f.result()[1])
+
+        def still_silent() -> None:
+            if not future.done():
+                session.fail(DeadlineExceeded(f"edge {edge.name} went silent"))
+
+        future.add_done_callback(late)
+        asyncio.get_running_loop().call_later(self._cap, still_silent)
+
+    async def _locally(
+        self, fn: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]],
+        inputs: tuple[torch.Tensor, ...], profiled_ms: float,
+    ) -> Output:  # fmt: skip
+        start = self._monotonic()
+        out = await asyncio.to_thread(fn, inputs)
+        ms = await self._slow((self._monotonic() - start) * 1e3)
+        if profiled_ms > 0:
+            self.speed.update(ms, profiled_ms, self._monotonic())
+        return out[0] if len(out) == 1 else out
+
+    async def _slow(self, ms: float) -> float:
+        """Emulate a device ``slowdown`` times slower (demos and benchmarks)."""
+        if self._slowdown > 1:
+            await asyncio.sleep(ms * (self._slowdown - 1) / 1e3)
+        return ms * self._slowdown
+
+    async def _finish(
+        self,
+        key: int | None,
+        output: Output,
+        mode: str,
+        config: Configuration,
+        attempts: Sequence[Attempt],
+        start: float,
+        receipt: TaskReceipt | None,
+        decision: Decision,
+        edge: str | None = None,
+    ) -> TaskOutcome:
+        if self.journal is not None and key is not None:
+            tried = json.dumps([[a.edge, a.outcome, round(a.ms, 3)] for a in attempts])
+            await asyncio.to_thread(
+                self.journal.finish, key, mode=mode, edge=edge, attempts=tried,
+                receipt=receipt, now=self._clock(),
+            )  # fmt: skip
+        outcome = TaskOutcome(
+            key, output, mode, config, edge, tuple(attempts),
+            (self._monotonic() - start) * 1e3, receipt, decision,
+        )  # fmt: skip
+        self.stats[mode] += 1
+        self.history.append(outcome)
+        return outcome
+
+
+@contextlib.asynccontextmanager
+async def open_device(
+    edges: Sequence[str | RegisteredEdge],
+    *,
+    package: ModelPackage,
+    identity: DeviceIdentity,
+    policy: Policy,
+    collateral: Collateral,
+    journal: DeviceJournal | None = None,
+    domain: LedgerDomain = DEFAULT_DOMAIN,
+    cuts: Sequence[int] | None = None,
+    codecs: Sequence[str] = ("float32", "float16", "int8"),
+    edge_only: bool = True,
+    accuracy_budget: float = 1.0,
+    deadline_ms: float = math.inf,
+    margin: float = 0.1,
+    patience: int = 3,
+    slowdown: float = 1.0,
+    attempt_floor: float = 0.25,
+    attempt_cap: float = 10.0,
+    connect_timeout: float = 30.0,
+    breaker: Callable[[], Breaker] = Breaker,
+    clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> AsyncIterator[Device]:
+    """A :class:`Device` over ``edges`` (``HOST:PORT``, or registry entries from the ledger,
+    which sessions then check), running ``package``'s model.
+
+    The planner chooses among the package's batchable ``cuts`` (or those given), ``codecs``,
+    edge-only (the edge must serve the whole model, as edges do for packages) and
+    device-only, under ``accuracy_budget`` points and ``deadline_ms``. ``slowdown`` emulates
+    a slower device (its head and local runs take that many times longer). An attempt waits
+    for its result twice the predicted time plus four deviations, within
+    [``attempt_floor``, ``attempt_cap``] seconds. Sessions connect in the background and
+    reconnect when their breaker lets them; until one is up, tasks run on the device.
+    """
+    local = await asyncio.to_thread(LocalModel, package, cuts=cuts)
+    costs = await asyncio.to_thread(local.costs, codecs, edge_only=edge_only)
+    links: dict[str, _Edge] = {}
+    for e in edges:
+        name = e if isinstance(e, str) else e.endpoint
+        links[name] = _Edge(name, None if isinstance(e, str) else e, breaker())
+    planner = Planner(
+        costs, list(links), accuracy_budget=accuracy_budget, margin=margin, patience=patience
+    )
+    device = Device(
+        local, planner, links, journal=journal, deadline_ms=deadline_ms, slowdown=slowdown,
+        attempt_floor=attempt_floor, attempt_cap=attempt_cap, clock=clock,
+        monotonic=monotonic, random_bytes=random_bytes,
+    )  # fmt: skip
+    await device.calibrate()
+    plan = PartitionPlan(package.model_id_hex, local.cuts[0], codecs[0])
+    closing = asyncio.Event()
+
+    async def keep(index: int, edge: _Edge) -> None:
+        """Hold a session to ``edge``: connect, wait for it to fail, back off, reconnect."""
+        while not closing.is_set():
+            try:
+                async with open_session(
+                    edge.name, policy=policy, collateral=collateral, identity=identity,
+                    model=local.head(plan.cut), plan=plan, ledger_domain=domain,
+                    timeout=connect_timeout, clock=clock, monotonic=monotonic,
+                    random_bytes=random_bytes, registration=edge.registration,
+                    first_seq=int(clock() * 1e6) + (index << 40),
+                ) as session:  # fmt: skip
+                    edge.session = session
+                    edge.breaker.success(monotonic())
+                    edge.ready.set()
+                    log.info("session with edge %s is up", edge.name)
+                    failed = asyncio.ensure_future(session.wait_failed())
+                    stop = asyncio.ensure_future(closing.wait())
+                    await asyncio.wait({failed, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    for waiter in (failed, stop):
+                        waiter.cancel()
+                    if failed.done() and not failed.cancelled():
+                        log.warning("session with edge %s failed: %s", edge.name, failed.result())
+                        edge.breaker.failure(monotonic())
+            except (SecureCIError, OSError) as exc:
+                log.warning("cannot connect to edge %s: %s", edge.name, exc)
+                edge.breaker.failure(monotonic())
+            finally:
+                edge.session = None
+            edge.ready.set()  # tried at least once
+            delay = max(0.05, edge.breaker.retry_at - monotonic())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await closing.wait()
+
+    # Not a TaskGroup: an error in the caller's block must reach it as itself, not wrapped.
+    keepers = [asyncio.create_task(keep(i, e)) for i, e in enumerate(links.values())]
+    try:
+        yield device
+    finally:
+        closing.set()
+        if keepers:
+            await asyncio.wait(keepers, timeout=connect_timeout)
+        for k in keepers:
+            k.cancel()
+        await asyncio.gather(*keepers, return_exceptions=True)

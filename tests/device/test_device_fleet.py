@@ -1,0 +1,240 @@
+"""The fleet device: plans each task, fails over without recomputing the head, runs offline.
+
+Edges run in their own processes (``secure_ci.testing._edge_process``) so that they can be
+killed with SIGKILL and frozen with SIGSTOP, as a crashed or hung edge would be; a lying
+edge is a scripted TLS server whose results are signed by a key the enclave never bound.
+Every output is compared with the package's model run on the device: a lost, duplicated or
+wrong answer fails the test, never a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from secure_ci.device import Device, DeviceIdentity, open_device
+from secure_ci.device._journal import DeviceJournal
+from secure_ci.package import ModelPackage, load_package
+from secure_ci.testing import DEV_NOW
+from secure_ci.testing._edge_process import EdgeProcess, dev_fleet_policy, spawn_edges
+from tests.package.package_helpers import digits_package, trained
+
+KEY = bytes.fromhex("5a" * 32)
+
+
+@functools.cache
+def _package_file(directory: str) -> Path:
+    path = Path(directory) / "digits.scipkg"
+    path.write_bytes(digits_package())
+    return path
+
+
+@pytest.fixture(scope="module")
+def package_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _package_file(str(tmp_path_factory.mktemp("fleet")))
+
+
+@pytest.fixture(scope="module")
+def package(package_path: Path) -> ModelPackage:
+    return load_package(package_path)
+
+
+@pytest.fixture
+def edges(package_path: Path) -> Iterator[list[EdgeProcess]]:
+    device = DeviceIdentity(KEY).address_text
+    started = spawn_edges(package_path, [0, 0], devices=(device,))
+    try:
+        yield started
+    finally:
+        for e in started:
+            e.close()
+
+
+def _samples(n: int) -> list[torch.Tensor]:
+    return [x.unsqueeze(0) for x in trained().data.test_x[:n]]
+
+
+def _expected(package: ModelPackage, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    model = package.partitioner().model
+    with torch.inference_mode():
+        return [model(x) for x in xs]
+
+
+def _same(outputs: list[torch.Tensor], expected: list[torch.Tensor], atol: float = 0.05) -> None:
+    assert len(outputs) == len(expected)
+    for y, e in zip(outputs, expected, strict=True):
+        assert int(y.argmax()) == int(e.argmax())
+        torch.testing.assert_close(y, e, atol=atol, rtol=0)
+
+
+def _device(
+    addresses: list[str], package: ModelPackage, **options: object
+) -> AsyncIterator[Device]:
+    policy, pki = dev_fleet_policy()
+    options.setdefault("clock", lambda: float(DEV_NOW))
+    return open_device(  # type: ignore[arg-type]
+        addresses, package=package, identity=DeviceIdentity(KEY), policy=policy,
+        collateral=pki.collateral, **options,
+    )  # fmt: skip
+
+
+async def test_tasks_are_planned_and_split_with_the_edges(
+    edges: list[EdgeProcess], package: ModelPackage
+) -> None:
+    xs = _samples(12)
+    async with _device([e.address for e in edges], package, slowdown=20.0) as device:
+        await device.wait_ready()
+        assert sorted(device.healthy()) == sorted(e.address for e in edges)
+        outputs = await device.infer_many(xs, max_in_flight=4)
+        modes = {o.mode for o in device.history}
+        explained = device.history[-1].decision.explain()
+    _same(outputs, _expected(package, xs))
+    assert modes <= {"edge", "split"}  # a 20x slower device offloads
+    assert all(o.receipt is not None and o.failovers == 0 for o in device.history)
+    assert explained.rows
+    assert explained.chosen.configuration == device.history[-1].configuration
+
+
+async def test_without_edges_every_task_runs_on_the_device(package: ModelPackage) -> None:
+    xs = _samples(4)
+    async with _device([], package) as device:
+        outputs = [await device.infer(x) for x in xs]
+    _same(outputs, _expected(package, xs), atol=1e-5)
+    assert [o.mode for o in device.history] == ["device"] * 4
+
+
+async def test_a_killed_edge_is_failed_over_without_recomputing_the_head(
+    edges: list[EdgeProcess], package: ModelPackage, tmp_path: Path
+) -> None:
+    xs = _samples(40)
+    with DeviceJournal.open(tmp_path / "device.db") as journal:
+        async with _device(
+            [e.address for e in edges], package, slowdown=20.0, journal=journal
+        ) as device:
+            await device.wait_ready()
+            first = await device.infer_many(xs[:10], max_in_flight=4)
+            busiest = device.history[-1].edge
+            victim = next(e for e in edges if e.address == busiest)
+            victim.kill()
+            rest = await device.infer_many(xs[10:], max_in_flight=4)
+            outcomes = list(device.history)
+        assert journal.unfinished() == []
+        kept = list(journal.tasks())
+    _same(first + rest, _expected(package, xs))
+    after = outcomes[10:]
+    assert all(o.edge != busiest for o in after)  # nothing accepted from the dead edge
+    assert all(o.mode in {"edge", "split"} for o in after)  # the other edge took over
+    assert len(kept) == len({t.task_id for t in kept}) == 40  # one accepted receipt each
+
+
+async def test_a_hung_edge_times_out_and_its_tasks_go_elsewhere(
+    edges: list[EdgeProcess], package: ModelPackage
+) -> None:
+    xs = _samples(16)
+    async with _device(
+        [e.address for e in edges], package, slowdown=20.0, attempt_cap=2.0,
+        margin=0.5, patience=10**6,  # the plan stays on its edge unless it breaks
+    ) as device:  # fmt: skip
+        await device.wait_ready()
+        await device.infer_many(xs[:4])
+        planned = device.planner.current
+        assert planned is not None
+        victim = next(e for e in edges if e.address == planned.edge)
+        victim.stop()
+        try:
+            outputs = await device.infer_many(xs, max_in_flight=4)
+        finally:
+            victim.cont()
+        failed_over = [o for o in device.history if o.failovers]
+    _same(outputs, _expected(package, xs))
+    assert failed_over, "the stopped edge was never tried"
+    for o in failed_over:
+        assert o.attempts[0].edge == victim.address
+        assert o.attempts[0].outcome == "timeout"
+        assert o.edge != victim.address
+        assert o.attempts[-1].outcome == "ok"
+
+
+async def test_with_every_edge_hung_the_tail_runs_here_on_the_same_features(
+    edges: list[EdgeProcess], package: ModelPackage
+) -> None:
+    xs = _samples(4)
+    async with _device([e.address for e in edges], package, slowdown=20.0) as device:
+        await device.wait_ready()
+        await device.infer(xs[0])
+        for e in edges:
+            e.stop()
+        try:
+            outputs = [await device.infer(x) for x in xs]
+        finally:
+            for e in edges:
+                e.cont()
+        after = list(device.history)[1:]
+    _same(outputs, _expected(package, xs))
+    first = after[0]
+    assert first.mode == "local-tail"  # both edges tried, then the tail ran here
+    assert sorted(a.edge for a in first.attempts) == sorted(e.address for e in edges)
+    assert all(a.outcome == "timeout" for a in first.attempts)
+    # later tasks run here too: device-only while both breakers are open, or the tail
+    # after a half-open probe timed out (each probe waits twice as long to come)
+    assert {o.mode for o in after[1:]} <= {"device", "local-tail"}
+    assert sum(len(o.attempts) for o in after[1:]) <= 2 * 3
+
+
+async def test_a_device_killed_mid_task_resumes_from_its_journal(
+    edges: list[EdgeProcess], package: ModelPackage, tmp_path: Path
+) -> None:
+    xs = _samples(3)
+    with DeviceJournal.open(tmp_path / "device.db") as journal:
+        # what a device killed after begin() and before finish() leaves behind
+        from secure_ci.partition._codec import encode_features
+
+        keys = [journal.begin(encode_features((x,), "float32"), 0.0) for x in xs]
+    with DeviceJournal.open(tmp_path / "device.db") as journal:
+        async with _device(
+            [e.address for e in edges], package, slowdown=20.0, journal=journal
+        ) as device:
+            await device.wait_ready()
+            resumed = await device.resume()
+        assert [o.key for o in resumed] == keys
+        assert journal.unfinished() == []
+        outcome = journal.outcome(keys[0])
+    _same([o.output for o in resumed], _expected(package, xs))  # type: ignore[misc]
+    assert outcome is not None
+    assert json.loads(outcome[2])[-1][1] == "ok"
+
+
+def test_the_breaker_backs_off_a_flapping_edge() -> None:
+    from secure_ci.device import Breaker, BreakerState
+
+    b = Breaker(min_backoff=1.0, max_backoff=8.0, forgive_after=100.0)
+    assert b.allows(0.0)
+    waits = []
+    now = 0.0
+    for _ in range(5):
+        b.failure(now)
+        assert b.state is BreakerState.OPEN
+        assert not b.allows(now)
+        waits.append(b.retry_at - now)
+        now = b.retry_at
+        assert b.allows(now)  # half-open: one probe
+        b.acquire(now)
+        assert not b.allows(now)
+        b.success(now)
+        assert b.allows(now)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0]  # a flapping edge stays out longer each time
+    b.success(now + 100.0)
+    b.failure(now + 100.0)
+    assert b.retry_at - (now + 100.0) == 1.0  # healthy long enough: forgiven
+
+
+async def test_concurrent_tasks_on_a_fresh_device_do_not_block(package: ModelPackage) -> None:
+    async with _device(["127.0.0.1:9"], package, connect_timeout=2.0) as device:
+        outputs = await asyncio.gather(*(device.infer(x) for x in _samples(3)))
+    assert len(outputs) == 3
