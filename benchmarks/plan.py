@@ -1,0 +1,417 @@
+"""`secure-ci bench plan`: the planner's regret against an exhaustive, measured oracle.
+
+Everything that runs is real: zoo models in torch, one in-process edge (attested TLS 1.3,
+signed requests and results, the tails in its worker thread), one device with a pre-opened
+session per (cut, codec), and the link shaper of ``secure_ci.testing`` between them (token
+bucket each way at the cell's rate, half the cell's RTT as one-way delay each way). The
+device's slowdown is emulated: after running the head (and the encoder, or the whole model
+for device-only) the device sleeps ``slowdown - 1`` times the time that took.
+
+In each cell of uplink x RTT x slowdown, the **oracle** runs every configuration (device-only,
+edge-only and every kept cut, with every codec) ``reps`` times and keeps the median latency of
+each; its choice is the least. The **planner** (``secure_ci.plan.Planner``, fresh in each
+cell, fed like a device feeds it: ``EdgeEstimator.observe_result`` from each task's send-to-
+result time and the edge's compute time, a ``SpeedEstimator`` from the device's own head
+times, and probes: a smallest-payload task and a task sized by ``LinkEstimator.probe_bytes``
+every ``probe_s`` seconds, not charged) then runs ``warmup + tasks`` real tasks; its regret is
+the oracle's measured latency of what it chose, averaged over the tasks after warmup, over the
+oracle's best, minus one (``realised_regret`` uses the planner's own latencies instead). Beside
+it: a plan **fixed** once (the planner's choice at the end of the first cell) and an
+**RTT-only** planner refreshed every 60 s (cells last ``CELL_SECONDS`` of simulated time; it
+knows the RTT measured at its last refresh, assumes the link at the estimator's 10 Mbit/s
+prior and the device at its profiled speed, like a ping-based router). The **bandwidth step**
+runs a square wave 20 <-> 2 Mbit/s and counts requests until the plan changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import percentile
+from _plan_rig import EDGE, Device, Measurement, ModelRig, build_rig, open_edge_for
+
+from secure_ci.plan import (
+    EdgeEstimate,
+    EdgeEstimator,
+    LinkEstimator,
+    Planner,
+    SpeedEstimator,
+)
+from secure_ci.testing import Link, LinkShaper, open_link_shaper
+
+CELL_SECONDS = 20.0
+SPEED_FLOOR = 0.2
+"""Device work profiled below this share of the whole model does not feed the speed factor."""
+RTT_ONLY_REFRESH_S = 60.0
+TARGETS = {"regret_p50": 0.05, "regret_p95": 0.10, "oracle_share": 0.80, "step_requests": 3,
+           "decision_cpu_p99_ms": 1.0}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Size:
+    models: tuple[str, ...]
+    uplinks: tuple[float, ...]
+    rtts: tuple[float, ...]
+    slowdowns: tuple[float, ...]
+    reps: int
+    tasks: int
+    warmup: int
+    cut_count: int
+    profile_repeats: int
+    step_half_periods: int
+    step_tasks: int
+    probe_s: float = 0.5
+    step_interval_s: float = 0.05
+    step_model: str = "resnet18"  # the first model when this one is not in the run
+    step_slowdown: float = 4.0
+    step_rtt_ms: float = 5.0
+
+
+SIZES = {
+    "smoke": Size(("digits_cnn",), (2.0, 50.0), (5.0,), (10.0,), 1, 3, 1, 3, 3, 2, 3),
+    "quick": Size(
+        ("digits_cnn", "resnet18"), (0.5, 5.0, 50.0), (2.0, 20.0, 100.0), (1.0, 10.0),
+        3, 8, 3, 7, 20, 4, 10,
+    ),
+    "full": Size(
+        ("digits_cnn", "resnet18", "transformer_encoder"), (0.5, 2.0, 10.0, 100.0),
+        (2.0, 20.0, 100.0), (1.0, 3.0, 10.0), 3, 12, 3, 9, 30, 6, 12,
+    ),
+}  # fmt: skip
+
+
+def _link(mbps: float, rtt_ms: float) -> Link:
+    rate = mbps * 1e6
+    return Link(rate, rtt_ms / 2, max(1024, min(1 << 20, int(rate / 8 * 1e-3))))
+
+
+def _shape(shaper: LinkShaper, mbps: float, rtt_ms: float) -> None:
+    shaper.shape(uplink=_link(mbps, rtt_ms), downlink=_link(mbps, rtt_ms))
+
+
+@dataclass
+class PlannerRun:
+    """A planner with the estimators a device keeps, fed by real tasks and probes."""
+
+    rig: ModelRig
+    device: Device
+    probe_s: float
+    planner: Planner = field(init=False)
+    edge: EdgeEstimator = field(default_factory=EdgeEstimator)
+    speed: SpeedEstimator = field(default_factory=SpeedEstimator)
+    cpu_ms: list[float] = field(default_factory=list)
+    pings: list[float] = field(default_factory=list)
+    last_probe: float = -math.inf
+    sample: int = 0
+
+    def __post_init__(self) -> None:
+        self.planner = Planner(self.rig.costs, [EDGE])
+        space = self.planner.space
+        remote = [i for i, c in enumerate(space.configurations) if c.edge is not None]
+        self._remote = remote
+        self._ping = min(remote, key=lambda i: space.nbytes[i])
+
+    def _x(self) -> Any:
+        self.sample += 1
+        return self.rig.inputs[self.sample % len(self.rig.inputs)]
+
+    def _observe(self, index: int, m: Measurement) -> None:
+        space, now = self.planner.space, time.monotonic()
+        profiled = float(space.device_ms[index])
+        if profiled >= SPEED_FLOOR * self.rig.costs.device_full_ms:
+            # a tiny head's time is mostly fixed overhead the profile does not hold: as a
+            # ratio it would make the device look many times slower than it is
+            self.speed.update(m.device_ms, profiled, now)
+        if space.configurations[index].edge is not None:
+            self.edge.observe_result(
+                nbytes=m.nbytes, round_trip_ms=m.round_trip_ms, queue_ms=0.0,
+                compute_ms=m.compute_ms, profiled_compute_ms=float(space.edge_ms[index]),
+                now=now,
+            )  # fmt: skip
+
+    async def probe(self, force: bool = False) -> None:
+        """A smallest-payload task and one sized by ``probe_bytes``, when due (not charged)."""
+        if not force and time.monotonic() - self.last_probe < self.probe_s:
+            return
+        space = self.planner.space
+        want = self.edge.link.probe_bytes()
+        sized = min(self._remote, key=lambda i: abs(space.nbytes[i] - want))
+        for index in (self._ping, sized):
+            m = await self.device.run(self.rig, space.configurations[index], self._x())
+            self._observe(index, m)
+            if index == self._ping:
+                self.pings.append(m.round_trip_ms - m.compute_ms)
+        self.last_probe = time.monotonic()
+
+    async def task(self) -> tuple[int, bool, Measurement]:
+        """Decide (timed, CPU of this thread) and run one task; (index, switched, measurement)."""
+        await self.probe()
+        start = time.thread_time()
+        decision = self.planner.decide(
+            {EDGE: self.edge.estimate()}, now=time.monotonic(), device_speed=self.speed.factor
+        )
+        self.cpu_ms.append((time.thread_time() - start) * 1e3)
+        m = await self.device.run(self.rig, decision.configuration, self._x())
+        self._observe(decision.index, m)
+        return decision.index, decision.switched, m
+
+
+async def _oracle(rig: ModelRig, device: Device, reps: int) -> list[float]:
+    """Median measured latency of every configuration of the planner's space, in its order."""
+    space = Planner(rig.costs, [EDGE]).space
+    samples: list[list[float]] = [[] for _ in space.configurations]
+    for rep in range(reps):
+        for i, configuration in enumerate(space.configurations):
+            x = rig.inputs[(rep * 7 + i) % len(rig.inputs)]
+            samples[i].append((await device.run(rig, configuration, x)).latency_ms)
+    return [statistics.median(s) for s in samples]
+
+
+def _rtt_only_choice(rig: ModelRig, rtt_ms: float) -> int:
+    planner = Planner(rig.costs, [EDGE], margin=0.0, patience=1)
+    prior = LinkEstimator()
+    estimate = EdgeEstimate(intercept_ms=max(0.0, rtt_ms), ms_per_byte=prior.ms_per_byte)
+    return planner.decide({EDGE: estimate}, now=0.0).index
+
+
+async def _grid(rig: ModelRig, device: Device, shaper: LinkShaper, size: Size) -> dict[str, Any]:
+    labels = [str(c) for c in Planner(rig.costs, [EDGE]).configurations]
+    cells: list[dict[str, Any]] = []
+    fixed: int | None = None
+    rtt_only: int | None = None
+    cpu: list[float] = []
+    grid = [(u, r, s) for s in size.slowdowns for r in size.rtts for u in size.uplinks]
+    for k, (mbps, rtt, slowdown) in enumerate(grid):
+        _shape(shaper, mbps, rtt)
+        device.slowdown = slowdown
+        print(f"plan: {rig.name} cell {k + 1}/{len(grid)}: {mbps:g} Mbit/s, {rtt:g} ms, "
+              f"{slowdown:g}x", file=sys.stderr, flush=True)  # fmt: skip
+        table = await _oracle(rig, device, size.reps)
+        best = int(np.argmin(table))
+        run = PlannerRun(rig, device, size.probe_s)
+        await run.probe(force=True)
+        chosen, latencies = [], []
+        for t in range(size.warmup + size.tasks):
+            index, _, m = await run.task()
+            if t >= size.warmup:
+                chosen.append(index)
+                latencies.append(m.latency_ms)
+        cpu.extend(run.cpu_ms)
+        final = chosen[-1]
+        if fixed is None:
+            fixed = final
+        measured_rtt = statistics.median(run.pings)
+        if rtt_only is None or (k * CELL_SECONDS) % RTT_ONLY_REFRESH_S < CELL_SECONDS:
+            rtt_only = _rtt_only_choice(rig, measured_rtt)
+        planner_ms = statistics.fmean(table[i] for i in chosen)
+        cells.append({
+            "uplink_mbps": mbps, "rtt_ms": rtt, "slowdown": slowdown,
+            "oracle": labels[best], "oracle_ms": round(table[best], 3),
+            "planner": labels[final], "planner_ms": round(planner_ms, 3),
+            "regret": planner_ms / table[best] - 1.0,
+            "realised_regret": statistics.median(latencies) / table[best] - 1.0,
+            "same_choice": final == best,
+            "switches": run.planner.switches,
+            "fixed": labels[fixed], "fixed_regret": table[fixed] / table[best] - 1.0,
+            "rtt_only": labels[rtt_only], "rtt_only_regret": table[rtt_only] / table[best] - 1.0,
+            "measured_rtt_ms": round(measured_rtt, 3),
+            "device_speed_estimate": round(run.speed.factor, 3),
+            "uplink_estimate_mbps": (round(8e-3 / run.edge.link.ms_per_byte, 3)
+                                     if run.edge.link.ms_per_byte > 0 else None),
+        })  # fmt: skip
+    return {
+        "configurations": len(labels),
+        "cuts": list(rig.cuts),
+        "profile_full_ms": round(rig.costs.device_full_ms, 4),
+        "cells": cells,
+        "summary": _summary(cells),
+        "_cpu": cpu,
+    }
+
+
+def _summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    def stats(key: str) -> dict[str, float]:
+        values = [c[key] for c in cells]
+        return {"p50": percentile(values, 50), "p95": percentile(values, 95),
+                "max": max(values), "mean": statistics.fmean(values)}  # fmt: skip
+
+    return {
+        "cells": len(cells),
+        "regret": stats("regret"),
+        "realised_regret": stats("realised_regret"),
+        "oracle_share": statistics.fmean(float(c["same_choice"]) for c in cells),
+        "within_5pct_share": statistics.fmean(float(c["regret"] <= 0.05) for c in cells),
+        "fixed_regret": stats("fixed_regret"),
+        "rtt_only_regret": stats("rtt_only_regret"),
+    }
+
+
+async def _step(rig: ModelRig, device: Device, shaper: LinkShaper, size: Size) -> dict[str, Any]:
+    """Square wave 20 <-> 2 Mbit/s (``size.step_rtt_ms``, ``size.step_slowdown``)."""
+    rates, rtt = (20.0, 2.0), size.step_rtt_ms
+    device.slowdown = size.step_slowdown
+    labels = [str(c) for c in Planner(rig.costs, [EDGE]).configurations]
+    tables: dict[float, list[float]] = {}
+    for mbps in rates:
+        _shape(shaper, mbps, rtt)
+        tables[mbps] = await _oracle(rig, device, size.reps)
+    best = {m: int(np.argmin(t)) for m, t in tables.items()}
+    _shape(shaper, rates[0], rtt)
+    run = PlannerRun(rig, device, size.probe_s)
+    await run.probe(force=True)
+    for _ in range(size.warmup + size.step_tasks):
+        await run.task()
+        await asyncio.sleep(size.step_interval_s)
+    steps = []
+    for half in range(size.step_half_periods):
+        mbps = rates[(half + 1) % 2]
+        table, target = tables[mbps], tables[mbps][best[mbps]]
+        before = run.planner.space.configurations.index(run.planner.current)
+        _shape(shaper, mbps, rtt)
+        first_switch = back = None
+        picks = []
+        for n in range(1, size.step_tasks + 1):
+            index, switched, _ = await run.task()
+            picks.append(index)
+            if switched and first_switch is None:
+                first_switch = n
+            if back is None and table[index] <= 1.1 * target:
+                back = n - 1
+            await asyncio.sleep(size.step_interval_s)
+        steps.append({
+            "to_mbps": mbps, "requests_to_switch": first_switch,
+            "old_plan_regret": table[before] / target - 1.0,
+            "switch_needed": table[before] > 1.1 * target,
+            "requests_until_within_10pct": back,
+            "final": labels[picks[-1]], "final_regret": table[picks[-1]] / target - 1.0,
+            "oracle": labels[best[mbps]], "final_is_oracle": picks[-1] == best[mbps],
+        })  # fmt: skip
+    needed = [s for s in steps if s["switch_needed"]]
+    backs = [s["requests_until_within_10pct"] for s in steps]
+    return {
+        "rates_mbps": list(rates), "rtt_ms": rtt, "slowdown": size.step_slowdown,
+        "interval_s": size.step_interval_s, "probe_s": size.probe_s,
+        "tasks_per_step": size.step_tasks,
+        "oracle": {str(m): labels[i] for m, i in best.items()},
+        "oracle_ms": {str(m): round(tables[m][i], 3) for m, i in best.items()},
+        "steps": steps,
+        "steps_needing_a_switch": len(needed),
+        "max_requests_to_switch": (
+            None if not needed or any(s["requests_to_switch"] is None for s in needed)
+            else max(s["requests_to_switch"] for s in needed)
+        ),
+        "max_requests_until_within_10pct": None if None in backs else max(backs),
+        "_cpu": run.cpu_ms,
+    }  # fmt: skip
+
+
+async def _run(size: Size) -> dict[str, Any]:
+    rigs = [
+        await asyncio.to_thread(
+            build_rig, name, cut_count=size.cut_count, repeats=size.profile_repeats
+        )
+        for name in size.models
+    ]
+    out: dict[str, Any] = {"models": {}}
+    cpu: list[float] = []
+    async with open_edge_for(rigs) as (port, enclave, identity), open_link_shaper(port) as shaper:
+        device = Device(shaper.address, enclave, identity)
+        try:
+            for rig in rigs:
+                await device.open_all(rig)
+            for rig in rigs:
+                result = await _grid(rig, device, shaper, size)
+                cpu.extend(result.pop("_cpu"))
+                out["models"][rig.name] = result
+            stepped = next((r for r in rigs if r.name == size.step_model), rigs[0])
+            step = await _step(stepped, device, shaper, size)
+            cpu.extend(step.pop("_cpu"))
+            out["step"] = {"model": stepped.name, **step}
+        finally:
+            await device.aclose()
+    cells = [c for m in out["models"].values() for c in m["cells"]]
+    summary = _summary(cells)
+    summary["decision_cpu_ms"] = {"p50": percentile(cpu, 50), "p99": percentile(cpu, 99),
+                                  "decisions": len(cpu)}  # fmt: skip
+    step, limit = out["step"], TARGETS["step_requests"]
+    within, switch = step["max_requests_until_within_10pct"], step["max_requests_to_switch"]
+    step_ok = (
+        None
+        if within is None
+        else within <= limit
+        and (step["steps_needing_a_switch"] == 0 or (switch is not None and switch <= limit))
+    )
+    summary["meets_targets"] = {
+        "regret_p50": summary["regret"]["p50"] <= TARGETS["regret_p50"],
+        "regret_p95": summary["regret"]["p95"] <= TARGETS["regret_p95"],
+        "oracle_share": summary["oracle_share"] >= TARGETS["oracle_share"],
+        "step_requests": step_ok,
+        "decision_cpu_p99": summary["decision_cpu_ms"]["p99"] <= TARGETS["decision_cpu_p99_ms"],
+    }
+    out["summary"] = summary
+    out["targets"] = TARGETS
+    return out
+
+
+def run(*, quick: bool, size: str = "full") -> dict[str, Any]:
+    """The grid, the comparison policies and the bandwidth step at ``size``."""
+    chosen = SIZES[size if size in SIZES else ("quick" if quick else "full")]
+    grid = {"uplink_mbps": list(chosen.uplinks), "rtt_ms": list(chosen.rtts),
+            "slowdown": list(chosen.slowdowns), "reps": chosen.reps, "tasks": chosen.tasks,
+            "warmup": chosen.warmup, "cut_count": chosen.cut_count,
+            "probe_s": chosen.probe_s, "cell_seconds_simulated": CELL_SECONDS}  # fmt: skip
+    result = asyncio.run(_run(chosen))
+    return {"size": size, "grid": grid,
+            "slowdown_emulation": "sleep (slowdown - 1) x the measured head+encode "
+            "(or whole-model) time after running it", **result}  # fmt: skip
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for m in result["models"].values() for c in m["cells"]]
+    fig, (cdf, heat) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=100)
+    for key, label in (("regret", "planner"), ("fixed_regret", "fixed once"),
+                       ("rtt_only_regret", "RTT-only, 60 s")):  # fmt: skip
+        values = sorted(max(c[key], 1e-4) for c in cells)
+        cdf.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=label)
+    cdf.axvline(0.05, color="grey", ls=":", lw=1)
+    cdf.axvline(0.10, color="grey", ls="--", lw=1)
+    cdf.set_xscale("log")
+    cdf.set_xlabel("regret vs measured oracle (latency / best - 1; floor 1e-4)")
+    cdf.set_ylabel("fraction of cells")
+    cdf.set_title("regret CDF over all cells")
+    cdf.legend(loc="lower right")
+    name, first = next(iter(result["models"].items()))
+    rows = sorted({c["uplink_mbps"] for c in first["cells"]})
+    cols = sorted({(c["slowdown"], c["rtt_ms"]) for c in first["cells"]})
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for c in first["cells"]:
+        grid[rows.index(c["uplink_mbps"]), cols.index((c["slowdown"], c["rtt_ms"]))] = c["regret"]
+    image = heat.imshow(grid, cmap="viridis_r", vmin=0, vmax=0.2, aspect="auto", origin="lower")
+    for c in first["cells"]:
+        mark = "D" if c["oracle"] == "device-only" else ("E" if "edge-only" in c["oracle"] else "S")
+        heat.text(cols.index((c["slowdown"], c["rtt_ms"])), rows.index(c["uplink_mbps"]),
+                  f"{mark}{'' if c['same_choice'] else '*'}\n{c['regret']:.0%}", ha="center",
+                  va="center", color="white" if c["regret"] > 0.1 else "black",
+                  fontsize=8)  # fmt: skip
+    heat.set_xticks(range(len(cols)), [f"{s:g}x\n{r:g}ms" for s, r in cols], fontsize=7)
+    heat.set_yticks(range(len(rows)), [f"{u:g}" for u in rows])
+    heat.set_xlabel("device slowdown / RTT")
+    heat.set_ylabel("uplink Mbit/s")
+    heat.set_title(f"{name}: planner regret (oracle: D/E/S; * = other choice)")
+    fig.colorbar(image, ax=heat, label="regret")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,80 @@
+"""Smoke test of ``secure-ci bench plan`` (real models, edge, sessions and shaper; two cells).
+
+Checks the JSON's shape and that its figures are sane and consistent with each other; the
+targets are read from the JSON, never asserted here (and no wall-clock threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from secure_ci.cli import app
+
+runner = CliRunner()
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _check_cell(cell: dict[str, Any]) -> None:
+    for key in ("regret", "fixed_regret", "rtt_only_regret"):
+        assert _finite(cell[key])
+        assert cell[key] >= -1e-9  # measured against the oracle's own table: never below it
+    assert _finite(cell["realised_regret"])
+    assert cell["oracle_ms"] > 0
+    assert cell["planner_ms"] >= cell["oracle_ms"] - 1e-6
+    assert cell["same_choice"] == (cell["planner"] == cell["oracle"])
+    assert cell["measured_rtt_ms"] > 0
+    assert cell["device_speed_estimate"] > 0
+
+
+@pytest.mark.slow
+def test_bench_plan_smoke(tmp_path: Path) -> None:
+    json_path, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    result = runner.invoke(
+        app, ["bench", "plan", "--size", "smoke", "--json", str(json_path), "--plot", str(png)]
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(json_path.read_text())
+    assert figures["run"]["benchmark"] == "plan"
+    assert figures["run"]["size"] == "smoke"
+    assert figures["size"] == "smoke"
+    grid = figures["grid"]
+    cells_expected = len(grid["uplink_mbps"]) * len(grid["rtt_ms"]) * len(grid["slowdown"])
+    assert set(figures["models"]) == {"digits_cnn"}
+    model = figures["models"]["digits_cnn"]
+    assert model["configurations"] == 1 + 4 * (1 + len(model["cuts"]))  # device, edge, cuts
+    assert len(model["cells"]) == cells_expected
+    for cell in model["cells"]:
+        _check_cell(cell)
+    summary = figures["summary"]
+    assert summary["cells"] == cells_expected
+    assert 0 <= summary["oracle_share"] <= 1
+    assert summary["regret"]["p50"] <= summary["regret"]["p95"] <= summary["regret"]["max"]
+    cpu = summary["decision_cpu_ms"]
+    assert cpu["decisions"] >= cells_expected * (grid["tasks"] + grid["warmup"])
+    assert 0 < cpu["p50"] <= cpu["p99"]
+    assert set(summary["meets_targets"]) == {
+        "regret_p50", "regret_p95", "oracle_share", "step_requests", "decision_cpu_p99",
+    }  # fmt: skip
+    step = figures["step"]
+    assert step["rates_mbps"] == [20.0, 2.0]
+    assert len(step["steps"]) == 2
+    assert step["steps_needing_a_switch"] == sum(s["switch_needed"] for s in step["steps"])
+    for s in step["steps"]:
+        assert s["requests_to_switch"] is None or s["requests_to_switch"] >= 1
+        back = s["requests_until_within_10pct"]
+        assert back is None or 0 <= back < step["tasks_per_step"]
+        assert s["old_plan_regret"] >= -1e-9
+        assert s["final_regret"] >= -1e-9
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(data[16:20], "big") >= 600
+    assert int.from_bytes(data[20:24], "big") >= 400
