@@ -1,20 +1,29 @@
-"""The model package container: one file, a manifest, the weights, and a digest of both.
+"""The model package container: one file, a manifest, the weights, the exit heads, and a digest.
 
-Byte layout (integers little-endian)::
+Byte layout, format version 2 (integers little-endian)::
 
-    offset      size  field
-    0           6     magic b"SCIPKG"
-    6           1     format version, 1
-    7           1     flags, 0 (any other value is refused)
-    8           4     M: manifest length, u32, 2 <= M <= MAX_MANIFEST_BYTES
-    12          M     manifest: canonical JSON (UTF-8, see below)
-    12+M        8     W: weights length, u64, W <= MAX_WEIGHTS_BYTES
-    20+M        W     weights: a safetensors file (8-byte header length, JSON header, data)
-    20+M+W      32    SHA-256( b"secure-ci/model-package/v1" || bytes[0 : 20+M+W] )
+    offset        size  field
+    0             6     magic b"SCIPKG"
+    6             1     format version, 2
+    7             1     flags, 0 (any other value is refused)
+    8             4     M: manifest length, u32, 2 <= M <= MAX_MANIFEST_BYTES
+    12            M     manifest: canonical JSON (UTF-8, see below)
+    12+M          8     W: weights length, u64, W <= MAX_WEIGHTS_BYTES
+    20+M          W     weights: a safetensors file (8-byte header length, JSON header, data)
+    20+M+W        8     X: exit heads length, u64, X <= MAX_EXITS_BYTES (0: no exit heads)
+    28+M+W        X     exit heads: a safetensors file, or nothing when X = 0
+    28+M+W+X      32    SHA-256( b"secure-ci/model-package/v2" || bytes[0 : 28+M+W+X] )
+
+The weights section is exactly the model's state dict (what ``model_id`` digests); the exit
+heads, trained after the model and not part of its identity, have their own section (tensor
+names and manifest fields in :mod:`secure_ci.package._exit_manifest`).
+
+Version 1 files (no exit heads section: the digest follows the weights and is taken with the
+domain ``b"secure-ci/model-package/v1"``) are still read, as packages without exit heads.
 
 The file ends exactly after the digest: a truncated file, appended bytes, or any changed
 byte before the digest is refused. The manifest also carries the SHA-256 of the weights
-section, so the manifest alone pins the weights.
+section (and of the exit heads section), so the manifest alone pins them.
 
 Canonical JSON is what ``json.dumps(value, sort_keys=True, separators=(",", ":"),
 ensure_ascii=True, allow_nan=False)`` writes: sorted keys, no whitespace, ASCII only,
@@ -43,6 +52,7 @@ from secure_ci.exceptions import PackageError
 __all__ = [
     "DIGEST_DOMAIN",
     "MAGIC",
+    "MAX_EXITS_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_MANIFEST_BYTES",
     "MAX_PACKAGE_BYTES",
@@ -58,24 +68,32 @@ __all__ = [
 ]
 
 MAGIC = b"SCIPKG"
-VERSION = 1
-DIGEST_DOMAIN = b"secure-ci/model-package/v1"
+VERSION = 2
+DIGEST_DOMAIN = b"secure-ci/model-package/v2"
+_DOMAINS = {1: b"secure-ci/model-package/v1", 2: DIGEST_DOMAIN}
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_WEIGHTS_BYTES = 1 << 30
+MAX_EXITS_BYTES = 64 << 20
 MAX_JSON_DEPTH = 8
 _HEAD = struct.Struct("<6sBBI")
 _WEIGHTS_LEN = struct.Struct("<Q")
 _DIGEST_LEN = 32
-MAX_PACKAGE_BYTES = _HEAD.size + MAX_MANIFEST_BYTES + _WEIGHTS_LEN.size + MAX_WEIGHTS_BYTES + 32
+MAX_PACKAGE_BYTES = (
+    _HEAD.size + MAX_MANIFEST_BYTES + 2 * _WEIGHTS_LEN.size + MAX_WEIGHTS_BYTES + MAX_EXITS_BYTES
+    + _DIGEST_LEN
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Container:
-    """The sections of a package file whose digest verified."""
+    """The sections of a package file whose digest verified (``exits`` is empty in version 1
+    files and in packages without exit heads)."""
 
     manifest: dict[str, Any]
     weights: bytes
     digest: bytes
+    exits: bytes = b""
+    version: int = VERSION
 
 
 def canonical_json(value: Any) -> bytes:
@@ -88,23 +106,28 @@ def canonical_json(value: Any) -> bytes:
     return text.encode("ascii")
 
 
-def _digest(body: bytes | memoryview) -> bytes:
-    return hashlib.sha256(DIGEST_DOMAIN + bytes(body)).digest()
+def _digest(body: bytes | memoryview, version: int = VERSION) -> bytes:
+    return hashlib.sha256(_DOMAINS[version] + bytes(body)).digest()
 
 
-def encode_container(manifest: dict[str, Any], weights: bytes) -> bytes:
-    """The package bytes for ``manifest`` and the safetensors ``weights``."""
+def encode_container(manifest: dict[str, Any], weights: bytes, exits: bytes = b"") -> bytes:
+    """The package bytes (current version) for ``manifest``, the safetensors ``weights`` and
+    the exit heads (safetensors, or empty)."""
     text = canonical_json(manifest)
     if len(text) > MAX_MANIFEST_BYTES:
         raise PackageError(f"manifest of {len(text)} bytes exceeds {MAX_MANIFEST_BYTES}")
     if len(weights) > MAX_WEIGHTS_BYTES:
         raise PackageError(f"weights of {len(weights)} bytes exceed {MAX_WEIGHTS_BYTES}")
+    if len(exits) > MAX_EXITS_BYTES:
+        raise PackageError(f"exit heads of {len(exits)} bytes exceed {MAX_EXITS_BYTES}")
     body = b"".join(
         (
             _HEAD.pack(MAGIC, VERSION, 0, len(text)),
             text,
             _WEIGHTS_LEN.pack(len(weights)),
             weights,
+            _WEIGHTS_LEN.pack(len(exits)),
+            exits,
         )
     )
     return body + _digest(body)
@@ -121,7 +144,7 @@ def decode_container(data: bytes) -> Container:
     magic, version, flags, manifest_len = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise PackageError("not a model package (bad magic)")
-    if version != VERSION:
+    if version not in _DOMAINS:
         raise PackageError(f"unsupported model package version {version}")
     if flags != 0:
         raise PackageError(f"unknown package flags 0x{flags:02x}")
@@ -133,18 +156,27 @@ def decode_container(data: bytes) -> Container:
     (weights_len,) = _WEIGHTS_LEN.unpack_from(data, at)
     if weights_len > MAX_WEIGHTS_BYTES:
         raise PackageError(f"weights length {weights_len} exceeds {MAX_WEIGHTS_BYTES}")
-    end = at + _WEIGHTS_LEN.size + weights_len
+    weights_end = end = at + _WEIGHTS_LEN.size + weights_len
+    exits_len = 0
+    if version >= 2:
+        if len(data) < end + _WEIGHTS_LEN.size:
+            raise PackageError("package is truncated inside the weights")
+        (exits_len,) = _WEIGHTS_LEN.unpack_from(data, end)
+        if exits_len > MAX_EXITS_BYTES:
+            raise PackageError(f"exit heads length {exits_len} exceeds {MAX_EXITS_BYTES}")
+        end += _WEIGHTS_LEN.size + exits_len
     if len(data) != end + _DIGEST_LEN:
         problem = "truncated" if len(data) < end + _DIGEST_LEN else "followed by extra bytes"
         raise PackageError(f"package is {problem}: {len(data)} bytes, layout needs {end + 32}")
     view = memoryview(data)
     digest = bytes(view[end:])
-    if _digest(view[:end]) != digest:
+    if _digest(view[:end], version) != digest:
         raise PackageError("package digest mismatch: the file was modified or corrupted")
     manifest = parse_json(bytes(view[_HEAD.size : at]), "manifest", canonical=True)
     if not isinstance(manifest, dict):
         raise PackageError("manifest must be a JSON object")
-    return Container(manifest, bytes(view[at + _WEIGHTS_LEN.size : end]), digest)
+    weights = bytes(view[at + _WEIGHTS_LEN.size : weights_end])
+    return Container(manifest, weights, digest, bytes(view[end - exits_len : end]), version)
 
 
 def _reject_constant(name: str) -> Any:

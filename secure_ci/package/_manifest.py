@@ -13,7 +13,10 @@ JSON shape (canonical JSON in the file, see :mod:`secure_ci.package._format`)::
                 "calibration": null | {"source": str, "samples": n, "accuracy": a},
                 "rows": [{"cut": i, "codec": "int8", "bytes": b, "ratio": r,
                           "accuracy_drop_pt": d | null}, ...]},
+     "exits": null | {...},                      see secure_ci.package._exit_manifest
      "created_with": {"secure_ci": "0.1.0", "torch": "2.13.0+cpu"}}
+
+A version 1 file's manifest has no ``"exits"`` key; a version 2 file's always has one.
 
 Each boundary tensor spec says which dimension follows the batch (``batch_dim``, null when
 samples cannot be batched).
@@ -28,11 +31,14 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from secure_ci.exceptions import PackageError, PartitionError
 from secure_ci.partition._plan import Cut, TensorSpec
 from secure_ci.partition._profiles import Profile
+
+if TYPE_CHECKING:
+    from secure_ci.package._exit_manifest import ExitTable
 
 __all__ = ["Calibration", "CodecRow", "PackageManifest"]
 
@@ -155,6 +161,7 @@ class PackageManifest:
     calibration: Calibration | None
     codecs: tuple[CodecRow, ...]
     created_with: Mapping[str, str]
+    exits: ExitTable | None = None
 
     def to_json(self) -> dict[str, Any]:
         cuts = [cut.to_json() for cut in self.cuts]
@@ -179,14 +186,21 @@ class PackageManifest:
                 "calibration": None if self.calibration is None else self.calibration.to_json(),
                 "rows": [row.to_json() for row in self.codecs],
             },
+            "exits": None if self.exits is None else self.exits.to_json(),
             "created_with": dict(self.created_with),
         }
 
     @classmethod
-    def from_json(cls, value: object) -> PackageManifest:
-        """Validate a parsed manifest; anything unexpected is a :class:`PackageError`."""
+    def from_json(cls, value: object, *, exits_key: bool = True) -> PackageManifest:
+        """Validate a parsed manifest; anything unexpected is a :class:`PackageError`.
+
+        ``exits_key``: whether the manifest has an ``"exits"`` key (format version 2) or not
+        (version 1)."""
+        from secure_ci.package._exit_manifest import ExitTable  # it builds on this module
+
         top = {"architecture", "input", "model_id", "weights", "analysis", "profiles"}
-        f = _fields(value, top | {"codecs", "created_with"}, "manifest")
+        top |= {"codecs", "created_with"} | ({"exits"} if exits_key else set())
+        f = _fields(value, top, "manifest")
         arch = _fields(f["architecture"], {"kind", "name"}, "architecture")
         if arch["kind"] != "zoo":
             raise PackageError(f"architecture kind {str(arch['kind'])[:32]!r} is not supported")
@@ -230,6 +244,7 @@ class PackageManifest:
                 _str(k, "created_with key"): _str(v, "created_with value")
                 for k, v in created.items()
             },
+            exits=None if f.get("exits") is None else ExitTable.from_json(f["exits"]),
         )
         manifest.check()
         return manifest
@@ -249,6 +264,8 @@ class PackageManifest:
             seen.add((row.cut, row.codec))
         if (self.calibration is None) != (self.codec_inputs == "random"):
             raise PackageError("codecs measured on a calibration set must describe it")
+        if self.exits is not None:
+            self.exits.check(self.cuts)
 
 
 def _input_shape(value: object) -> tuple[int, ...]:

@@ -13,7 +13,13 @@ from torch import nn
 
 import secure_ci
 from secure_ci.exceptions import ConfigError
-from secure_ci.package._calibrate import DEFAULT_CODECS, Progress, measure_codecs
+from secure_ci.package._calibrate import (
+    DEFAULT_CODECS,
+    Progress,
+    _check_calibration,
+    measure_codecs,
+)
+from secure_ci.package._exit_heads import DEFAULT_EXIT_THRESHOLDS, default_exit_cuts, fit_exits
 from secure_ci.package._format import encode_container
 from secure_ci.package._manifest import MAX_INPUT_ELEMENTS, Calibration, PackageManifest
 from secure_ci.package._package import ModelPackage, build_zoo_model, read_package
@@ -69,6 +75,11 @@ def pack_bytes(
     repeats: int = 3,
     threads: int = 1,
     progress: Progress | None = None,
+    exits: Sequence[int] | None = None,
+    exit_training: tuple[torch.Tensor, torch.Tensor] | None = None,
+    exit_training_source: str = "exit training set",
+    exit_thresholds: Sequence[float] = DEFAULT_EXIT_THRESHOLDS,
+    exit_seed: int = 0,
 ) -> bytes:
     """The bytes of a package of ``model`` (see :func:`pack_model`); writes nothing."""
     shape = _check_shape(input_shape)
@@ -81,6 +92,23 @@ def pack_bytes(
     if progress is not None:
         progress("profile", 0, 1)
     measured = profile(partitioner, repeats=repeats, threads=threads)
+    exit_cuts = _exit_cuts(partitioner, exits, calibration is not None)
+    exit_table, exit_section = None, b""
+    cx, cy = _check_calibration(calibration, shape)
+    if exit_cuts and cy is not None:
+        exit_table, exit_section = fit_exits(
+            partitioner,
+            exit_cuts,
+            (cx, cy),
+            calibration_source,
+            exit_training,
+            exit_training_source,
+            thresholds=exit_thresholds,
+            seed=exit_seed,
+            repeats=repeats,
+            threads=threads,
+            progress=progress,
+        )
     calibration_info = None
     if calibration is not None and table.accuracy is not None:
         samples = int(calibration[0].shape[0])
@@ -101,11 +129,24 @@ def pack_bytes(
         calibration=calibration_info,
         codecs=table.rows,
         created_with={"secure_ci": secure_ci.__version__, "torch": torch.__version__},
+        exits=exit_table,
     )
     manifest.check()
     if progress is not None:
         progress("profile", 1, 1)
-    return encode_container(manifest.to_json(), weights)
+    return encode_container(manifest.to_json(), weights, exit_section)
+
+
+def _exit_cuts(
+    partitioner: Partitioner, exits: Sequence[int] | None, calibrated: bool
+) -> tuple[int, ...]:
+    if exits is None:
+        return default_exit_cuts(partitioner) if calibrated else ()
+    if not isinstance(exits, list | tuple | range):
+        raise ConfigError(f"exits must be a sequence of cut indices, got {exits!r:.40}")
+    if exits and not calibrated:
+        raise ConfigError("exit heads need a calibration set (inputs, labels) to be calibrated")
+    return tuple(exits)
 
 
 def pack_model(
@@ -120,6 +161,11 @@ def pack_model(
     repeats: int = 3,
     threads: int = 1,
     progress: Progress | None = None,
+    exits: Sequence[int] | None = None,
+    exit_training: tuple[torch.Tensor, torch.Tensor] | None = None,
+    exit_training_source: str = "exit training set",
+    exit_thresholds: Sequence[float] = DEFAULT_EXIT_THRESHOLDS,
+    exit_seed: int = 0,
 ) -> ModelPackage:
     """Pack ``model`` (an instance of zoo ``architecture``) into the file ``out``.
 
@@ -128,6 +174,12 @@ def pack_model(
     ``threads`` threads) and the codec table, with the accuracy drop measured on
     ``calibration`` (inputs, int64 labels) when given. The file is written atomically and
     read back through :func:`load_package`'s checks before it is returned.
+
+    Exit heads (early exits) are trained at the cuts ``exits`` (default: up to two early
+    cuts, and only with a calibration set; ``()`` for none) on ``exit_training`` when given,
+    otherwise on the even positions of the calibration set; they are calibrated on the
+    calibration set's remaining samples, one row per max-softmax threshold in
+    ``exit_thresholds`` (see :mod:`secure_ci.package._exit_heads`).
     """
     data = pack_bytes(
         model,
@@ -139,6 +191,11 @@ def pack_model(
         repeats=repeats,
         threads=threads,
         progress=progress,
+        exits=exits,
+        exit_training=exit_training,
+        exit_training_source=exit_training_source,
+        exit_thresholds=exit_thresholds,
+        exit_seed=exit_seed,
     )
     package = read_package(data)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")

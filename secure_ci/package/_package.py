@@ -4,8 +4,10 @@ Loading verifies, in order: the container (bounds, exact length, digest), the ma
 (canonical JSON, every field), the weights' SHA-256 against the manifest, the safetensors
 bounds, the architecture (a zoo name) and that the weights fit it exactly (names, shapes,
 dtypes); then it rebuilds the model, recomputes ``model_id`` and the cut analysis, and
-refuses the package unless both equal what the manifest says. Profiles and codec tables are
-measurements: only the digest protects them.
+refuses the package unless both equal what the manifest says. Exit heads (format version 2)
+are checked against the manifest's exits table: digest, exact tensor names, float32 shapes
+derived from their cuts' boundaries, finite values, and the model's number of classes.
+Profiles, codec tables and exit calibrations are measurements: only the digest protects them.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import torch
 from torch import nn
 
 from secure_ci.exceptions import ConfigError, PackageError, PartitionError
+from secure_ci.package._exit_heads import build_exit_head, model_classes, verify_exit_heads
 from secure_ci.package._format import MAX_PACKAGE_BYTES, decode_container
 from secure_ci.package._manifest import Calibration, CodecRow, PackageManifest
 from secure_ci.package._weights import decode_weights
+from secure_ci.partition._exits import ExitHead
 from secure_ci.partition._partitioner import Partitioner
 from secure_ci.partition._plan import Cut
 from secure_ci.partition._profiles import Profile
+from secure_ci.plan._cost import ExitCalibration
 
 __all__ = ["ModelPackage", "build_zoo_model", "load_package", "read_package"]
 
@@ -77,12 +82,14 @@ class ModelPackage:
         partitioner: Partitioner,
         digest: bytes,
         size: int,
+        exit_heads: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         self._manifest = manifest
         self._weights = dict(weights)
         self._partitioner = partitioner
         self._digest = digest
         self._size = size
+        self._exit_heads = {cut: dict(state) for cut, state in (exit_heads or {}).items()}
 
     def __repr__(self) -> str:
         return f"<ModelPackage {self.architecture} model_id {self.model_id_hex[:16]}..>"
@@ -132,6 +139,41 @@ class ModelPackage:
     @property
     def calibration(self) -> Calibration | None:
         return self._manifest.calibration
+
+    @property
+    def exit_cuts(self) -> tuple[int, ...]:
+        """The cuts that carry an exit head (ascending; empty without exit heads)."""
+        table = self._manifest.exits
+        return () if table is None else tuple(head.cut for head in table.heads)
+
+    @property
+    def exits(self) -> tuple[ExitCalibration, ...]:
+        """Every calibrated exit policy, ready for the planner (``ModelCosts(exits=...)``):
+        one per exit cut and threshold, with its exit rate, accuracy drop (points, floored at
+        0: an exit that helped on the calibration set is not counted as a gain) and the exit
+        head's measured milliseconds. Raw values: ``manifest.exits``."""
+        table = self._manifest.exits
+        if table is None:
+            return ()
+        return tuple(
+            ExitCalibration(
+                policy=head.policy(row),
+                p_exit=row.p_exit,
+                accuracy_drop=max(0.0, row.accuracy_drop_pt),
+                head_ms=head.head_ms,
+            )
+            for head in table.heads
+            for row in head.rows
+        )
+
+    def exit_head(self, cut: int) -> ExitHead:
+        """A fresh exit head for ``cut`` holding the package's trained weights, in eval mode
+        (attach it with :func:`~secure_ci.partition.attach_exit`)."""
+        table = self._manifest.exits
+        info = next((h for h in table.heads if h.cut == cut), None) if table else None
+        if info is None:
+            raise ConfigError(f"the package has no exit head at cut {cut!r:.20}")
+        return build_exit_head(self.cuts[cut], info, self._exit_heads[cut])
 
     @property
     def batchable_cuts(self) -> tuple[int, ...]:
@@ -189,6 +231,7 @@ class ModelPackage:
                 "calibration": None if m.calibration is None else m.calibration.to_json(),
                 "rows": [row.to_json() for row in m.codecs],
             },
+            "exits": None if m.exits is None else m.exits.to_json(),
             "created_with": dict(m.created_with),
         }
 
@@ -196,7 +239,7 @@ class ModelPackage:
 def read_package(data: bytes) -> ModelPackage:
     """Verify package bytes and rebuild the model (see the module docstring)."""
     container = decode_container(data)
-    manifest = PackageManifest.from_json(container.manifest)
+    manifest = PackageManifest.from_json(container.manifest, exits_key=container.version >= 2)
     weights_bytes = container.weights
     if (
         hashlib.sha256(weights_bytes).hexdigest() != manifest.weights_sha256
@@ -223,7 +266,16 @@ def read_package(data: bytes) -> ModelPackage:
         partitioner.total_params,
     ) != (manifest.total_flops, manifest.total_params):
         raise PackageError("the package's partition analysis does not match its model")
-    return ModelPackage(manifest, weights, partitioner, container.digest, len(data))
+    exit_heads = {}
+    if manifest.exits is not None or container.exits:
+        try:
+            classes = model_classes(module, manifest.input_shape)
+        except Exception as exc:  # the model's own forward: translate anything
+            raise PackageError(f"the packaged model fails on a zero input: {exc}") from None
+        exit_heads = verify_exit_heads(manifest.exits, container.exits, manifest.cuts, classes)
+    return ModelPackage(
+        manifest, weights, partitioner, container.digest, len(data), exit_heads=exit_heads
+    )
 
 
 def load_package(path: Path) -> ModelPackage:

@@ -44,9 +44,16 @@ def sections(data: bytes) -> tuple[dict[str, Any], bytes]:
     return container.manifest, container.weights
 
 
-def reseal(manifest: dict[str, Any], weights: bytes) -> bytes:
-    """A package with a valid digest around whatever manifest and weights we give it."""
-    return encode_container(manifest, weights)
+def exit_section(data: bytes) -> bytes:
+    return decode_container(data).exits
+
+
+def reseal(manifest: dict[str, Any], weights: bytes, exits: bytes | None = None) -> bytes:
+    """A package with a valid digest around whatever manifest, weights and exit heads we give
+    it (by default the digits package's exit heads when the manifest describes exit heads)."""
+    if exits is None:
+        exits = exit_section(digits_package()) if manifest.get("exits") is not None else b""
+    return encode_container(manifest, weights, exits)
 
 
 def with_weights(data: bytes, weights: bytes) -> bytes:
@@ -57,15 +64,32 @@ def with_weights(data: bytes, weights: bytes) -> bytes:
         "sha256": hashlib.sha256(weights).hexdigest(),
         "bytes": len(weights),
     }
-    return reseal(manifest, weights)
+    return reseal(manifest, weights, exit_section(data))
 
 
-def raw_container(manifest: bytes, weights: bytes, *, version: int = 1, flags: int = 0) -> bytes:
-    """Package bytes around a raw manifest (not necessarily JSON), with a valid digest."""
+def with_exits(data: bytes, exits: bytes) -> bytes:
+    """``data`` with other exit head bytes, the manifest's exits digest updated to match."""
+    manifest, weights = sections(data)
+    manifest["exits"] = {
+        **manifest["exits"],
+        "sha256": hashlib.sha256(exits).hexdigest(),
+        "bytes": len(exits),
+    }
+    return reseal(manifest, weights, exits)
+
+
+def raw_container(
+    manifest: bytes, weights: bytes, *, version: int = 2, flags: int = 0, exits: bytes = b""
+) -> bytes:
+    """Package bytes around a raw manifest (not necessarily JSON), with a valid digest; version
+    1 has no exit heads section (and the v1 digest domain)."""
     body = (
         struct.pack("<6sBBI", MAGIC, version, flags, len(manifest))
         + manifest
         + struct.pack("<Q", len(weights))
         + weights
     )
+    if version == 1:
+        return body + hashlib.sha256(b"secure-ci/model-package/v1" + body).digest()
+    body += struct.pack("<Q", len(exits)) + exits
     return body + hashlib.sha256(DIGEST_DOMAIN + body).digest()

@@ -54,7 +54,7 @@ def test_every_truncation_and_extension_is_refused() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (raw_container(b"{}", WEIGHTS, version=2), "version 2"),
+        (raw_container(b"{}", WEIGHTS, version=3), "version 3"),
         (raw_container(b"{}", WEIGHTS, flags=1), "flags"),
         (b"SCIPKH" + raw_container(b"{}", WEIGHTS)[6:], "bad magic"),
         (raw_container(b"{", WEIGHTS), "manifest length"),
