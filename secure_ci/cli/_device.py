@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from secure_ci.device._journal import DeviceJournal
     from secure_ci.ledger._deployment import Deployment
     from secure_ci.ledger._registry import RegisteredEdge
+    from secure_ci.package import ModelPackage
     from secure_ci.partition import PartitionPlan
 
 app = typer.Typer(help="Device-side client commands.", no_args_is_help=True)
@@ -108,6 +109,7 @@ class _Model:
     example: torch.Tensor
     plan: PartitionPlan
     shape: tuple[int, ...]
+    package: ModelPackage | None = None
 
 
 def _model(package: Path | None, zoo: str, seed: int, cut: int, codec: str) -> _Model:
@@ -120,15 +122,15 @@ def _model(package: Path | None, zoo: str, seed: int, cut: int, codec: str) -> _
 
         pkg = load_package(package)
         model, shape = pkg.build(), tuple(pkg.input_shape)
-        model_id = pkg.model_id.hex()
-    else:
-        from secure_ci.partition import Partitioner
-        from secure_ci.zoo import get
+        plan = PartitionPlan(pkg.model_id.hex(), cut, codec)
+        return _Model(model, torch.zeros(shape), plan, shape, pkg)
+    from secure_ci.partition import Partitioner
+    from secure_ci.zoo import get
 
-        entry = get(zoo)
-        torch.manual_seed(seed)
-        model, shape = entry.build(), tuple(entry.input_shape)
-        model_id = Partitioner(model, (torch.zeros(shape),)).model_id
+    entry = get(zoo)
+    torch.manual_seed(seed)
+    model, shape = entry.build(), tuple(entry.input_shape)
+    model_id = Partitioner(model, (torch.zeros(shape),)).model_id
     return _Model(model, torch.zeros(shape), PartitionPlan(model_id, cut, codec), shape)
 
 
@@ -244,6 +246,17 @@ def infer(
     codec: Annotated[str, typer.Option(help="Boundary feature codec.")] = "int8",
     timeout: Annotated[float, typer.Option(help="Seconds per request and handshake.")] = 30.0,
     at: Annotated[int | None, typer.Option(help="Pin the clock (Unix seconds).")] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Plan each input over every registered edge (cut, codec, edge-only or"
+            " device-only) and fail over when an edge dies (needs --package).",
+        ),
+    ] = False,
+    deadline_ms: Annotated[
+        float, typer.Option(help="With --plan: each input's deadline (ms).")
+    ] = math.inf,
     passphrase_file: PassphraseFile = None,
     passphrase_env: PassphraseEnv = None,
 ) -> None:
@@ -252,7 +265,10 @@ def infer(
     With --deployment the edge comes from the ledger's registry and is refused, before a
     feature byte is sent, unless it is active, its measurement allowed, and its attested
     enclave key, measurement and quote id are the registered ones. Prints one JSON line per
-    input; every verified result is kept in the device journal first.
+    input; every verified result is kept in the device journal first. With --plan, the
+    device chooses per input where it runs (by the package's profile and what it measures
+    of each edge), moves a task whose edge dies to the next one or finishes it here, and
+    first completes any task a previous run left unfinished (the journal writes ahead).
     """
     from secure_ci.attestation import Collateral, Policy
     from secure_ci.cli._common import load_deployment
@@ -262,6 +278,10 @@ def infer(
 
     if deployment is None and edge is None:
         raise ConfigError("give --deployment FILE (edges from the ledger) or --edge HOST:PORT")
+    if plan and package is None:
+        raise ConfigError("--plan needs --package (the planner uses the package's profile)")
+    if not deadline_ms > 0:
+        raise ConfigError("--deadline-ms must be > 0")
     if edge is not None:
         parse_edge_address(edge)
     found = load_deployment(deployment) if deployment is not None else None
@@ -283,6 +303,18 @@ def infer(
         else:
             targets = [(e.endpoint, e) for e in await _candidates(the_deployment, edge)]
         with DeviceJournal.open(journal) as book:
+            if plan and the_model.package is not None:
+                from secure_ci.cli._fleet import infer_planned
+                from secure_ci.device import DEFAULT_DOMAIN
+
+                return await infer_planned(
+                    [r if r is not None else name for name, r in targets],
+                    package=the_model.package, policy=the_policy,
+                    collateral=the_collateral, identity=device, samples=samples,
+                    domain=the_deployment.domain if the_deployment else DEFAULT_DOMAIN,
+                    journal=book, deadline_ms=deadline_ms, connect_timeout=timeout,
+                    clock=clock,
+                )  # fmt: skip
             return await _infer(
                 targets, the_policy, the_collateral, device, the_model, samples,
                 the_deployment, book, timeout, clock,

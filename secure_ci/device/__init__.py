@@ -28,6 +28,7 @@ from secure_ci.device._fleet import Attempt, Device, TaskOutcome, open_device
 from secure_ci.device._identity import DeviceIdentity
 from secure_ci.device._redundant import RedundantResult, infer_redundant, outputs_agree
 from secure_ci.device._session import DEFAULT_DOMAIN, Input, Output, Session, parse_edge_address
+from secure_ci.device._sync import SyncDevice, open_device_sync
 from secure_ci.device._tasks import EnclaveBinding, TaskReceipt, sign_request, verify_result
 
 __all__ = [
@@ -42,10 +43,12 @@ __all__ = [
     "Output",
     "RedundantResult",
     "Session",
+    "SyncDevice",
     "TaskOutcome",
     "TaskReceipt",
     "infer_redundant",
     "open_device",
+    "open_device_sync",
     "open_session",
     "outputs_agree",
     "parse_edge_address",

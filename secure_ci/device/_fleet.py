@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -35,16 +36,18 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager
 
 import torch
 
 from secure_ci.attestation import Collateral, Policy
 from secure_ci.device._breaker import Breaker
 from secure_ci.device._connect import open_session
+from secure_ci.device._edges import EdgeLink
 from secure_ci.device._identity import DeviceIdentity
 from secure_ci.device._journal import DeviceJournal
 from secure_ci.device._local import LocalModel
+from secure_ci.device._outcome import Attempt, TaskOutcome
 from secure_ci.device._session import DEFAULT_DOMAIN, Input, Output, Session
 from secure_ci.device._tasks import TaskReceipt
 from secure_ci.exceptions import (
@@ -62,7 +65,6 @@ from secure_ci.partition._codec import decode_features, encode_features
 from secure_ci.plan import (
     Configuration,
     Decision,
-    EdgeEstimator,
     Planner,
     SpeedEstimator,
 )
@@ -76,54 +78,6 @@ HISTORY = 4096
 """Outcomes a device keeps in memory (the journal keeps all of them)."""
 
 
-@dataclass(frozen=True)
-class Attempt:
-    """One try of a task at one edge: ``ok``, ``timeout``, ``failed`` (the session broke),
-    ``refused`` (an error frame) or ``unverified`` (the result did not verify)."""
-
-    edge: str
-    outcome: str
-    ms: float
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class TaskOutcome:
-    """How one task ended: where it ran, every attempt, its output and its receipt."""
-
-    key: int | None
-    output: Output
-    mode: str
-    """``device`` (planned device-only), ``edge``, ``split``, or ``local-tail`` (every edge
-    failed: the tail ran here on the features the head had already computed)."""
-    configuration: Configuration
-    edge: str | None
-    attempts: tuple[Attempt, ...]
-    latency_ms: float
-    receipt: TaskReceipt | None
-    decision: Decision = field(repr=False)
-
-    @property
-    def failovers(self) -> int:
-        return sum(a.outcome != "ok" for a in self.attempts)
-
-
-class _Edge:
-    """One edge: its session (kept by a background task), estimates and breaker."""
-
-    def __init__(self, name: str, registration: RegisteredEdge | None, breaker: Breaker) -> None:
-        self.name = name
-        self.registration = registration
-        self.estimator = EdgeEstimator()
-        self.breaker = breaker
-        self.session: Session | None = None
-        self.ready = asyncio.Event()
-
-    def usable(self, now: float) -> bool:
-        s = self.session
-        return s is not None and not s.failed and self.breaker.allows(now)
-
-
 class Device:
     """A device over a fleet of edges (make it with :func:`open_device`)."""
 
@@ -131,7 +85,7 @@ class Device:
         self,
         local: LocalModel,
         planner: Planner,
-        edges: Mapping[str, _Edge],
+        edges: Mapping[str, EdgeLink],
         *,
         journal: DeviceJournal | None,
         deadline_ms: float,
@@ -206,23 +160,27 @@ class Device:
     async def run(self, x: Input, *, deadline_ms: float | None = None) -> TaskOutcome:
         """Like :meth:`infer`, with the whole outcome (mode, attempts, receipt, decision)."""
         inputs = x if isinstance(x, tuple) else (x,)
-        key = None
+        key, salt = None, self._random(32)
         if self.journal is not None:
             blob = encode_features(inputs, "float32")
-            key = await asyncio.to_thread(self.journal.begin, blob, self._clock())
-        return await self._run(key, inputs, deadline_ms)
+            key = await asyncio.to_thread(self.journal.begin, blob, salt, self._clock())
+        return await self._run(key, inputs, salt, deadline_ms)
 
     async def resume(self) -> list[TaskOutcome]:
         """Finish every task the journal shows begun but not finished (after a crash)."""
         if self.journal is None:
             return []
         done = []
-        for key, blob in await asyncio.to_thread(self.journal.unfinished):
-            done.append(await self._run(key, decode_features(blob), None))
+        for key, blob, salt in await asyncio.to_thread(self.journal.unfinished):
+            done.append(await self._run(key, decode_features(blob), salt, None))
         return done
 
     async def _run(
-        self, key: int | None, inputs: tuple[torch.Tensor, ...], deadline_ms: float | None
+        self,
+        key: int | None,
+        inputs: tuple[torch.Tensor, ...],
+        salt: bytes,
+        deadline_ms: float | None,
     ) -> TaskOutcome:
         start = self._monotonic()
         decision = self._decide(deadline_ms)
@@ -238,7 +196,6 @@ class Device:
         profiled = self._costs.head_ms[self._costs.position(cut)]
         if profiled > 0:
             self.speed.update(head_ms, profiled, self._monotonic())
-        salt = self._random(32)
         attempts: list[Attempt] = []
         edge: str | None = config.edge
         while edge is not None:
@@ -332,7 +289,7 @@ class Device:
                     return min(self._cap, max(self._floor, (2 * ms + 4 * std) / 1e3))
         return self._cap
 
-    def _failed(self, edge: _Edge, sent: float, outcome: str, detail: str) -> Attempt:
+    def _failed(self, edge: EdgeLink, sent: float, outcome: str, detail: str) -> Attempt:
         now = self._monotonic()
         edge.breaker.failure(now)
         self.stats["failovers"] += 1
@@ -341,7 +298,7 @@ class Device:
 
     def _abandon(
         self,
-        edge: _Edge,
+        edge: EdgeLink,
         session: Session,
         future: asyncio.Future[tuple[InferResult, TaskReceipt]] | None,
     ) -> None:
@@ -425,6 +382,7 @@ async def open_device(
     deadline_ms: float = math.inf,
     margin: float = 0.1,
     patience: int = 3,
+    jump: float = 0.5,
     slowdown: float = 1.0,
     attempt_floor: float = 0.25,
     attempt_cap: float = 10.0,
@@ -439,7 +397,9 @@ async def open_device(
 
     The planner chooses among the package's batchable ``cuts`` (or those given), ``codecs``,
     edge-only (the edge must serve the whole model, as edges do for packages) and
-    device-only, under ``accuracy_budget`` points and ``deadline_ms``. ``slowdown`` emulates
+    device-only, under ``accuracy_budget`` points and ``deadline_ms``, with the planner's
+    hysteresis (``margin``, ``patience``, ``jump``: see :class:`~secure_ci.plan.Planner`).
+    ``slowdown`` emulates
     a slower device (its head and local runs take that many times longer). An attempt waits
     for its result twice the predicted time plus four deviations, within
     [``attempt_floor``, ``attempt_cap``] seconds. Sessions connect in the background and
@@ -447,13 +407,14 @@ async def open_device(
     """
     local = await asyncio.to_thread(LocalModel, package, cuts=cuts)
     costs = await asyncio.to_thread(local.costs, codecs, edge_only=edge_only)
-    links: dict[str, _Edge] = {}
+    links: dict[str, EdgeLink] = {}
     for e in edges:
         name = e if isinstance(e, str) else e.endpoint
-        links[name] = _Edge(name, None if isinstance(e, str) else e, breaker())
+        links[name] = EdgeLink(name, None if isinstance(e, str) else e, breaker())
     planner = Planner(
-        costs, list(links), accuracy_budget=accuracy_budget, margin=margin, patience=patience
-    )
+        costs, list(links), accuracy_budget=accuracy_budget, margin=margin,
+        patience=patience, jump=jump,
+    )  # fmt: skip
     device = Device(
         local, planner, links, journal=journal, deadline_ms=deadline_ms, slowdown=slowdown,
         attempt_floor=attempt_floor, attempt_cap=attempt_cap, clock=clock,
@@ -463,42 +424,20 @@ async def open_device(
     plan = PartitionPlan(package.model_id_hex, local.cuts[0], codecs[0])
     closing = asyncio.Event()
 
-    async def keep(index: int, edge: _Edge) -> None:
-        """Hold a session to ``edge``: connect, wait for it to fail, back off, reconnect."""
-        while not closing.is_set():
-            try:
-                async with open_session(
-                    edge.name, policy=policy, collateral=collateral, identity=identity,
-                    model=local.head(plan.cut), plan=plan, ledger_domain=domain,
-                    timeout=connect_timeout, clock=clock, monotonic=monotonic,
-                    random_bytes=random_bytes, registration=edge.registration,
-                    first_seq=int(clock() * 1e6) + (index << 40),
-                ) as session:  # fmt: skip
-                    edge.session = session
-                    edge.breaker.success(monotonic())
-                    edge.ready.set()
-                    log.info("session with edge %s is up", edge.name)
-                    failed = asyncio.ensure_future(session.wait_failed())
-                    stop = asyncio.ensure_future(closing.wait())
-                    await asyncio.wait({failed, stop}, return_when=asyncio.FIRST_COMPLETED)
-                    for waiter in (failed, stop):
-                        waiter.cancel()
-                    if failed.done() and not failed.cancelled():
-                        log.warning("session with edge %s failed: %s", edge.name, failed.result())
-                        edge.breaker.failure(monotonic())
-            except (SecureCIError, OSError) as exc:
-                log.warning("cannot connect to edge %s: %s", edge.name, exc)
-                edge.breaker.failure(monotonic())
-            finally:
-                edge.session = None
-            edge.ready.set()  # tried at least once
-            delay = max(0.05, edge.breaker.retry_at - monotonic())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await closing.wait()
+    def connect(index: int, edge: EdgeLink) -> AbstractAsyncContextManager[Session]:
+        return open_session(
+            edge.name, policy=policy, collateral=collateral, identity=identity,
+            model=local.head(plan.cut), plan=plan, ledger_domain=domain,
+            timeout=connect_timeout, clock=clock, monotonic=monotonic,
+            random_bytes=random_bytes, registration=edge.registration,
+            first_seq=int(clock() * 1e6) + (index << 40),
+        )  # fmt: skip
 
     # Not a TaskGroup: an error in the caller's block must reach it as itself, not wrapped.
-    keepers = [asyncio.create_task(keep(i, e)) for i, e in enumerate(links.values())]
+    keepers = [
+        asyncio.create_task(e.keep(functools.partial(connect, i, e), closing, monotonic))
+        for i, e in enumerate(links.values())
+    ]
     try:
         yield device
     finally:

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     state TEXT NOT NULL DEFAULT 'answered', receipt BLOB, challenge_id INTEGER,
     PRIMARY KEY (device, task_id, edge));
 CREATE TABLE IF NOT EXISTS pending (
-    task_key INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, inputs BLOB NOT NULL);
+    task_key INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, inputs BLOB NOT NULL,
+    salt BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outcomes (
     task_key INTEGER PRIMARY KEY, finished REAL NOT NULL, mode TEXT NOT NULL, edge TEXT,
     task_id BLOB, attempts TEXT NOT NULL);
@@ -110,12 +111,14 @@ class DeviceJournal:
         """Durably keep a verified task (returns after fsync); recording twice is a no-op."""
         self._execute(_INSERT, *_row(receipt, "answered"))
 
-    def begin(self, inputs: bytes, now: float) -> int:
-        """Write a task's inputs ahead of its work (returns after fsync); its key."""
+    def begin(self, inputs: bytes, salt: bytes, now: float) -> int:
+        """Write a task's inputs and input salt ahead of its work (returns after fsync); its
+        key. The salt makes a resumed task the same task (the same task id) at every edge."""
         try:
             with self._lock:
                 cursor = self._conn.execute(
-                    "INSERT INTO pending (created, inputs) VALUES (?, ?)", (now, inputs)
+                    "INSERT INTO pending (created, inputs, salt) VALUES (?, ?, ?)",
+                    (now, inputs, salt),
                 )
         except sqlite3.Error as exc:
             raise JournalError(f"device journal failed: {exc}") from exc
@@ -154,10 +157,11 @@ class DeviceJournal:
         """A verified result that arrived after its task was accepted elsewhere."""
         self._execute(_INSERT, *_row(receipt, "superseded"))
 
-    def unfinished(self) -> list[tuple[int, bytes]]:
-        """Tasks begun and never finished (the device stopped): (key, inputs), oldest first."""
-        rows = self._execute("SELECT task_key, inputs FROM pending ORDER BY task_key")
-        return [(int(k), bytes(v)) for k, v in rows]
+    def unfinished(self) -> list[tuple[int, bytes, bytes]]:
+        """Tasks begun and never finished (the device stopped): (key, inputs, salt), oldest
+        first."""
+        rows = self._execute("SELECT task_key, inputs, salt FROM pending ORDER BY task_key")
+        return [(int(k), bytes(v), bytes(s)) for k, v, s in rows]
 
     def outcome(self, key: int) -> tuple[str, str | None, str] | None:
         """A finished task's (mode, edge, attempts as JSON), or None."""

@@ -1,0 +1,71 @@
+"""One edge as a fleet device sees it: its session, kept up in the background, its live
+estimates and its circuit breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from secure_ci.device._breaker import Breaker
+from secure_ci.device._session import Session
+from secure_ci.exceptions import SecureCIError
+from secure_ci.ledger._registry import RegisteredEdge
+from secure_ci.plan import EdgeEstimator
+
+__all__ = ["EdgeLink"]
+
+log = logging.getLogger("secure_ci.device._fleet")
+
+
+class EdgeLink:
+    """One edge: its session (kept by :meth:`keep`), estimates and breaker."""
+
+    def __init__(self, name: str, registration: RegisteredEdge | None, breaker: Breaker) -> None:
+        self.name = name
+        self.registration = registration
+        self.estimator = EdgeEstimator()
+        self.breaker = breaker
+        self.session: Session | None = None
+        self.ready = asyncio.Event()
+        """Set once the first connection attempt ended (up or failed)."""
+
+    def usable(self, now: float) -> bool:
+        s = self.session
+        return s is not None and not s.failed and self.breaker.allows(now)
+
+    async def keep(
+        self,
+        connect: Callable[[], AbstractAsyncContextManager[Session]],
+        closing: asyncio.Event,
+        monotonic: Callable[[], float],
+    ) -> None:
+        """Hold a session: connect, wait for it to fail, back off (the breaker), reconnect;
+        until ``closing`` is set."""
+        while not closing.is_set():
+            try:
+                async with connect() as session:
+                    self.session = session
+                    self.breaker.success(monotonic())
+                    self.ready.set()
+                    log.info("session with edge %s is up", self.name)
+                    failed = asyncio.ensure_future(session.wait_failed())
+                    stop = asyncio.ensure_future(closing.wait())
+                    await asyncio.wait({failed, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    for waiter in (failed, stop):
+                        waiter.cancel()
+                    if failed.done() and not failed.cancelled():
+                        log.warning("session with edge %s failed: %s", self.name, failed.result())
+                        self.breaker.failure(monotonic())
+            except (SecureCIError, OSError) as exc:
+                log.warning("cannot connect to edge %s: %s", self.name, exc)
+                self.breaker.failure(monotonic())
+            finally:
+                self.session = None
+            self.ready.set()
+            delay = max(0.05, self.breaker.retry_at - monotonic())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await closing.wait()
