@@ -76,14 +76,14 @@ class Size:
 
 
 SIZES = {
-    "smoke": Size(("digits_cnn",), (2.0, 50.0), (5.0,), (10.0,), 1, 3, 1, 3, 3, 2, 3),
+    "smoke": Size(("digits_cnn",), (2.0, 50.0), (5.0,), (10.0,), 2, 3, 1, 3, 3, 2, 3),
     "quick": Size(
         ("digits_cnn", "resnet18"), (0.5, 5.0, 50.0), (2.0, 20.0, 100.0), (1.0, 10.0),
-        3, 8, 3, 7, 20, 4, 10,
+        4, 8, 3, 7, 20, 4, 10,
     ),
     "full": Size(
         ("digits_cnn", "resnet18", "transformer_encoder"), (0.5, 2.0, 10.0, 100.0),
-        (2.0, 20.0, 100.0), (1.0, 3.0, 10.0), 3, 12, 3, 9, 30, 6, 12,
+        (2.0, 20.0, 100.0), (1.0, 3.0, 10.0), 4, 12, 3, 9, 30, 6, 12,
     ),
 }  # fmt: skip
 
@@ -164,15 +164,33 @@ class PlannerRun:
         return decision.index, decision.switched, m
 
 
-async def _oracle(rig: ModelRig, device: Device, reps: int) -> list[float]:
-    """Median measured latency of every configuration of the planner's space, in its order."""
+@dataclass(frozen=True)
+class Oracle:
+    """Every configuration's median measured latency (``table``), and the oracle's own noise:
+    the regret of the best of the even repetitions judged by the odd ones."""
+
+    table: list[float]
+    noise_regret: float
+
+    @property
+    def best(self) -> int:
+        return int(np.argmin(self.table))
+
+
+async def _oracle(rig: ModelRig, device: Device, reps: int) -> Oracle:
+    """Measure every configuration of the planner's space ``reps`` times (interleaved)."""
     space = Planner(rig.costs, [EDGE]).space
     samples: list[list[float]] = [[] for _ in space.configurations]
     for rep in range(reps):
         for i, configuration in enumerate(space.configurations):
             x = rig.inputs[(rep * 7 + i) % len(rig.inputs)]
             samples[i].append((await device.run(rig, configuration, x)).latency_ms)
-    return [statistics.median(s) for s in samples]
+    table = [statistics.median(s) for s in samples]
+    if reps < 2:
+        return Oracle(table, math.nan)
+    even = [statistics.median(s[0::2]) for s in samples]
+    odd = [statistics.median(s[1::2]) for s in samples]
+    return Oracle(table, odd[int(np.argmin(even))] / min(odd) - 1.0)
 
 
 def _rtt_only_choice(rig: ModelRig, rtt_ms: float) -> int:
@@ -194,8 +212,8 @@ async def _grid(rig: ModelRig, device: Device, shaper: LinkShaper, size: Size) -
         device.slowdown = slowdown
         print(f"plan: {rig.name} cell {k + 1}/{len(grid)}: {mbps:g} Mbit/s, {rtt:g} ms, "
               f"{slowdown:g}x", file=sys.stderr, flush=True)  # fmt: skip
-        table = await _oracle(rig, device, size.reps)
-        best = int(np.argmin(table))
+        oracle = await _oracle(rig, device, size.reps)
+        table, best = oracle.table, oracle.best
         run = PlannerRun(rig, device, size.probe_s)
         await run.probe(force=True)
         chosen, latencies = [], []
@@ -219,6 +237,7 @@ async def _grid(rig: ModelRig, device: Device, shaper: LinkShaper, size: Size) -
             "regret": planner_ms / table[best] - 1.0,
             "realised_regret": statistics.median(latencies) / table[best] - 1.0,
             "same_choice": final == best,
+            "oracle_noise_regret": oracle.noise_regret,
             "switches": run.planner.switches,
             "fixed": labels[fixed], "fixed_regret": table[fixed] / table[best] - 1.0,
             "rtt_only": labels[rtt_only], "rtt_only_regret": table[rtt_only] / table[best] - 1.0,
@@ -251,6 +270,9 @@ def _summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
         "within_5pct_share": statistics.fmean(float(c["regret"] <= 0.05) for c in cells),
         "fixed_regret": stats("fixed_regret"),
         "rtt_only_regret": stats("rtt_only_regret"),
+        "oracle_noise_regret": stats("oracle_noise_regret")
+        if all(math.isfinite(c["oracle_noise_regret"]) for c in cells)
+        else None,
     }
 
 
@@ -262,7 +284,7 @@ async def _step(rig: ModelRig, device: Device, shaper: LinkShaper, size: Size) -
     tables: dict[float, list[float]] = {}
     for mbps in rates:
         _shape(shaper, mbps, rtt)
-        tables[mbps] = await _oracle(rig, device, size.reps)
+        tables[mbps] = (await _oracle(rig, device, size.reps)).table
     best = {m: int(np.argmin(t)) for m, t in tables.items()}
     _shape(shaper, rates[0], rtt)
     run = PlannerRun(rig, device, size.probe_s)
@@ -381,11 +403,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = [c for m in result["models"].values() for c in m["cells"]]
-    fig, (cdf, heat) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=100)
-    for key, label in (("regret", "planner"), ("fixed_regret", "fixed once"),
-                       ("rtt_only_regret", "RTT-only, 60 s")):  # fmt: skip
-        values = sorted(max(c[key], 1e-4) for c in cells)
-        cdf.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=label)
+    models = list(result["models"].items())
+    fig, axes = plt.subplots(
+        1, 1 + len(models), figsize=(6.5 * (1 + len(models)), 5.5), dpi=100, squeeze=False
+    )
+    cdf = axes[0][0]
+    for key, label, style in (
+        ("regret", "planner", "-"),
+        ("fixed_regret", "fixed once", "--"),
+        ("rtt_only_regret", "RTT-only, 60 s", ":"),
+        ("oracle_noise_regret", "oracle vs itself (noise)", "-."),
+    ):
+        values = sorted(max(c[key], 1e-4) for c in cells if math.isfinite(c[key]))
+        if values:
+            cdf.step(
+                values,
+                np.arange(1, len(values) + 1) / len(values),
+                where="post",
+                label=label,
+                ls=style,
+                lw=2 if label == "planner" else 1.5,
+            )
     cdf.axvline(0.05, color="grey", ls=":", lw=1)
     cdf.axvline(0.10, color="grey", ls="--", lw=1)
     cdf.set_xscale("log")
@@ -393,25 +431,34 @@ def plot(result: dict[str, Any], path: Path) -> None:
     cdf.set_ylabel("fraction of cells")
     cdf.set_title("regret CDF over all cells")
     cdf.legend(loc="lower right")
-    name, first = next(iter(result["models"].items()))
-    rows = sorted({c["uplink_mbps"] for c in first["cells"]})
-    cols = sorted({(c["slowdown"], c["rtt_ms"]) for c in first["cells"]})
+    for heat, (name, model) in zip(axes[0][1:], models, strict=True):
+        _heat(heat, fig, name, model["cells"])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _heat(heat: Any, fig: Any, name: str, cells: list[dict[str, Any]]) -> None:
+    rows = sorted({c["uplink_mbps"] for c in cells})
+    cols = sorted({(c["slowdown"], c["rtt_ms"]) for c in cells})
     grid = np.full((len(rows), len(cols)), np.nan)
-    for c in first["cells"]:
+    for c in cells:
         grid[rows.index(c["uplink_mbps"]), cols.index((c["slowdown"], c["rtt_ms"]))] = c["regret"]
     image = heat.imshow(grid, cmap="viridis_r", vmin=0, vmax=0.2, aspect="auto", origin="lower")
-    for c in first["cells"]:
+    for c in cells:
         mark = "D" if c["oracle"] == "device-only" else ("E" if "edge-only" in c["oracle"] else "S")
-        heat.text(cols.index((c["slowdown"], c["rtt_ms"])), rows.index(c["uplink_mbps"]),
-                  f"{mark}{'' if c['same_choice'] else '*'}\n{c['regret']:.0%}", ha="center",
-                  va="center", color="white" if c["regret"] > 0.1 else "black",
-                  fontsize=8)  # fmt: skip
+        heat.text(
+            cols.index((c["slowdown"], c["rtt_ms"])),
+            rows.index(c["uplink_mbps"]),
+            f"{mark}{'' if c['same_choice'] else '*'}\n{c['regret']:.0%}",
+            ha="center",
+            va="center",
+            color="white" if c["regret"] > 0.1 else "black",
+            fontsize=8,
+        )
     heat.set_xticks(range(len(cols)), [f"{s:g}x\n{r:g}ms" for s, r in cols], fontsize=7)
     heat.set_yticks(range(len(rows)), [f"{u:g}" for u in rows])
     heat.set_xlabel("device slowdown / RTT")
     heat.set_ylabel("uplink Mbit/s")
-    heat.set_title(f"{name}: planner regret (oracle: D/E/S; * = other choice)")
+    heat.set_title(f"{name}: regret (oracle D/E/S; * other choice)")
     fig.colorbar(image, ax=heat, label="regret")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

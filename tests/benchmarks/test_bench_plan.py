@@ -24,7 +24,7 @@ def _finite(value: Any) -> bool:
 
 
 def _check_cell(cell: dict[str, Any]) -> None:
-    for key in ("regret", "fixed_regret", "rtt_only_regret"):
+    for key in ("regret", "fixed_regret", "rtt_only_regret", "oracle_noise_regret"):
         assert _finite(cell[key])
         assert cell[key] >= -1e-9  # measured against the oracle's own table: never below it
     assert _finite(cell["realised_regret"])
@@ -58,6 +58,7 @@ def test_bench_plan_smoke(tmp_path: Path) -> None:
     assert summary["cells"] == cells_expected
     assert 0 <= summary["oracle_share"] <= 1
     assert summary["regret"]["p50"] <= summary["regret"]["p95"] <= summary["regret"]["max"]
+    assert summary["oracle_noise_regret"]["p50"] >= 0
     cpu = summary["decision_cpu_ms"]
     assert cpu["decisions"] >= cells_expected * (grid["tasks"] + grid["warmup"])
     assert 0 < cpu["p50"] <= cpu["p99"]
