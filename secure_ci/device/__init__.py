@@ -24,8 +24,10 @@ from __future__ import annotations
 
 from secure_ci.device._breaker import Breaker, BreakerState
 from secure_ci.device._connect import open_session
-from secure_ci.device._fleet import Attempt, Device, TaskOutcome, open_device
+from secure_ci.device._fleet import Device
 from secure_ci.device._identity import DeviceIdentity
+from secure_ci.device._open import open_device
+from secure_ci.device._outcome import Attempt, TaskOutcome
 from secure_ci.device._redundant import RedundantResult, infer_redundant, outputs_agree
 from secure_ci.device._session import DEFAULT_DOMAIN, Input, Output, Session, parse_edge_address
 from secure_ci.device._sync import SyncDevice, open_device_sync

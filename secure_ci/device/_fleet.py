@@ -28,27 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import math
-import os
-import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from secure_ci.attestation import Collateral, Policy
-from secure_ci.device._breaker import Breaker
-from secure_ci.device._connect import open_session
 from secure_ci.device._edges import EdgeLink
-from secure_ci.device._identity import DeviceIdentity
 from secure_ci.device._journal import DeviceJournal
 from secure_ci.device._local import LocalModel
 from secure_ci.device._outcome import Attempt, TaskOutcome
-from secure_ci.device._session import DEFAULT_DOMAIN, Input, Output, Session
+from secure_ci.device._session import Input, Output, Session
 from secure_ci.device._tasks import TaskReceipt
 from secure_ci.exceptions import (
     ChannelError,
@@ -57,10 +49,6 @@ from secure_ci.exceptions import (
     RemoteProtocolError,
     SecureCIError,
 )
-from secure_ci.ledger._records import LedgerDomain
-from secure_ci.ledger._registry import RegisteredEdge
-from secure_ci.package import ModelPackage
-from secure_ci.partition import PartitionPlan
 from secure_ci.partition._codec import decode_features, encode_features
 from secure_ci.plan import (
     Configuration,
@@ -70,7 +58,7 @@ from secure_ci.plan import (
 )
 from secure_ci.protocol import InferResult
 
-__all__ = ["Attempt", "Device", "TaskOutcome", "open_device"]
+__all__ = ["Device"]
 
 log = logging.getLogger(__name__)
 
@@ -187,15 +175,14 @@ class Device:
         config = decision.configuration
         self.stats["tasks"] += 1
         self.stats["plan_switches"] += decision.switched and self.stats["tasks"] > 1
-        if config.mode == "device":
-            output = await self._locally(self.local.run, inputs, self._costs.device_full_ms)
-            return await self._finish(key, output, "device", config, (), start, None, decision)
-        cut, codec = config.cut, config.codec or ""
-        payload, head_ms = await asyncio.to_thread(self.local.encode, inputs, cut, codec)
-        head_ms = await self._slow(head_ms)
-        profiled = self._costs.head_ms[self._costs.position(cut)]
-        if profiled > 0:
-            self.speed.update(head_ms, profiled, self._monotonic())
+        policy = None if config.exit is None else config.exit.policy
+        first = await asyncio.to_thread(self.local.start, inputs, config.cut, config.codec, policy)
+        self._observe_speed(config, first.exited, await self._slow(first.ms))
+        if first.output is not None:  # exited early, or the whole model ran here
+            output = first.output[0] if len(first.output) == 1 else first.output
+            mode = "exit" if first.exited else "device"
+            return await self._finish(key, output, mode, config, (), start, None, decision)
+        cut, codec, payload = config.cut, config.codec or "", first.payload or b""
         attempts: list[Attempt] = []
         edge: str | None = config.edge
         while edge is not None:
@@ -214,6 +201,21 @@ class Device:
         return await self._finish(
             key, output, "local-tail", config, attempts, start, None, decision
         )
+
+    def _observe_speed(self, config: Configuration, exited: bool, ms: float) -> None:
+        """This device's measured time against what the package's profile predicts."""
+        costs, ex = self._costs, config.exit
+        if config.mode == "device":
+            profiled = costs.device_full_ms
+        elif config.mode == "edge":
+            profiled = 0.0  # nothing but encoding ran here
+        else:
+            profiled = costs.head_ms[costs.position(config.cut)]
+        if ex is not None:
+            exit_head = costs.head_ms[costs.position(ex.policy.cut)] + ex.head_ms
+            profiled = exit_head if exited else profiled + ex.head_ms
+        if profiled > 0:
+            self.speed.update(ms, profiled, self._monotonic())
 
     def _decide(self, deadline_ms: float | None) -> Decision:
         now = self._monotonic()
@@ -363,87 +365,3 @@ class Device:
         self.stats[mode] += 1
         self.history.append(outcome)
         return outcome
-
-
-@contextlib.asynccontextmanager
-async def open_device(
-    edges: Sequence[str | RegisteredEdge],
-    *,
-    package: ModelPackage,
-    identity: DeviceIdentity,
-    policy: Policy,
-    collateral: Collateral,
-    journal: DeviceJournal | None = None,
-    domain: LedgerDomain = DEFAULT_DOMAIN,
-    cuts: Sequence[int] | None = None,
-    codecs: Sequence[str] = ("float32", "float16", "int8"),
-    edge_only: bool = True,
-    accuracy_budget: float = 1.0,
-    deadline_ms: float = math.inf,
-    margin: float = 0.1,
-    patience: int = 3,
-    jump: float = 0.5,
-    slowdown: float = 1.0,
-    attempt_floor: float = 0.25,
-    attempt_cap: float = 10.0,
-    connect_timeout: float = 30.0,
-    breaker: Callable[[], Breaker] = Breaker,
-    clock: Callable[[], float] = time.time,
-    monotonic: Callable[[], float] = time.monotonic,
-    random_bytes: Callable[[int], bytes] = os.urandom,
-) -> AsyncIterator[Device]:
-    """A :class:`Device` over ``edges`` (``HOST:PORT``, or registry entries from the ledger,
-    which sessions then check), running ``package``'s model.
-
-    The planner chooses among the package's batchable ``cuts`` (or those given), ``codecs``,
-    edge-only (the edge must serve the whole model, as edges do for packages) and
-    device-only, under ``accuracy_budget`` points and ``deadline_ms``, with the planner's
-    hysteresis (``margin``, ``patience``, ``jump``: see :class:`~secure_ci.plan.Planner`).
-    ``slowdown`` emulates
-    a slower device (its head and local runs take that many times longer). An attempt waits
-    for its result twice the predicted time plus four deviations, within
-    [``attempt_floor``, ``attempt_cap``] seconds. Sessions connect in the background and
-    reconnect when their breaker lets them; until one is up, tasks run on the device.
-    """
-    local = await asyncio.to_thread(LocalModel, package, cuts=cuts)
-    costs = await asyncio.to_thread(local.costs, codecs, edge_only=edge_only)
-    links: dict[str, EdgeLink] = {}
-    for e in edges:
-        name = e if isinstance(e, str) else e.endpoint
-        links[name] = EdgeLink(name, None if isinstance(e, str) else e, breaker())
-    planner = Planner(
-        costs, list(links), accuracy_budget=accuracy_budget, margin=margin,
-        patience=patience, jump=jump,
-    )  # fmt: skip
-    device = Device(
-        local, planner, links, journal=journal, deadline_ms=deadline_ms, slowdown=slowdown,
-        attempt_floor=attempt_floor, attempt_cap=attempt_cap, clock=clock,
-        monotonic=monotonic, random_bytes=random_bytes,
-    )  # fmt: skip
-    await device.calibrate()
-    plan = PartitionPlan(package.model_id_hex, local.cuts[0], codecs[0])
-    closing = asyncio.Event()
-
-    def connect(index: int, edge: EdgeLink) -> AbstractAsyncContextManager[Session]:
-        return open_session(
-            edge.name, policy=policy, collateral=collateral, identity=identity,
-            model=local.head(plan.cut), plan=plan, ledger_domain=domain,
-            timeout=connect_timeout, clock=clock, monotonic=monotonic,
-            random_bytes=random_bytes, registration=edge.registration,
-            first_seq=int(clock() * 1e6) + (index << 40),
-        )  # fmt: skip
-
-    # Not a TaskGroup: an error in the caller's block must reach it as itself, not wrapped.
-    keepers = [
-        asyncio.create_task(e.keep(functools.partial(connect, i, e), closing, monotonic))
-        for i, e in enumerate(links.values())
-    ]
-    try:
-        yield device
-    finally:
-        closing.set()
-        if keepers:
-            await asyncio.wait(keepers, timeout=connect_timeout)
-        for k in keepers:
-            k.cancel()
-        await asyncio.gather(*keepers, return_exceptions=True)

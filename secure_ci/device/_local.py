@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,10 +20,11 @@ from torch import nn
 
 from secure_ci.exceptions import ConfigError, PartitionError
 from secure_ci.package import ModelPackage
+from secure_ci.partition import ExitPolicy, should_exit
 from secure_ci.partition._codec import decode_features, encode_features
 from secure_ci.plan import EDGE_ONLY_CUT, ModelCosts
 
-__all__ = ["LocalModel"]
+__all__ = ["LocalModel", "Start"]
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -30,7 +32,9 @@ Tensors = tuple[torch.Tensor, ...]
 class LocalModel:
     """Heads, tails and costs of one package's model (split lazily, cached)."""
 
-    def __init__(self, package: ModelPackage, *, cuts: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, package: ModelPackage, *, cuts: Sequence[int] | None = None, exits: bool = True
+    ) -> None:
         self.package = package
         self.model_id = package.model_id
         self._partitioner = package.partitioner()
@@ -40,8 +44,11 @@ class LocalModel:
         if unknown or not chosen:
             raise ConfigError(f"cuts {unknown or list(chosen)} are not cuts of the package")
         self.cuts = chosen
+        self.exits = tuple(e for e in package.exits if e.policy.cut in chosen) if exits else ()
+        """The package's calibrated exit policies at the planned cuts."""
         self._heads: dict[int, nn.Module] = {}
         self._tails: dict[int, nn.Module] = {}
+        self._exit_heads: dict[int, nn.Module] = {}
 
     @property
     def full(self) -> nn.Module:
@@ -70,6 +77,38 @@ class LocalModel:
         head_ms = (time.perf_counter() - start) * 1e3
         tensors = boundary if isinstance(boundary, tuple) else (boundary,)
         return encode_features(tensors, codec), head_ms
+
+    def start(
+        self, inputs: Tensors, cut: int, codec: str | None, policy: ExitPolicy | None
+    ) -> Start:
+        """A task's device side under one configuration: with an exit ``policy``, the head
+        at its cut and the exit head first (a confident exit is the task's output); then,
+        for device-only (``codec`` None), the rest of the model, else the encoded boundary
+        at ``cut``. Times in milliseconds, for the speed estimate."""
+        started = time.perf_counter()
+        boundary: Tensors | None = None
+        if policy is not None:
+            with torch.inference_mode():
+                boundary = _tuple(self.head(policy.cut)(*inputs))
+                logits = self._exit_head(policy.cut)(*boundary)
+            if bool(should_exit(logits, policy).all()):
+                return Start((logits,), None, _ms(started), exited=True)
+        if codec is None:
+            # the whole model, or its rest from the exit's boundary
+            rest = self.full if boundary is None or policy is None else self.tail(policy.cut)
+            with torch.inference_mode():
+                out = rest(*(inputs if boundary is None else boundary))
+            return Start(_tuple(out), None, _ms(started))
+        if boundary is None or policy is None or policy.cut != cut:
+            payload, _ = self.encode(inputs, cut, codec)
+        else:
+            payload = encode_features(boundary, codec)
+        return Start(None, payload, _ms(started))
+
+    def _exit_head(self, cut: int) -> nn.Module:
+        if cut not in self._exit_heads:
+            self._exit_heads[cut] = self.package.exit_head(cut)
+        return self._exit_heads[cut]
 
     def finish(self, cut: int, payload: bytes) -> Tensors:
         """The tail at ``cut``, run here on features this device encoded."""
@@ -104,7 +143,27 @@ class LocalModel:
             codecs=tuple(codecs),
             accuracy_drop={key: row.accuracy_drop_pt for key, row in rows.items()},
             nbytes={key: row.nbytes for key, row in rows.items()},
+            exits=self.exits,
         )
+
+
+@dataclass(frozen=True)
+class Start:
+    """What the device side of a task produced: the output (``exited`` early, or the whole
+    model ran here), or the payload for an edge; and its milliseconds."""
+
+    output: Tensors | None
+    payload: bytes | None
+    ms: float
+    exited: bool = False
+
+
+def _tuple(value: Any) -> Tensors:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1e3
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -29,7 +29,8 @@ class TaskOutcome:
     key: int | None
     output: Output
     mode: str
-    """``device`` (planned device-only), ``edge``, ``split``, or ``local-tail`` (every edge
+    """``device`` (planned device-only), ``exit`` (the exit head was confident: the task
+    ended on the device), ``edge``, ``split``, or ``local-tail`` (every edge
     failed: the tail ran here on the features the head had already computed)."""
     configuration: Configuration
     edge: str | None

@@ -20,7 +20,8 @@ from collections.abc import Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from secure_ci.device._fleet import Device, open_device
+from secure_ci.device._fleet import Device
+from secure_ci.device._open import open_device
 from secure_ci.device._outcome import TaskOutcome
 from secure_ci.device._session import Input, Output
 

@@ -80,6 +80,7 @@ def _device(
 ) -> AsyncIterator[Device]:
     policy, pki = dev_fleet_policy()
     options.setdefault("clock", lambda: float(DEV_NOW))
+    options.setdefault("early_exits", False)  # outputs are the whole model's
     return open_device(  # type: ignore[arg-type]
         addresses, package=package, identity=DeviceIdentity(KEY), policy=policy,
         collateral=pki.collateral, **options,
@@ -297,9 +298,33 @@ def test_the_blocking_device_runs_tasks_from_plain_code(package: ModelPackage) -
     xs = _samples(3)
     with open_device_sync(
         [], package=package, identity=DeviceIdentity(KEY), policy=policy,
-        collateral=pki.collateral, clock=lambda: float(DEV_NOW),
+        collateral=pki.collateral, clock=lambda: float(DEV_NOW), early_exits=False,
     ) as device:  # fmt: skip
         outputs = device.infer_many(xs)
         outcome = device.run(xs[0])
     _same(outputs, _expected(package, xs), atol=1e-5)
     assert outcome.mode == "device"
+
+
+async def test_a_confident_exit_ends_the_task_on_the_device(package: ModelPackage) -> None:
+    from secure_ci.partition import should_exit
+
+    assert package.exits, "the digits package is packed with exit heads"
+    xs = _samples(24)
+    async with _device([], package, accuracy_budget=100.0, early_exits=True) as device:
+        outcomes = [await device.run(x) for x in xs]
+    exited = [(x, o) for x, o in zip(xs, outcomes, strict=True) if o.mode == "exit"]
+    assert exited, [str(o.configuration) for o in outcomes]
+    full = package.partitioner().model
+    for x, o in zip(xs, outcomes, strict=True):
+        ex = o.configuration.exit
+        assert ex is not None  # the planner chose an exit policy: cheaper within the budget
+        head, _ = package.partitioner().split(ex.policy.cut)
+        with torch.inference_mode():
+            boundary = head(x)
+            boundary = boundary if isinstance(boundary, tuple) else (boundary,)
+            logits = package.exit_head(ex.policy.cut)(*boundary)
+            confident = bool(should_exit(logits, ex.policy).all())
+            expected = logits if confident else full(x)
+        assert (o.mode == "exit") == confident
+        torch.testing.assert_close(o.output, expected, atol=1e-5, rtol=0)

@@ -1,0 +1,115 @@
+"""``open_device``: a fleet :class:`~secure_ci.device.Device` with its sessions kept up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+
+from secure_ci.attestation import Collateral, Policy
+from secure_ci.device._breaker import Breaker
+from secure_ci.device._connect import open_session
+from secure_ci.device._edges import EdgeLink
+from secure_ci.device._fleet import Device
+from secure_ci.device._identity import DeviceIdentity
+from secure_ci.device._journal import DeviceJournal
+from secure_ci.device._local import LocalModel
+from secure_ci.device._session import DEFAULT_DOMAIN, Session
+from secure_ci.ledger._records import LedgerDomain
+from secure_ci.ledger._registry import RegisteredEdge
+from secure_ci.package import ModelPackage
+from secure_ci.partition import PartitionPlan
+from secure_ci.plan import Planner
+
+__all__ = ["open_device"]
+
+
+@contextlib.asynccontextmanager
+async def open_device(
+    edges: Sequence[str | RegisteredEdge],
+    *,
+    package: ModelPackage,
+    identity: DeviceIdentity,
+    policy: Policy,
+    collateral: Collateral,
+    journal: DeviceJournal | None = None,
+    domain: LedgerDomain = DEFAULT_DOMAIN,
+    cuts: Sequence[int] | None = None,
+    codecs: Sequence[str] = ("float32", "float16", "int8"),
+    edge_only: bool = True,
+    early_exits: bool = True,
+    accuracy_budget: float = 1.0,
+    deadline_ms: float = math.inf,
+    margin: float = 0.1,
+    patience: int = 3,
+    jump: float = 0.5,
+    slowdown: float = 1.0,
+    attempt_floor: float = 0.25,
+    attempt_cap: float = 10.0,
+    connect_timeout: float = 30.0,
+    breaker: Callable[[], Breaker] = Breaker,
+    clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> AsyncIterator[Device]:
+    """A :class:`Device` over ``edges`` (``HOST:PORT``, or registry entries from the ledger,
+    which sessions then check), running ``package``'s model.
+
+    The planner chooses among the package's batchable ``cuts`` (or those given), ``codecs``,
+    edge-only (the edge must serve the whole model, as edges do for packages), device-only
+    and the package's calibrated early exits (unless ``early_exits`` is False: then every
+    output is the whole model's), under ``accuracy_budget`` points and ``deadline_ms``, with
+    the planner's hysteresis (``margin``, ``patience``, ``jump``: see
+    :class:`~secure_ci.plan.Planner`). ``slowdown`` emulates a slower device (its head and
+    local runs take that many times longer). An attempt waits for its result twice the
+    predicted time plus four deviations, within [``attempt_floor``, ``attempt_cap``]
+    seconds. Sessions connect in the background and reconnect when their breaker lets them;
+    until one is up, tasks run on the device.
+    """
+    local = await asyncio.to_thread(LocalModel, package, cuts=cuts, exits=early_exits)
+    costs = await asyncio.to_thread(local.costs, codecs, edge_only=edge_only)
+    links: dict[str, EdgeLink] = {}
+    for e in edges:
+        name = e if isinstance(e, str) else e.endpoint
+        links[name] = EdgeLink(name, None if isinstance(e, str) else e, breaker())
+    planner = Planner(
+        costs, list(links), accuracy_budget=accuracy_budget, margin=margin,
+        patience=patience, jump=jump,
+    )  # fmt: skip
+    device = Device(
+        local, planner, links, journal=journal, deadline_ms=deadline_ms, slowdown=slowdown,
+        attempt_floor=attempt_floor, attempt_cap=attempt_cap, clock=clock,
+        monotonic=monotonic, random_bytes=random_bytes,
+    )  # fmt: skip
+    await device.calibrate()
+    plan = PartitionPlan(package.model_id_hex, local.cuts[0], codecs[0])
+    closing = asyncio.Event()
+
+    def connect(index: int, edge: EdgeLink) -> AbstractAsyncContextManager[Session]:
+        return open_session(
+            edge.name, policy=policy, collateral=collateral, identity=identity,
+            model=local.head(plan.cut), plan=plan, ledger_domain=domain,
+            timeout=connect_timeout, clock=clock, monotonic=monotonic,
+            random_bytes=random_bytes, registration=edge.registration,
+            first_seq=int(clock() * 1e6) + (index << 40),
+        )  # fmt: skip
+
+    # Not a TaskGroup: an error in the caller's block must reach it as itself, not wrapped.
+    keepers = [
+        asyncio.create_task(e.keep(functools.partial(connect, i, e), closing, monotonic))
+        for i, e in enumerate(links.values())
+    ]
+    try:
+        yield device
+    finally:
+        closing.set()
+        if keepers:
+            await asyncio.wait(keepers, timeout=connect_timeout)
+        for k in keepers:
+            k.cancel()
+        await asyncio.gather(*keepers, return_exceptions=True)
