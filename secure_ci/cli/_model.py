@@ -28,6 +28,18 @@ app = typer.Typer(
 
 DIGITS = "digits_cnn"
 DIGITS_CALIBRATION = "digits held-out split (sklearn load_digits, 30 %, seed 0)"
+DIGITS_TRAINING = "digits training split (sklearn load_digits, 70 %, seed 0)"
+
+
+def parse_exits(text: str) -> tuple[int, ...]:
+    """``"2,4"`` -> ``(2, 4)``; ConfigError for anything else."""
+    try:
+        cuts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"bad --exits {text!r}: expected cut indices like 2,4") from None
+    if any(cut < 0 for cut in cuts):
+        raise ConfigError(f"bad --exits {text!r}: cut indices are non-negative")
+    return cuts
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -73,8 +85,19 @@ def pack(
         str | None, typer.Option("--input-shape", help="e.g. 1,3,32,32 (default: the zoo's).")
     ] = None,
     repeats: Annotated[int, typer.Option(min=1, max=1000, help="Timed runs per cut.")] = 3,
+    exits: Annotated[
+        str | None,
+        typer.Option(
+            "--exits",
+            metavar="CUTS",
+            help="Exit heads at these cuts, e.g. 2,4 (default: up to two early cuts when the "
+            "model is calibrated).",
+        ),
+    ] = None,
+    no_exits: Annotated[bool, typer.Option("--no-exits", help="Pack no exit heads.")] = False,
 ) -> None:
-    """Pack MODEL with its weights into one file (digits_cnn: calibrated on held-out data)."""
+    """Pack MODEL with its weights into one file (digits_cnn: calibrated on held-out data,
+    with exit heads trained on the training split and calibrated on the held-out one)."""
     import torch
 
     from secure_ci import zoo
@@ -85,6 +108,9 @@ def pack(
         raise ConfigError("give exactly one of --weights FILE or --train")
     if train and model != DIGITS:
         raise ConfigError(f"--train is only available for {DIGITS}")
+    if exits is not None and no_exits:
+        raise ConfigError("give at most one of --exits CUTS or --no-exits")
+    exit_cuts = () if no_exits else None if exits is None else parse_exits(exits)
     entry = zoo.get(model)
     shape = parse_shape(input_shape) if input_shape is not None else entry.input_shape
     torch.set_num_threads(1)  # profiles are measured with one thread, as a device runs
@@ -92,18 +118,20 @@ def pack(
     start = time.perf_counter()
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         step = _progress_hook(progress)
-        calibration = None
+        calibration = exit_training = None
         if train:
             trained = load_trained_digits(
                 cache_dir or default_cache_dir(), progress=lambda d, t: step("training", d, t)
             )
             module = trained.model
             calibration = (trained.data.test_x, trained.data.test_y)
+            exit_training = (trained.data.train_x, trained.data.train_y)
         elif weights is not None:
             module = build_zoo_model(model, _read_weights(weights), error=ConfigError)
             if model == DIGITS and shape == entry.input_shape:
                 data = load_digits_data()
                 calibration = (data.test_x, data.test_y)
+                exit_training = (data.train_x, data.train_y)
         package = pack_model(
             module,
             architecture=model,
@@ -113,6 +141,9 @@ def pack(
             calibration_source=DIGITS_CALIBRATION,
             repeats=repeats,
             progress=step,
+            exits=exit_cuts,
+            exit_training=exit_training,
+            exit_training_source=DIGITS_TRAINING,
         )
     elapsed = time.perf_counter() - start
     accuracy = package.calibration.accuracy if package.calibration is not None else None
@@ -120,6 +151,11 @@ def pack(
         f"packed {model} -> {out} ({package.size} bytes, {len(package.cuts)} cuts, "
         f"model_id {package.model_id_hex}) in {elapsed:.1f} s"
         + (f"; accuracy on the calibration set {100 * accuracy:.2f} %" if accuracy else "")
+        + (
+            f"; exit heads at cuts {', '.join(map(str, package.exit_cuts))}"
+            if package.exit_cuts
+            else ""
+        )
     )
 
 
@@ -160,12 +196,35 @@ def _codec_table(package: ModelPackage) -> Table:
     return table
 
 
+def _exits_table(package: ModelPackage) -> Table | None:
+    table_info = package.manifest.exits
+    if table_info is None:
+        return None
+    table = Table(title="exit heads: exit rate and accuracy drop per max-softmax threshold")
+    table.add_column("#", justify="right")
+    table.add_column("cut after")
+    table.add_column("head ms", justify="right")
+    thresholds = list(dict.fromkeys(row.threshold for h in table_info.heads for row in h.rows))
+    for threshold in thresholds:
+        table.add_column(f"{threshold:g}", justify="right")
+    for head in table_info.heads:
+        by_threshold = {row.threshold: row for row in head.rows}
+        cells = [
+            f"{100 * r.p_exit:.1f} % {r.accuracy_drop_pt:+.2f}pt"
+            if (r := by_threshold.get(t)) is not None
+            else "-"
+            for t in thresholds
+        ]
+        table.add_row(str(head.cut), package.cuts[head.cut].name, f"{head.head_ms:.3f}", *cells)
+    return table
+
+
 @app.command()
 def inspect(
     package_path: Annotated[Path, typer.Argument(metavar="PKG", help="A model package file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Verify PKG and print what it holds: model id, cuts, profile, codec table."""
+    """Verify PKG and print what it holds: model id, cuts, profile, codec table, exit heads."""
     from secure_ci.package import load_package
 
     package = load_package(package_path)
@@ -190,10 +249,19 @@ def inspect(
             f"accuracy {100 * calibration.accuracy:.2f} %"
         ),
     ]
+    if package.manifest.exits is not None:
+        training, held_out = package.manifest.exits.training, package.manifest.exits.calibration
+        lines.append(
+            f"exit heads  trained on {training.samples} samples of {training.source} (exit seed "
+            f"{training.seed}); calibrated on {held_out.samples} samples of {held_out.source}, "
+            f"accuracy {100 * held_out.accuracy:.2f} %"
+        )
     for line in lines:
         console.print(line, markup=False)
     console.print(_cuts_table(package, summary))
     console.print(_codec_table(package))
+    exits = _exits_table(package)
+    console.print("exit heads  none" if exits is None else exits, markup=False)
 
 
 @app.command()

@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_EXIT_THRESHOLDS",
     "EXIT_POOL",
     "build_exit_head",
+    "check_exit_options",
     "default_exit_cuts",
     "fit_exits",
     "model_classes",
@@ -153,6 +154,24 @@ def _rows(
     return tuple(rows)
 
 
+def check_exit_options(
+    partitioner: Partitioner,
+    cuts: Sequence[int],
+    thresholds: Sequence[float],
+    seed: int,
+    training: Labelled | None,
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The exit cuts and thresholds, sorted, after checking every exit option (a
+    :class:`ConfigError` names the first bad one), before anything is measured."""
+    chosen = _check_cuts(partitioner, cuts)
+    grid = _check_thresholds(thresholds)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 62:
+        raise ConfigError(f"exit seed must be a non-negative integer, got {seed!r}")
+    if training is not None:
+        _check_training(training, partitioner.example_inputs[0])
+    return chosen, grid
+
+
 def fit_exits(
     partitioner: Partitioner,
     cuts: Sequence[int],
@@ -170,10 +189,7 @@ def fit_exits(
 ) -> tuple[ExitTable, bytes]:
     """Train, calibrate and time exit heads at ``cuts`` (see the module docstring); returns
     the manifest's exits table and the exit heads section."""
-    chosen = _check_cuts(partitioner, cuts)
-    grid = _check_thresholds(thresholds)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 62:
-        raise ConfigError(f"exit seed must be a non-negative integer, got {seed!r}")
+    chosen, grid = check_exit_options(partitioner, cuts, thresholds, seed, training)
     x, y = calibration
     if training is None:
         if x.shape[0] < 2:

@@ -19,7 +19,12 @@ from secure_ci.package._calibrate import (
     _check_calibration,
     measure_codecs,
 )
-from secure_ci.package._exit_heads import DEFAULT_EXIT_THRESHOLDS, default_exit_cuts, fit_exits
+from secure_ci.package._exit_heads import (
+    DEFAULT_EXIT_THRESHOLDS,
+    check_exit_options,
+    default_exit_cuts,
+    fit_exits,
+)
 from secure_ci.package._format import encode_container
 from secure_ci.package._manifest import MAX_INPUT_ELEMENTS, Calibration, PackageManifest
 from secure_ci.package._package import ModelPackage, build_zoo_model, read_package
@@ -88,11 +93,13 @@ def pack_bytes(
     rebuilt = _rebuild(model, architecture, shape)
     weights = encode_weights(rebuilt.state_dict())
     partitioner = Partitioner(rebuilt, (torch.zeros(shape),))
+    exit_cuts = _exit_cuts(partitioner, exits, calibration is not None)
+    if exit_cuts:
+        check_exit_options(partitioner, exit_cuts, exit_thresholds, exit_seed, exit_training)
     table = measure_codecs(partitioner, calibration, shape, codecs, progress)
     if progress is not None:
         progress("profile", 0, 1)
     measured = profile(partitioner, repeats=repeats, threads=threads)
-    exit_cuts = _exit_cuts(partitioner, exits, calibration is not None)
     exit_table, exit_section = None, b""
     cx, cy = _check_calibration(calibration, shape)
     if exit_cuts and cy is not None:

@@ -12,9 +12,17 @@ import functools
 from typing import Any
 
 import pytest
-from hypothesis import given
+import torch
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from package_helpers import digits_package, reseal, sections, with_weights
+from package_helpers import (
+    digits_package,
+    exit_section,
+    reseal,
+    sections,
+    with_exits,
+    with_weights,
+)
 
 from secure_ci.exceptions import PackageError
 from secure_ci.package import ModelPackage, read_package
@@ -58,6 +66,9 @@ def _loads_or_refuses(data: bytes) -> None:
         return
     assert package.model_id == original.model_id
     assert package.cuts == original.cuts
+    for cut in package.exit_cuts:  # whatever loads has usable exit heads
+        head = package.exit_head(cut)
+        assert all(bool(torch.isfinite(p).all()) for p in head.parameters())
 
 
 @given(st.data())
@@ -96,6 +107,51 @@ def test_resealed_manifest_mutations(data: st.DataObject) -> None:
     else:
         parent.append(data.draw(JSON_VALUES))
     _loads_or_refuses(reseal(mutated, weights))
+
+
+def _mutate(manifest: dict[str, Any], data: st.DataObject, paths: list[tuple[Any, ...]]) -> None:
+    path = data.draw(st.sampled_from(paths))
+    parent = manifest
+    for key in path[:-1]:
+        parent = parent[key]
+    action = data.draw(st.sampled_from(["replace", "delete", "add"]))
+    if action == "replace":
+        parent[path[-1]] = data.draw(JSON_VALUES)
+    elif action == "delete":
+        del parent[path[-1]]
+    elif isinstance(parent, dict):
+        parent[data.draw(st.text(min_size=1, max_size=6))] = data.draw(JSON_VALUES)
+    else:
+        parent.append(data.draw(JSON_VALUES))
+
+
+@given(st.data())
+def test_resealed_exit_table_mutations(data: st.DataObject) -> None:
+    """Mutations aimed at the exits table (the generic test rarely draws its deep paths)."""
+    manifest, weights = sections(digits_package())
+    mutated = copy.deepcopy(manifest)
+    for _ in range(data.draw(st.integers(1, 2))):
+        paths = [p for p in _paths(mutated) if p[:1] == ("exits",)]
+        if not paths:
+            break
+        _mutate(mutated, data, paths)
+    _loads_or_refuses(reseal(mutated, weights, exit_section(digits_package())))
+
+
+@settings(max_examples=30)  # most data flips load: each example rebuilds the model
+@given(st.data())
+def test_resealed_exit_section_mutations(data: st.DataObject) -> None:
+    raw = bytearray(exit_section(digits_package()))
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    region = data.draw(st.sampled_from(["length", "header", "data"]))
+    low, high = {
+        "length": (0, 7),
+        "header": (8, header_end - 1),
+        "data": (header_end, len(raw) - 1),
+    }[region]
+    for _ in range(data.draw(st.integers(1, 3))):
+        raw[data.draw(st.integers(low, high))] ^= data.draw(st.integers(1, 255))
+    _loads_or_refuses(with_exits(digits_package(), bytes(raw)))
 
 
 @given(st.data())
