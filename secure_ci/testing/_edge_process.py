@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from secure_ci.attestation import DevPKI, Policy
 from secure_ci.testing._attestation import DEV_NOW, dev_policy, dev_provider
@@ -96,9 +98,13 @@ def spawn_edges(
     devices: tuple[str, ...],
     seed: int = PKI_SEED,
     timeout: float = 60.0,
+    lie: bool = False,
 ) -> list[EdgeProcess]:
-    """Start one edge process per port (0: any free one) at once; returns once all listen."""
+    """Start one edge process per port (0: any free one) at once; returns once all listen.
+    ``lie``: the edges send outputs other than the ones their enclave signed."""
     allow = [arg for d in devices for arg in ("--allow-device", d)]
+    if lie:
+        allow.append("--lie")
     procs = [
         subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
             [
@@ -147,7 +153,7 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     return proc.stdout.readline().strip()
 
 
-async def _serve(package: Path, port: int, seed: int, devices: list[str]) -> None:
+async def _serve(package: Path, port: int, seed: int, devices: list[str], lie: bool) -> None:
     from secure_ci.edge import EdgeConfig, ModelRegistry, load_model_tails, open_edge
     from secure_ci.edge._config import ModelSpec
 
@@ -161,6 +167,15 @@ async def _serve(package: Path, port: int, seed: int, devices: list[str]) -> Non
     async with open_edge(
         config, provider=dev_provider(pki), models=models, clock=lambda: float(DEV_NOW)
     ) as edge:
+        if lie:  # a Byzantine edge: signs the true output, sends another one
+            honest = edge.run_request
+
+            async def lying(device: bytes, request: Any, received_at: float) -> Any:
+                result = await honest(device, request, received_at)
+                forged = result.payload[:-1] + bytes([result.payload[-1] ^ 1])
+                return dataclasses.replace(result, payload=forged)
+
+            edge.run_request = lying  # type: ignore[method-assign]
         print(f"port {edge.port}", flush=True)
         await asyncio.Event().wait()
 
@@ -171,9 +186,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--pki-seed", type=int, default=PKI_SEED)
     parser.add_argument("--allow-device", action="append", default=[])
+    parser.add_argument("--lie", action="store_true", help="send outputs it did not sign")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.package, args.port, args.pki_seed, args.allow_device))
+        asyncio.run(_serve(args.package, args.port, args.pki_seed, args.allow_device, args.lie))
 
 
 if __name__ == "__main__":

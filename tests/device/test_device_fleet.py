@@ -328,3 +328,28 @@ async def test_a_confident_exit_ends_the_task_on_the_device(package: ModelPackag
             expected = logits if confident else full(x)
         assert (o.mode == "exit") == confident
         torch.testing.assert_close(o.output, expected, atol=1e-5, rtol=0)
+
+
+async def test_a_lying_edge_is_caught_and_its_tasks_go_to_an_honest_one(
+    package_path: Path, package: ModelPackage
+) -> None:
+    device = DeviceIdentity(KEY).address_text
+    liar = spawn_edges(package_path, [0], devices=(device,), lie=True)[0]
+    honest = spawn_edges(package_path, [0], devices=(device,))[0]
+    xs = _samples(8)
+    try:
+        async with _device(
+            [liar.address, honest.address], package, slowdown=20.0, cuts=[0]
+        ) as fleet:
+            await fleet.wait_ready()
+            outputs = await fleet.infer_many(xs, max_in_flight=2)
+            outcomes = list(fleet.history)
+    finally:
+        liar.close()
+        honest.close()
+    _same(outputs, _expected(package, xs))
+    assert all(o.edge in (honest.address, None) for o in outcomes)  # never the liar's
+    caught = [a for o in outcomes for a in o.attempts if a.edge == liar.address]
+    assert caught, "the liar was never tried"
+    assert {a.outcome for a in caught} <= {"unverified", "failed"}
+    assert "unverified" in {a.outcome for a in caught}
