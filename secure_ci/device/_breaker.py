@@ -71,8 +71,9 @@ class Breaker:
         """The edge failed a task: open (again), backing off twice as long as last time."""
         self.failures += 1
         self.probing = False
-        if self.state is BreakerState.OPEN:
+        if self.state is BreakerState.OPEN and now < self.retry_at:
             return  # tasks already in flight when it opened: one opening per incident
+        # (a failure once ``retry_at`` has passed is a failed probe, e.g. a reconnect)
         if self.backoff and now - self.healthy_since >= self.forgive_after:
             self.backoff = 0.0
         self.backoff = min(self.max_backoff, max(self.min_backoff, 2 * self.backoff))
