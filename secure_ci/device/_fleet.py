@@ -141,9 +141,13 @@ class Device:
             async with window:
                 return await self.infer(x, deadline_ms=deadline_ms)
 
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(x)) for x in xs]
-        return [t.result() for t in tasks]
+        tasks = [asyncio.create_task(one(x)) for x in xs]
+        try:  # the first error as itself (not an ExceptionGroup); the rest are cancelled
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def run(self, x: Input, *, deadline_ms: float | None = None) -> TaskOutcome:
         """Like :meth:`infer`, with the whole outcome (mode, attempts, receipt, decision)."""

@@ -22,6 +22,7 @@ from secure_ci.exceptions import ConfigError, PartitionError
 from secure_ci.package import ModelPackage
 from secure_ci.partition import ExitPolicy, should_exit
 from secure_ci.partition._codec import decode_features, encode_features
+from secure_ci.partition._stage import check_inputs
 from secure_ci.plan import EDGE_ONLY_CUT, ModelCosts
 
 __all__ = ["LocalModel", "Start"]
@@ -85,6 +86,7 @@ class LocalModel:
         at its cut and the exit head first (a confident exit is the task's output); then,
         for device-only (``codec`` None), the rest of the model, else the encoded boundary
         at ``cut``. Times in milliseconds, for the speed estimate."""
+        self.check(inputs)
         started = time.perf_counter()
         boundary: Tensors | None = None
         if policy is not None:
@@ -105,6 +107,12 @@ class LocalModel:
             payload = encode_features(boundary, codec)
         return Start(None, payload, _ms(started))
 
+    def check(self, inputs: Tensors) -> None:
+        """PartitionError unless ``inputs`` are one sample of what the model takes."""
+        specs = self._partitioner.input_specs
+        one: tuple[frozenset[int], ...] = tuple(frozenset() for _ in specs)  # batch of 1
+        check_inputs(inputs, specs, one, "the model")
+
     def _exit_head(self, cut: int) -> nn.Module:
         if cut not in self._exit_heads:
             self._exit_heads[cut] = self.package.exit_head(cut)
@@ -118,6 +126,7 @@ class LocalModel:
 
     def run(self, inputs: Tensors) -> Tensors:
         """The whole model on the device."""
+        self.check(inputs)
         with torch.inference_mode():
             out = self.full(*inputs)
         return out if isinstance(out, tuple) else (out,)

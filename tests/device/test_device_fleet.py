@@ -353,3 +353,13 @@ async def test_a_lying_edge_is_caught_and_its_tasks_go_to_an_honest_one(
     assert caught, "the liar was never tried"
     assert {a.outcome for a in caught} <= {"unverified", "failed"}
     assert "unverified" in {a.outcome for a in caught}
+
+
+async def test_a_bad_input_in_a_stream_raises_its_own_error(package: ModelPackage) -> None:
+    from secure_ci.exceptions import PartitionError
+
+    xs = [*_samples(2), torch.zeros(1, 3, 5, 5)]  # the model takes 1x8x8 images
+    async with _device([], package) as device:
+        with pytest.raises(PartitionError):  # not an ExceptionGroup
+            await device.infer_many(xs)
+        assert len(await device.infer_many(xs[:2])) == 2  # the device still works
