@@ -152,6 +152,7 @@ class Device:
     async def run(self, x: Input, *, deadline_ms: float | None = None) -> TaskOutcome:
         """Like :meth:`infer`, with the whole outcome (mode, attempts, receipt, decision)."""
         inputs = x if isinstance(x, tuple) else (x,)
+        self.local.check(inputs)  # before the journal: a bad input is never resumed
         key, salt = None, self._random(32)
         if self.journal is not None:
             blob = encode_features(inputs, "float32")
