@@ -70,6 +70,15 @@ def test_pack_train_holds_the_trained_model_and_its_calibration(digits_package: 
             assert row.accuracy_drop_pt <= 0.3
         if package.cuts[row.cut].nbytes >= 4096 and row.codec.startswith("int4"):
             assert row.accuracy_drop_pt <= 1.5
+    exits = package.manifest.exits  # trained on the training split, calibrated on held-out
+    assert exits is not None
+    assert package.exit_cuts == (2, 4)
+    assert exits.training.samples == len(data.train_y)
+    assert exits.calibration.samples == len(data.test_y)
+    for head in exits.heads:  # a confident exit is nearly free and frequent on digits
+        strict = next(row for row in head.rows if row.threshold == 0.99)
+        assert strict.accuracy_drop_pt <= 1.0
+        assert strict.p_exit >= 0.3
 
 
 def test_inspect_prints_what_the_package_holds(digits_package: Path, workdir: Path) -> None:
@@ -86,6 +95,24 @@ def test_inspect_prints_what_the_package_holds(digits_package: Path, workdir: Pa
     assert package.model_id_hex in result.stdout
     assert "int8+zstd" in result.stdout
     assert "pool1" in result.stdout
+    assert "exit heads" in result.stdout
+    assert "0.99" in result.stdout
+    assert [h["cut"] for h in summary["exits"]["heads"]] == list(package.exit_cuts)
+
+
+@pytest.mark.parametrize(("option", "cuts"), [(["--exits", "1"], (1,)), (["--no-exits"], ())])
+def test_pack_chooses_the_exit_heads(
+    option: list[str], cuts: tuple[int, ...], workdir: Path
+) -> None:
+    out = workdir / f"exits-{len(cuts)}.scipkg"
+    result = run("model", "pack", "digits_cnn", "--train", "--out", out, "--repeats", "1",
+                 "--cache-dir", SHARED_CACHE, *option, cwd=workdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    package = load_package(out)
+    assert package.exit_cuts == cuts
+    assert ("exit heads at cuts" in result.stdout) == bool(cuts)
+    inspect = run("model", "inspect", out, cwd=workdir)
+    assert ("exit heads  none" in inspect.stdout) == (not cuts)
 
 
 def test_a_tampered_package_is_rejected_with_exit_1(digits_package: Path, workdir: Path) -> None:
@@ -143,6 +170,11 @@ USAGE_ERRORS = [
      "not a usable torch state dict"),
     (["pack", "transformer_encoder", "--weights", "{t}", "--input-shape", "1,0",
       "--out", "{w}/x.scipkg"], "input-shape"),
+    (["pack", "digits_cnn", "--train", "--exits", "2", "--no-exits", "--out", "{w}/x.scipkg"],
+     "at most one of"),
+    (["pack", "digits_cnn", "--train", "--exits", "two", "--out", "{w}/x.scipkg"], "bad --exits"),
+    (["pack", "transformer_encoder", "--weights", "{t}", "--exits", "2", "--out", "{w}/x.scipkg"],
+     "need a calibration set"),
 ]  # fmt: skip
 
 
