@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -68,7 +69,7 @@ def _system_table(summary: dict[str, Any]) -> Table:
 @app.command()
 def demo(
     devices: Annotated[int, typer.Option(help="Number of devices (each its own key).")] = 4,
-    tasks: Annotated[int, typer.Option(help="Tasks (single images) per mode.")] = 200,
+    tasks: Annotated[int, typer.Option(help="Tasks (single images) per mode.")] = 100,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write a JSON summary to this path.")
     ] = None,
@@ -80,15 +81,32 @@ def demo(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Weights cache (default ./.secure-ci/cache).")
     ] = None,
+    story_seconds: Annotated[
+        float, typer.Option(help="Seconds of each link phase of the planner story.")
+    ] = 4.0,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="PNG of the planner story (default ./.secure-ci/demo-story.png)."),
+    ] = None,
 ) -> None:
     """Run the whole system on this machine and print what it did, with an audit summary."""
     import torch
 
-    from secure_ci.demo import SystemDemoConfig, run_system_demo
+    from secure_ci.cli._demo_story import print_story
+    from secure_ci.demo import (
+        StoryConfig,
+        SystemDemoConfig,
+        plot_story,
+        run_story,
+        run_system_demo,
+        story_package,
+    )
     from secure_ci.demo._local import run_split_demo
     from secure_ci.zoo._train import load_trained_digits
 
     torch.set_num_threads(1)  # a device runs one inference at a time; steadier latencies
+    # the story kills an edge on purpose: the device's reconnect warnings are reported below
+    logging.getLogger("secure_ci").addHandler(logging.NullHandler())
     console = Console()
     with tempfile.TemporaryDirectory(prefix="secure-ci-demo-") as tmp:
         config = SystemDemoConfig(
@@ -108,6 +126,13 @@ def demo(
                 progress.update(bar, description=what, completed=done, total=total or None)
 
             summary = asyncio.run(run_system_demo(trained, config, progress=step))
+            progress.update(bar, description="packing the digits CNN (once)", total=None)
+            package = story_package(trained, cache_dir or default_cache_dir())
+            phases = tuple((m, story_seconds) for m, _ in StoryConfig.phases)
+            story_config = StoryConfig(workdir=Path(tmp), package=package, phases=phases, rpc=rpc)
+            story = asyncio.run(run_story(trained, story_config, progress=lambda w: step(w, 0, 0)))
+    plot_path = plot or Path.cwd() / ".secure-ci" / "demo-story.png"
+    plot_story(story, plot_path)
     console.print(_codec_table(local))
     console.print(_system_table(summary))
     led = summary["ledger"]
@@ -121,7 +146,11 @@ def demo(
         f"({'cached' if trained.from_cache else 'trained now'}); "
         f"{summary['tasks_completed']} tasks completed, {summary['tasks_failed']} failed"
     )
+    print_story(console, story, str(plot_path))
     if json_path is not None:
         summary["codecs"] = local["modes"]
+        summary["story"] = story
+        for key in ("plan_switches", "failovers", "tasks_lost"):
+            summary[key] = story[key]
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

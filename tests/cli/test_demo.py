@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -18,13 +19,17 @@ runner = CliRunner()
 
 
 def test_demo_runs_the_system_and_writes_a_summary(tmp_path: Path) -> None:
-    out = tmp_path / "demo.json"
+    out, png = tmp_path / "demo.json", tmp_path / "story.png"
     args = ["demo", "--tasks", "6", "--devices", "2", "--json", str(out)]
+    args += ["--story-seconds", "3", "--plot", str(png)]
     result = runner.invoke(app, [*args, "--cache-dir", str(SHARED_CACHE)])
     assert result.exit_code == 0, result.output
     assert "int4+zstd" in result.output
     assert "verified by the auditor" in result.output
+    assert f"plot of the story: {png}" in result.output.replace("\n", "")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(out.read_text())
+    _check_story(summary)
     assert [m["mode"] for m in summary["modes"]] == ["device-only", "edge-only", "collaborative"]
     assert [m["mode"] for m in summary["codecs"]] == [*DEMO_CODECS, EXIT_MODE]
     assert (summary["tasks_completed"], summary["tasks_failed"]) == (18, 0)
@@ -38,6 +43,31 @@ def test_demo_runs_the_system_and_writes_a_summary(tmp_path: Path) -> None:
     assert ledger["tasks_recorded"] == ledger["tasks_anchored"] == ledger["tasks_verified"] == 12
     assert ledger["receipts"] == 12
     assert ledger["contract"].startswith("0x")
+
+
+def _check_story(summary: dict[str, Any]) -> None:
+    """The planner story: it adapted, an edge died mid-stream, nothing was lost, all audited."""
+    story = summary["story"]
+    assert summary["tasks_lost"] == story["tasks_lost"] == 0
+    assert summary["plan_switches"] == story["plan_switches"] == len(story["switches"]) >= 1
+    assert summary["failovers"] == story["failovers"] >= 1  # the kill caught a frame in flight
+    planner, fixed = story["trace"]["planner"], story["trace"]["fixed_split"]
+    after = [e for e in planner if e["t"] > story["killed"]["t"]]
+    assert after
+    assert all(e["edge"] != story["killed"]["edge"] for e in after)
+    moved = [e for e in planner if e["failovers"]]
+    assert all(e["attempts"][0][0] == story["killed"]["edge"] for e in moved)
+    assert all(e["attempts"][-1][1] == "ok" for e in moved)
+    assert {e["config"] for e in fixed} == {"pool1 int8"}
+    for run in ("planner", "fixed_split"):  # int8 features rarely change a prediction
+        assert story[run]["failed"] == 0
+        assert story[run]["agreement"] >= 0.95
+    audit = story["audit"]
+    on_edges = sum(e["edge"] is not None for e in planner + fixed)
+    assert audit["receipts"] == audit["receipts_audited"] == on_edges == story["tasks_on_edges"]
+    assert audit["tasks_recorded"] == audit["tasks_anchored"] == audit["tasks_verified"]
+    assert audit["tasks_anchored"] >= on_edges  # the killed edge may have journalled one more
+    assert audit["findings"] == 0
 
 
 def test_demo_refuses_bad_arguments() -> None:
