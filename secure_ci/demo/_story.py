@@ -53,6 +53,7 @@ __all__ = ["StoryConfig", "run_story", "story_package"]
 
 Entry = dict[str, Any]
 JUMP = 0.3
+CALIBRATIONS = 10
 ATTEMPT_FLOOR_S = 1.0
 """An attempt waits at least this long: a frame sent just before the link slows 200-fold
 is slow, not lost (a crashed edge resets its connections, which the device sees at once)."""
@@ -263,6 +264,10 @@ async def _planned(
             for cut in device.local.cuts:  # torch's first call of a head is slow: not timed
                 for codec in costs.codecs:
                     await asyncio.to_thread(device.local.encode, (frames[0],), cut, codec)
+            # the speed factor starts from one timed run, which a busy moment can make 10x
+            # too slow; the estimate is an EWMA (alpha 0.2): CALIBRATIONS runs wash it out
+            for _ in range(CALIBRATIONS):
+                await device.calibrate()
             await device.wait_ready()
 
             async def task(i: int) -> Entry:
