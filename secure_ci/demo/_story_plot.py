@@ -55,6 +55,7 @@ def plot_story(story: dict[str, Any], path: Path) -> None:
         f"{story['plan_switches']} plan switches, {story['failovers']} fail-overs, "
         f"{story['tasks_lost']} lost",
         fontsize=10,
+        pad=16,  # above the link's rates
     )
     labels = sorted({e["config"] for e in planner + fixed}, key=_order)
     rows = {label: k for k, label in enumerate(labels)}
