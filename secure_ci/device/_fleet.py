@@ -62,6 +62,9 @@ __all__ = ["Device"]
 
 log = logging.getLogger(__name__)
 
+SPEED_SAMPLE_SHARE = 0.2
+"""Device runs that profile at less than this share of the whole model do not update the
+device's speed estimate."""
 HISTORY = 4096
 """Outcomes a device keeps in memory (the journal keeps all of them)."""
 
@@ -219,7 +222,9 @@ class Device:
         if ex is not None:
             exit_head = costs.head_ms[costs.position(ex.policy.cut)] + ex.head_ms
             profiled = exit_head if exited else profiled + ex.head_ms
-        if profiled > 0:
+        # a head far smaller than the model is mostly fixed overhead (encoding, hand-offs):
+        # its ratio says little of this device's speed, and would inflate the estimate
+        if profiled >= SPEED_SAMPLE_SHARE * costs.device_full_ms:
             self.speed.update(ms, profiled, self._monotonic())
 
     def _decide(self, deadline_ms: float | None) -> Decision:

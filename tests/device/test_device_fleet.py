@@ -24,8 +24,9 @@ from secure_ci.device import Device, DeviceIdentity, open_device
 from secure_ci.device._journal import DeviceJournal
 from secure_ci.package import ModelPackage, load_package
 from secure_ci.testing import DEV_NOW
+from secure_ci.testing._digits import digits_package
+from secure_ci.testing._digits import trained_digits as trained
 from secure_ci.testing._edge_process import EdgeProcess, dev_fleet_policy, spawn_edges
-from tests.package.package_helpers import digits_package, trained
 
 KEY = bytes.fromhex("5a" * 32)
 

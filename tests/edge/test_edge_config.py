@@ -19,6 +19,7 @@ from secure_ci.edge import (
 )
 from secure_ci.edge._config import parse_address
 from secure_ci.exceptions import ConfigError, PackageError
+from secure_ci.plan import EDGE_ONLY_CUT
 
 GOOD = (
     """
@@ -203,10 +204,17 @@ def test_load_model_tails_serves_every_batchable_cut(digits_package: Path) -> No
 
     package = load_package(digits_package)
     tails = load_model_tails(ModelSpec(package=digits_package, codecs=("int8", "float32")))
-    assert [t.cut for t in tails] == list(package.batchable_cuts)
-    assert len(tails) == len(package.cuts)
+    assert [t.cut for t in tails] == [*package.batchable_cuts, EDGE_ONLY_CUT]  # + whole model
+    assert len(tails) == len(package.cuts) + 1
     assert all(t.batchable for t in tails)
     assert {t.model_id for t in tails} == {package.model_id}
+    whole = tails[-1]  # edge-only: the input is the boundary
+    x1 = torch.randn(1, 1, 32, 32)
+    (logits,) = decode_features(
+        whole.run_batch([whole.decode("float32", encode_features((x1,), "float32"))])[0]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(logits, package.build()(x1), atol=1e-5, rtol=0)
     entry = tails[2]
     assert entry.inputs == package.cuts[2].boundary
     head, _ = package.partitioner().split(2)
@@ -223,14 +231,14 @@ def test_load_model_tails_serves_every_batchable_cut(digits_package: Path) -> No
 
 def test_load_model_tails_with_listed_cuts(digits_package: Path, tmp_path: Path) -> None:
     tails = load_model_tails(ModelSpec(package=digits_package, cuts=(2, 4), codecs=("int8",)))
-    assert [t.cut for t in tails] == [2, 4]
+    assert [t.cut for t in tails] == [2, 4, EDGE_ONLY_CUT]
     with pytest.raises(ConfigError, match="not cut 99"):
         load_model_tails(ModelSpec(package=digits_package, cuts=(99,)))
     with pytest.raises(ConfigError, match="cannot read model package"):
         load_model_tails(ModelSpec(package=tmp_path / "absent.scipkg"))
     tampered = tmp_path / "tampered.scipkg"
     data = digits_package.read_bytes()
-    tampered.write_bytes(data[:-40] + bytes([data[-40] ^ 0x80]) + data[-39:])
+    tampered.write_bytes(data[:-10] + bytes([data[-10] ^ 0x80]) + data[-9:])  # the digest
     with pytest.raises(PackageError, match="digest mismatch"):
         load_model_tails(ModelSpec(package=tampered))
 

@@ -2,41 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import struct
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from secure_ci.package import pack_bytes
 from secure_ci.package._format import DIGEST_DOMAIN, MAGIC, decode_container, encode_container
-from secure_ci.zoo._digits import DIGITS_INPUT_SHAPE
-from secure_ci.zoo._train import TrainedDigits, load_trained_digits
+from secure_ci.testing._digits import (
+    DIGITS_CACHE,
+    DIGITS_CALIBRATION,
+    digits_package,
+    trained_digits,
+)
 
 # Shared with tests/zoo/test_digits.py so the full training runs once per machine.
-SHARED_CACHE = Path(tempfile.gettempdir()) / "secure-ci-test-cache"
-CALIBRATION = 64
-
-
-@functools.cache
-def trained() -> TrainedDigits:
-    return load_trained_digits(SHARED_CACHE)
-
-
-@functools.cache
-def digits_package() -> bytes:
-    """The trained digits CNN, packed with the first 64 held-out samples as calibration."""
-    model = trained()
-    x, y = model.data.test_x[:CALIBRATION], model.data.test_y[:CALIBRATION]
-    return pack_bytes(
-        model.model,
-        architecture="digits_cnn",
-        input_shape=DIGITS_INPUT_SHAPE,
-        calibration=(x, y),
-        calibration_source="first 64 held-out digits",
-        repeats=1,
-    )
+SHARED_CACHE = DIGITS_CACHE
+CALIBRATION = DIGITS_CALIBRATION
+trained = trained_digits
 
 
 def sections(data: bytes) -> tuple[dict[str, Any], bytes]:
