@@ -31,6 +31,10 @@ class EdgeLink:
         self.session: Session | None = None
         self.ready = asyncio.Event()
         """Set once the first connection attempt ended (up or failed)."""
+        self.last_used = 0.0
+        """When a task last completed here (monotonic): an edge idle for longer than the
+        probe interval is probed, so its estimates follow its link while it gets no task."""
+        self._probes = 0
 
     def usable(self, now: float) -> bool:
         s = self.session
@@ -41,9 +45,11 @@ class EdgeLink:
         connect: Callable[[], AbstractAsyncContextManager[Session]],
         closing: asyncio.Event,
         monotonic: Callable[[], float],
+        probe_interval: float | None = None,
     ) -> None:
-        """Hold a session: connect, wait for it to fail, back off (the breaker), reconnect;
-        until ``closing`` is set."""
+        """Hold a session: connect, probe it while it is idle (every ``probe_interval``
+        seconds), wait for it to fail, back off (the breaker), reconnect; until ``closing``
+        is set."""
         while not closing.is_set():
             try:
                 async with connect() as session:
@@ -53,7 +59,16 @@ class EdgeLink:
                     log.info("session with edge %s is up", self.name)
                     failed = asyncio.ensure_future(session.wait_failed())
                     stop = asyncio.ensure_future(closing.wait())
-                    await asyncio.wait({failed, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    while not (failed.done() or stop.done()):
+                        await asyncio.wait(
+                            {failed, stop}, timeout=probe_interval,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )  # fmt: skip
+                        idle = probe_interval is not None and (
+                            monotonic() - self.last_used >= probe_interval
+                        )
+                        if idle and not (failed.done() or stop.done()):
+                            await self._probe(session, monotonic)
                     for waiter in (failed, stop):
                         waiter.cancel()
                     if failed.done() and not failed.cancelled():
@@ -69,3 +84,18 @@ class EdgeLink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await closing.wait()
+
+    async def _probe(self, session: Session, monotonic: Callable[[], float]) -> None:
+        """Ping the edge, every other time padded to the link's probe size: the round trip
+        and the bandwidth of a link no task uses."""
+        link = self.estimator.link
+        self._probes += 1
+        padding = link.probe_bytes() if self._probes % 2 == 0 else 0
+        sent = monotonic()
+        try:
+            await session.ping(padding)
+        except SecureCIError:
+            return  # the session failed: the keeper sees it
+        now = monotonic()
+        nbytes = padding + self.estimator.ping_bytes
+        self.estimator.observe_ping((now - sent) * 1e3, now, nbytes=nbytes)

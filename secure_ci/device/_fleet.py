@@ -53,6 +53,7 @@ from secure_ci.partition._codec import decode_features, encode_features
 from secure_ci.plan import (
     Configuration,
     Decision,
+    EdgeEstimator,
     Planner,
     SpeedEstimator,
 )
@@ -107,6 +108,10 @@ class Device:
     @property
     def last(self) -> TaskOutcome | None:
         return self.history[-1] if self.history else None
+
+    def estimator(self, edge: str) -> EdgeEstimator:
+        """What this device has measured of ``edge`` (its link, queue, RTT and speed)."""
+        return self._edges[edge].estimator
 
     def healthy(self) -> list[str]:
         """Edges that would get a task now."""
@@ -279,6 +284,7 @@ class Device:
             return self._failed(edge, sent, "unverified", str(exc)), None
         now = self._monotonic()
         edge.breaker.success(now)
+        edge.last_used = now
         position = self._costs.position(cut)
         edge.estimator.observe_result(
             nbytes=len(payload),

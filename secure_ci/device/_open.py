@@ -49,7 +49,8 @@ async def open_device(
     patience: int = 3,
     jump: float = 0.5,
     slowdown: float = 1.0,
-    attempt_floor: float = 0.25,
+    attempt_floor: float = 1.0,
+    probe_interval: float | None = 1.0,
     attempt_cap: float = 10.0,
     connect_timeout: float = 30.0,
     breaker: Callable[[], Breaker] = Breaker,
@@ -69,7 +70,9 @@ async def open_device(
     local runs take that many times longer). An attempt waits for its result twice the
     predicted time plus four deviations, within [``attempt_floor``, ``attempt_cap``]
     seconds. Sessions connect in the background and reconnect when their breaker lets them;
-    until one is up, tasks run on the device.
+    until one is up, tasks run on the device. An edge that completed no task for
+    ``probe_interval`` seconds is pinged (every other ping padded), so its estimates follow
+    its link while the plan does not use it.
     """
     local = await asyncio.to_thread(LocalModel, package, cuts=cuts, exits=early_exits)
     costs = await asyncio.to_thread(local.costs, codecs, edge_only=edge_only)
@@ -101,7 +104,9 @@ async def open_device(
 
     # Not a TaskGroup: an error in the caller's block must reach it as itself, not wrapped.
     keepers = [
-        asyncio.create_task(e.keep(functools.partial(connect, i, e), closing, monotonic))
+        asyncio.create_task(
+            e.keep(functools.partial(connect, i, e), closing, monotonic, probe_interval)
+        )
         for i, e in enumerate(links.values())
     ]
     try:

@@ -48,6 +48,8 @@ from secure_ci.protocol import (
     Event,
     InferRequest,
     InferResult,
+    Ping,
+    Pong,
     State,
 )
 
@@ -122,6 +124,7 @@ class Session:
         self._slots = asyncio.Semaphore(stream.connection.max_in_flight)
         self._failure: SecureCIError | None = None
         self._failed = asyncio.Event()
+        self._pong: asyncio.Future[None] | None = None
         self._closing = False
 
     @property
@@ -208,6 +211,27 @@ class Session:
         """Wait until the session fails (the edge closed, crashed or went silent); why."""
         await self._failed.wait()
         return self._failure or ChannelError("the session failed")
+
+    async def ping(self, padding: int = 0) -> None:
+        """Probe the channel: a ``Ping`` carrying ``padding`` bytes, answered by a ``Pong``
+        (within ``timeout``, else the session fails like a silent edge). Time it to measure
+        the round trip, and with padding the link's bandwidth as well; one at a time."""
+        if self._failure is not None:
+            raise self._failure
+        if self._pong is not None:
+            raise ChannelError("a ping is already in flight on this session")
+        nonce = self._random(32)
+        self._pong = asyncio.get_running_loop().create_future()
+        try:
+            await self._stream.send(Ping(nonce=nonce, padding=bytes(padding)))
+            async with asyncio.timeout(self.timeout):
+                await asyncio.shield(self._pong)
+        except TimeoutError:
+            silent = DeadlineExceeded(f"no answer to a ping within {self.timeout} s")
+            self._fail(silent)
+            raise silent from None
+        finally:
+            self._pong = None
 
     def decode_output(self, payload: bytes) -> Output:
         """A result's payload as the model's output (bounded by the session's limits)."""
@@ -316,6 +340,10 @@ class Session:
                 await self._stream.send_fatal(exc)
 
     def _dispatch(self, event: Event) -> None:
+        if isinstance(event, Pong):  # the connection checked that it answers our Ping
+            if self._pong is not None and not self._pong.done():
+                self._pong.set_result(None)
+            return
         if isinstance(event, Error) and event.task_id is None:
             raise RemoteProtocolError(f"edge error: {event.reason}", code=event.code)
         task_id = getattr(event, "task_id", None)
@@ -350,6 +378,8 @@ class Session:
             if not task.future.done():
                 task.future.set_exception(exc)
         self._tasks.clear()
+        if self._pong is not None and not self._pong.done():
+            self._pong.set_exception(exc)
 
     async def _close(self) -> None:
         """Say Close, let the edge answer what is in flight (bounded), then disconnect."""

@@ -42,6 +42,8 @@ from secure_ci.protocol import (
     Hello,
     HelloAck,
     InferRequest,
+    Ping,
+    Pong,
     Role,
     channel_binding,
     wanted_models,
@@ -156,6 +158,8 @@ async def _serve_requests(
                 task = asyncio.create_task(_answer(stream, edge, device, event, monotonic()))
                 answering.add(task)
                 task.add_done_callback(answering.discard)
+            elif isinstance(event, Ping):
+                await stream.send(Pong(nonce=event.nonce))
             elif isinstance(event, Challenge):
                 quote = await asyncio.to_thread(
                     fresh_evidence, edge.provider, edge.identity.spki_der, event.nonce

@@ -316,10 +316,12 @@ class EdgeEstimator:
         self.speed.update(compute_ms, profiled_compute_ms, now)
         return self.link.update(nbytes, max(0.0, network_ms), now)
 
-    def observe_ping(self, rtt_ms: float, now: float) -> bool:
-        """A ping's round trip: the RTT, and a tiny transfer for the link fit."""
-        self.rtt.update(rtt_ms, now)
-        return self.link.update(self.ping_bytes, rtt_ms, now)
+    def observe_ping(self, rtt_ms: float, now: float, *, nbytes: float | None = None) -> bool:
+        """A ping's round trip: the RTT (of an unpadded ping), and a transfer of ``nbytes``
+        (a padded probe; default :attr:`ping_bytes`) for the link fit."""
+        if nbytes is None or nbytes <= self.ping_bytes:
+            self.rtt.update(rtt_ms, now)
+        return self.link.update(self.ping_bytes if nbytes is None else nbytes, rtt_ms, now)
 
     def estimate(self) -> EdgeEstimate:
         return EdgeEstimate(

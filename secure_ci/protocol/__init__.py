@@ -22,6 +22,8 @@ from secure_ci.protocol._events import (
     HelloAck,
     InferRequest,
     InferResult,
+    Ping,
+    Pong,
     decode_event,
     encode_event,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "InferResult",
     "Limits",
     "NeedData",
+    "Ping",
+    "Pong",
     "Role",
     "State",
     "channel_binding",

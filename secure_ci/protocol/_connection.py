@@ -26,6 +26,8 @@ from secure_ci.protocol._events import (
     HelloAck,
     InferRequest,
     InferResult,
+    Ping,
+    Pong,
     decode_event,
     encode_event,
 )
@@ -73,6 +75,7 @@ class Connection:
         self._last_device_seq = -1
         self._max_in_flight = self.limits.max_in_flight
         self._before_evidence = 0  # frames the peer sent before our Evidence went out
+        self._ping: bytes | None = None  # the nonce of the Ping not yet answered
 
     # -- introspection -----------------------------------------------------------------
 
@@ -264,6 +267,10 @@ class Connection:
             self._check_version(event, error)
         elif isinstance(event, InferRequest):
             self._check_request(event, error)
+        elif isinstance(event, Ping) and self._ping is not None:
+            raise error("a Ping while another is unanswered", code=ErrorCode.UNEXPECTED)
+        elif isinstance(event, Pong) and event.nonce != self._ping:
+            raise error("a Pong that answers no Ping", code=ErrorCode.UNEXPECTED)
         elif isinstance(event, InferResult | Error) and event.task_id is not None:
             if event.task_id not in self._in_flight:
                 raise error(f"{name} for a task not in flight", code=ErrorCode.UNEXPECTED)
@@ -276,6 +283,10 @@ class Connection:
             announced = event.limits.get("max_in_flight")
             if self.our_role is Role.DEVICE and announced:
                 self._max_in_flight = min(self._max_in_flight, announced)
+        elif isinstance(event, Ping):
+            self._ping = event.nonce
+        elif isinstance(event, Pong):
+            self._ping = None
         elif isinstance(event, InferRequest):
             self._in_flight[event.task_id] = None
             self._last_device_seq = event.device_seq

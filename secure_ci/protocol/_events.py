@@ -32,6 +32,8 @@ __all__ = [
     "HelloAck",
     "InferRequest",
     "InferResult",
+    "Ping",
+    "Pong",
     "decode_event",
     "encode_event",
 ]
@@ -207,6 +209,27 @@ class Evidence(Event):
 
 
 @dataclass(frozen=True)
+class Ping(Event):
+    """Device -> edge: a probe of the channel; ``padding`` (ignored bytes) lets the device
+    time a transfer of known size as well as the round trip. One at a time."""
+
+    TYPE = "ping"
+    KIND = _fields(nonce="id32", padding="blob")
+    PAYLOAD = "padding"
+    nonce: bytes
+    padding: bytes = b""
+
+
+@dataclass(frozen=True)
+class Pong(Event):
+    """Edge -> device: the answer to the ``Ping`` with this nonce."""
+
+    TYPE = "pong"
+    KIND = _fields(nonce="id32")
+    nonce: bytes
+
+
+@dataclass(frozen=True)
 class InferRequest(Event):
     """Device -> edge: encoded boundary features of one task, signed by the device."""
 
@@ -303,6 +326,8 @@ _BY_TYPE: dict[str, EventType] = {
         AuthOk,
         Challenge,
         Evidence,
+        Ping,
+        Pong,
         InferRequest,
         InferResult,
         Error,

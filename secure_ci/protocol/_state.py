@@ -7,6 +7,8 @@ Rules (the table below is the whole truth; ``Connection`` only adds per-task boo
 2. In ``READY`` the device sends ``InferRequest`` and ``Challenge``; the edge sends
    ``InferResult`` and per-task ``Error`` (an ``Error`` with a ``task_id``), each answering
    exactly one request in flight. Several requests may be in flight (pipelining).
+   The device may also send a ``Ping`` (one at a time), which the edge answers with a
+   ``Pong``.
 3. After a ``Challenge`` the device sends nothing but ``Close`` until the edge has answered
    with ``Evidence``: features never travel before fresh evidence has been checked. The
    edge may keep answering requests already in flight.
@@ -35,6 +37,8 @@ from secure_ci.protocol._events import (
     HelloAck,
     InferRequest,
     InferResult,
+    Ping,
+    Pong,
 )
 
 __all__ = ["FATAL_ERROR", "TASK_ERROR", "TRANSITIONS", "State", "transition_key"]
@@ -69,11 +73,14 @@ TRANSITIONS: dict[State, dict[TransitionKey, State]] = {
     State.READY: {
         (_D, InferRequest): State.READY,
         (_D, Challenge): State.CHALLENGED,
+        (_D, Ping): State.READY,
         (_E, InferResult): State.READY,
         (_E, TASK_ERROR): State.READY,
+        (_E, Pong): State.READY,
     },
     State.CHALLENGED: {
         (_E, Evidence): State.READY,
+        (_E, Pong): State.CHALLENGED,
         (_E, InferResult): State.CHALLENGED,
         (_E, TASK_ERROR): State.CHALLENGED,
     },

@@ -92,12 +92,19 @@ async def test_tasks_are_planned_and_split_with_the_edges(
     edges: list[EdgeProcess], package: ModelPackage
 ) -> None:
     xs = _samples(12)
-    async with _device([e.address for e in edges], package, slowdown=20.0) as device:
+    async with _device(
+        [e.address for e in edges], package, slowdown=20.0, probe_interval=0.1
+    ) as device:
         await device.wait_ready()
         assert sorted(device.healthy()) == sorted(e.address for e in edges)
         outputs = await device.infer_many(xs, max_in_flight=4)
         modes = {o.mode for o in device.history}
         explained = device.history[-1].decision.explain()
+        async with asyncio.timeout(30):  # idle edges are pinged: their RTT gets measured
+            while not all(  # noqa: ASYNC110 - polling what the keepers measure
+                device.estimator(e.address).rtt.count >= 2 for e in edges
+            ):
+                await asyncio.sleep(0.1)
     _same(outputs, _expected(package, xs))
     assert modes <= {"edge", "split"}  # a 20x slower device offloads
     assert all(o.receipt is not None and o.failovers == 0 for o in device.history)

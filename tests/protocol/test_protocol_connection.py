@@ -353,3 +353,31 @@ def test_idle_timer_can_be_turned_off() -> None:
     assert device.next_deadline() is None
     device.handle_timer(1e9)
     assert device.state is State.READY
+
+
+def test_a_ping_is_answered_by_its_pong_one_at_a_time() -> None:
+    from secure_ci.protocol import Ping, Pong
+
+    device, edge = connected_pair()
+    ping = Ping(nonce=b"\x01" * 32, padding=bytes(100))
+    assert pump(device, edge, ping) == ping
+    with pytest.raises(LocalProtocolError):  # one at a time
+        device.send(Ping(nonce=b"\x02" * 32))
+    with pytest.raises(LocalProtocolError):  # a pong must answer the ping
+        edge.send(Pong(nonce=b"\x03" * 32))
+    pump(device, edge, sample_request(1))  # requests go on meanwhile
+    assert pump(edge, device, Pong(nonce=ping.nonce)) == Pong(nonce=ping.nonce)
+    assert pump(device, edge, Ping(nonce=b"\x02" * 32)).nonce == b"\x02" * 32  # type: ignore[attr-defined]
+
+
+def test_an_unasked_pong_from_the_edge_is_a_protocol_error() -> None:
+    from secure_ci.protocol import Ping, Pong
+
+    device, edge = connected_pair()
+    rogue = connected_pair()[1]
+    pump(connected_pair()[0], rogue, Ping(nonce=b"\x04" * 32))
+    device.receive_data(rogue.send(Pong(nonce=b"\x04" * 32)), 0.0)
+    with pytest.raises(RemoteProtocolError) as info:
+        device.next_event()
+    assert info.value.code == ErrorCode.UNEXPECTED
+    assert edge.state is State.READY

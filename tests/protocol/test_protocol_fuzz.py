@@ -28,6 +28,8 @@ from secure_ci.protocol import (
     InferRequest,
     InferResult,
     Limits,
+    Ping,
+    Pong,
     Role,
     State,
     decode_event,
@@ -220,6 +222,8 @@ _events = st.one_of(
         signature=_sig,
     ),
     st.builds(Error, code=st.integers(0, 65535), reason=_text, task_id=st.none() | _id32),
+    st.builds(Ping, nonce=_id32, padding=st.binary(max_size=256)),
+    st.builds(Pong, nonce=_id32),
 )
 
 
