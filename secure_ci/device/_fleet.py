@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import math
+import statistics
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -125,12 +126,20 @@ class Device:
                 for e in self._edges.values():
                     await e.ready.wait()
 
-    async def calibrate(self) -> float:
-        """Measure this device against the package's profile (the whole model, once to warm
-        up and once timed); the speed factor the planner starts from."""
+    async def calibrate(self, runs: int = 5) -> float:
+        """Measure this device against the package's profile: the whole model once to warm
+        up, then the median of ``runs`` timed runs; the speed factor the planner starts
+        from (one run on a busy machine can be far off)."""
         x = torch.zeros(self.local.package.input_shape)
         await asyncio.to_thread(self.local.run, (x,))
-        await self._locally(self.local.run, (x,), self._costs.device_full_ms)
+        times = []
+        for _ in range(max(1, runs)):
+            started = self._monotonic()
+            await asyncio.to_thread(self.local.run, (x,))
+            times.append((self._monotonic() - started) * 1e3)
+        ms = await self._slow(statistics.median(times))
+        if self._costs.device_full_ms > 0:
+            self.speed.update(ms, self._costs.device_full_ms, self._monotonic())
         return self.speed.factor
 
     # -- inference ----------------------------------------------------------------------
