@@ -4,7 +4,7 @@ pragma solidity 0.8.30;
 import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
-import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
+import {BatchMerkle} from "./BatchMerkle.sol";
 
 /// @title SecureCILedger
 /// @notice Shared ledger of secure-ci: a registry of parties, devices, edges (enclave keys)
@@ -12,8 +12,10 @@ import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProo
 /// in calldata); forced inclusion (challenges) and disputes between disagreeing edges.
 /// @dev Records are EIP-712 typed data (domain "secure-ci", version "1"). A Merkle leaf is
 /// keccak256(bytes.concat(keccak256(abi.encode(uint64 seq, bytes32 recordHash)))) where
-/// recordHash is the EIP-712 digest of the TaskResult; proofs follow OpenZeppelin's
-/// MerkleProof (sorted pairs). anchorBatch never parses the records: they are for auditors.
+/// recordHash is the EIP-712 digest of the TaskResult; trees and proofs are positional (see
+/// BatchMerkle: index = seq - firstSeq, depth from the count). Each batch commits to its
+/// published records (recordsHash = keccak256(records), also in the head chain); anchorBatch
+/// does not parse them, anyone can prove on chain that they do not rebuild the root.
 contract SecureCILedger is EIP712, Ownable {
     struct TaskResult {
         bytes32 taskId;
@@ -57,6 +59,7 @@ contract SecureCILedger is EIP712, Ownable {
         uint32 count;
         uint64 blockNumber;
         bytes32 measurement; // the edge's (allowed) measurement when the batch was anchored
+        bytes32 recordsHash; // keccak256 of the records (calldata) published with the batch
     }
 
     struct Challenge {
@@ -273,7 +276,8 @@ contract SecureCILedger is EIP712, Ownable {
     // ---------------------------------------------------------------- batches
 
     /// @notice Anchor the next batch of the sender's (an active edge key's) batch chain.
-    /// @dev `records` is deliberately not read: it is in calldata for auditors.
+    /// @dev `records` is only hashed (recordsHash, stored and chained into the head):
+    /// anyone can later prove with proveFraud that they do not rebuild `root`.
     function anchorBatch(
         uint64 batchId,
         bytes32 root,
@@ -282,7 +286,6 @@ contract SecureCILedger is EIP712, Ownable {
         bytes32 prevHead,
         bytes calldata records
     ) external {
-        records;
         Edge storage e = _edges[msg.sender];
         if (!e.active) revert UnknownEdge(msg.sender);
         if (!allowedMeasurement[e.measurement]) revert MeasurementNotAllowed(e.measurement);
@@ -292,9 +295,10 @@ contract SecureCILedger is EIP712, Ownable {
         if (batchId < expected) revert BatchReplay(expected, batchId);
         if (firstSeq != e.nextSeq) revert FirstSeqMismatch(e.nextSeq, firstSeq);
         if (prevHead != e.head) revert PrevHeadMismatch(e.head, prevHead);
-        bytes32 newHead = keccak256(abi.encode(prevHead, root, firstSeq, count));
+        bytes32 recordsHash = keccak256(records);
+        bytes32 newHead = keccak256(abi.encode(prevHead, root, recordsHash, firstSeq, count));
         _batches[msg.sender][batchId] =
-            Batch(root, firstSeq, count, uint64(block.number), e.measurement);
+            Batch(root, firstSeq, count, uint64(block.number), e.measurement, recordsHash);
         e.nextBatchId = expected + 1;
         e.nextSeq = firstSeq + count;
         e.head = newHead;
@@ -312,7 +316,8 @@ contract SecureCILedger is EIP712, Ownable {
         if (batchId >= _edges[edge].nextBatchId) return false;
         Batch storage b = _batches[edge][batchId];
         if (seq < b.firstSeq || seq - b.firstSeq >= b.count) return false;
-        return MerkleProof.verifyCalldata(proof, b.root, leaf(seq, recordHash));
+        if (proof.length > 64) return false;
+        return _provesLeaf(b, seq, recordHash, proof);
     }
 
     // ---------------------------------------------------------------- challenges
@@ -339,7 +344,7 @@ contract SecureCILedger is EIP712, Ownable {
         if (batchId >= _edges[c.edge].nextBatchId) revert UnknownBatch(c.edge, batchId);
         Batch storage b = _batches[c.edge][batchId];
         if (c.seq < b.firstSeq || c.seq - b.firstSeq >= b.count) revert SeqNotInBatch(c.seq);
-        if (!MerkleProof.verifyCalldata(proof, b.root, leaf(c.seq, c.recordHash))) revert InvalidProof();
+        if (!_provesLeaf(b, c.seq, c.recordHash, proof)) revert InvalidProof();
         c.state = CHALLENGE_RESOLVED;
         emit ChallengeResolved(challengeId, c.edge, batchId);
     }
@@ -445,6 +450,12 @@ contract SecureCILedger is EIP712, Ownable {
         return (b.root, b.firstSeq, b.count, b.blockNumber, b.measurement);
     }
 
+    /// @notice keccak256 of the records the batch published (its calldata `records`).
+    function batchRecordsHash(address edge, uint64 batchId) external view returns (bytes32) {
+        if (batchId >= _edges[edge].nextBatchId) revert UnknownBatch(edge, batchId);
+        return _batches[edge][batchId].recordsHash;
+    }
+
     function getChallenge(uint256 challengeId) external view returns (Challenge memory) {
         if (challengeId == 0 || challengeId > challengeCount) revert UnknownChallenge(challengeId);
         return _challenges[challengeId];
@@ -520,6 +531,25 @@ contract SecureCILedger is EIP712, Ownable {
         if (err != ECDSA.RecoverError.NoError) revert InvalidEdgeSignature();
         if (!_edges[signer].registered) revert UnknownEdge(signer);
         return signer;
+    }
+
+    /// @dev True when `proof` is the positional proof of leaf(seq, recordHash) in `b`.
+    function _provesLeaf(Batch storage b, uint64 seq, bytes32 recordHash, bytes32[] calldata proof)
+        private
+        view
+        returns (bool)
+    {
+        uint256 index = seq - b.firstSeq;
+        uint256 count = b.count;
+        // the proof's length is a function of (index, count): check it before hashing
+        uint256 expected;
+        uint256 i = index;
+        for (uint256 size = count; size > 1; size = (size + 1) >> 1) {
+            if (i ^ 1 < size) ++expected;
+            i >>= 1;
+        }
+        if (proof.length != expected) return false;
+        return BatchMerkle.rootFromProof(leaf(seq, recordHash), index, count, proof) == b.root;
     }
 
     function _openChallenge(uint256 challengeId) private view returns (Challenge storage c) {
