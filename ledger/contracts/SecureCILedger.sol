@@ -4,6 +4,7 @@ pragma solidity 0.8.30;
 import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {BatchCalldata} from "./BatchCalldata.sol";
 import {BatchMerkle} from "./BatchMerkle.sol";
 
 /// @title SecureCILedger
@@ -120,6 +121,11 @@ contract SecureCILedger is EIP712, Ownable {
     mapping(uint256 disputeId => Dispute) private _disputes;
     mapping(bytes32 key => uint256 disputeId) public disputeOf;
     address[] public edgeKeys;
+    /// @notice Fraud proofs against each edge; an edge with one is faulty for good: it cannot
+    /// anchor, cannot answer challenges, and its open challenges can be finalized at once.
+    mapping(address edge => uint64 frauds) public fraudCount;
+    /// @notice The fault (BatchCalldata code, nonzero) a fraud proof established for a batch.
+    mapping(address edge => mapping(uint64 batchId => uint8 fault)) public batchFault;
 
     event PartyRegistered(uint64 indexed partyId, address admin);
     event MeasurementAllowed(bytes32 indexed measurement, bool allowed);
@@ -144,6 +150,7 @@ contract SecureCILedger is EIP712, Ownable {
     );
     event ChallengeResolved(uint256 indexed challengeId, address indexed edge, uint64 batchId);
     event OmissionRecorded(uint256 indexed challengeId, address indexed edge, bytes32 recordHash, uint64 seq);
+    event FraudProven(address indexed edge, uint64 indexed batchId, uint8 fault, address prover);
     event DisputeRecorded(
         uint256 indexed disputeId,
         bytes32 indexed taskId,
@@ -183,6 +190,10 @@ contract SecureCILedger is EIP712, Ownable {
     error SameOutput();
     error SameEdge();
     error DisputeExists(uint256 disputeId);
+    error RecordsMismatch(bytes32 expected, bytes32 got);
+    error NoFraud(address edge, uint64 batchId);
+    error FraudAlreadyProven(address edge, uint64 batchId);
+    error EdgeFaulty(address edge);
 
     constructor(uint64 challengeWindow_) EIP712("secure-ci", "1") Ownable(msg.sender) {
         challengeWindow = challengeWindow_;
@@ -288,6 +299,7 @@ contract SecureCILedger is EIP712, Ownable {
     ) external {
         Edge storage e = _edges[msg.sender];
         if (!e.active) revert UnknownEdge(msg.sender);
+        if (fraudCount[msg.sender] != 0) revert EdgeFaulty(msg.sender);
         if (!allowedMeasurement[e.measurement]) revert MeasurementNotAllowed(e.measurement);
         if (count == 0) revert EmptyBatch();
         uint64 expected = e.nextBatchId;
@@ -303,6 +315,23 @@ contract SecureCILedger is EIP712, Ownable {
         e.nextSeq = firstSeq + count;
         e.head = newHead;
         emit BatchAnchored(msg.sender, batchId, root, firstSeq, count, newHead);
+    }
+
+    /// @notice Prove that a batch's published records are fraudulent: `records` (the batch's
+    /// calldata, checked against its recordsHash) break a rule of the encoding or do not
+    /// rebuild its root (see BatchCalldata). Anyone may call; the fault is recorded against
+    /// the edge, which is faulty from then on. Reverts NoFraud for an honest batch.
+    function proveFraud(address edge, uint64 batchId, bytes calldata records) external returns (uint8 fault) {
+        if (batchId >= _edges[edge].nextBatchId) revert UnknownBatch(edge, batchId);
+        if (batchFault[edge][batchId] != 0) revert FraudAlreadyProven(edge, batchId);
+        Batch storage b = _batches[edge][batchId];
+        bytes32 got = keccak256(records);
+        if (got != b.recordsHash) revert RecordsMismatch(b.recordsHash, got);
+        fault = BatchCalldata.check(records, edge, b.firstSeq, b.count, b.root, _domainSeparatorV4());
+        if (fault == BatchCalldata.OK) revert NoFraud(edge, batchId);
+        batchFault[edge][batchId] = fault;
+        fraudCount[edge] += 1;
+        emit FraudProven(edge, batchId, fault, msg.sender);
     }
 
     /// @notice True when `recordHash` at `seq` is provably in the edge's anchored batch.
@@ -341,6 +370,7 @@ contract SecureCILedger is EIP712, Ownable {
     function respondChallenge(uint256 challengeId, uint64 batchId, bytes32[] calldata proof) external {
         Challenge storage c = _openChallenge(challengeId);
         if (block.timestamp > c.deadline) revert ChallengeWindowClosed(challengeId);
+        if (fraudCount[c.edge] != 0) revert EdgeFaulty(c.edge);
         if (batchId >= _edges[c.edge].nextBatchId) revert UnknownBatch(c.edge, batchId);
         Batch storage b = _batches[c.edge][batchId];
         if (c.seq < b.firstSeq || c.seq - b.firstSeq >= b.count) revert SeqNotInBatch(c.seq);
@@ -349,10 +379,11 @@ contract SecureCILedger is EIP712, Ownable {
         emit ChallengeResolved(challengeId, c.edge, batchId);
     }
 
-    /// @notice After the window, an unanswered challenge becomes a recorded omission.
+    /// @notice After the window (at once against a faulty edge), an unanswered challenge
+    /// becomes a recorded omission.
     function finalizeChallenge(uint256 challengeId) external {
         Challenge storage c = _openChallenge(challengeId);
-        if (block.timestamp <= c.deadline) revert ChallengeWindowOpen(challengeId);
+        if (block.timestamp <= c.deadline && fraudCount[c.edge] == 0) revert ChallengeWindowOpen(challengeId);
         c.state = CHALLENGE_OMITTED;
         _edges[c.edge].omissions += 1;
         emit OmissionRecorded(challengeId, c.edge, c.recordHash, c.seq);

@@ -23,6 +23,7 @@ from secure_ci.ledger._chain import (
 )
 from secure_ci.ledger._client import LedgerClient
 from secure_ci.ledger._connect import DEFAULT_CHALLENGE_WINDOW, deploy_contract, open_ledger
+from secure_ci.ledger._integrity import BatchFault, RequestChallengeInfo
 from secure_ci.ledger._journal import Batch, Journal, JournalEntry, sign_entry
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, verify_proof
 from secure_ci.ledger._receipts import Receipt, ReceiptBook, find_receipt
@@ -50,6 +51,7 @@ __all__ = [
     "AuditIndex",
     "Batch",
     "BatchAnchoredEvent",
+    "BatchFault",
     "BatchInfo",
     "BatchRecords",
     "ChallengeInfo",
@@ -66,6 +68,7 @@ __all__ = [
     "MerkleTree",
     "Receipt",
     "ReceiptBook",
+    "RequestChallengeInfo",
     "Signer",
     "TaskRequest",
     "TaskResult",

@@ -36,13 +36,14 @@ from secure_ci.ledger._chain import (
     as_task_result,
     as_uint,
 )
+from secure_ci.ledger._integrity import IntegrityCalls
 from secure_ci.ledger._records import KeyRegistration
 from secure_ci.ledger._registry import RegistryReads
 
 __all__ = ["LedgerClient"]
 
 
-class LedgerClient(RegistryReads):
+class LedgerClient(RegistryReads, IntegrityCalls):
     """Calls and transactions on one deployed SecureCILedger; create it with open_ledger."""
 
     # ------------------------------------------------------------------ registry
