@@ -72,6 +72,17 @@ contract SecureCILedger is EIP712, Ownable {
         bytes32 recordHash;
     }
 
+    /// @dev A challenge from a device's own signed request (it got no result): the edge
+    /// answers with the anchored result of that request, or an enclave-signed refusal.
+    struct RequestChallenge {
+        address device;
+        uint64 deadline;
+        uint8 state;
+        uint8 refusal;
+        address edge;
+        bytes32 requestHash; // EIP-712 struct hash of the TaskRequest (a result's requestHash)
+    }
+
     struct Dispute {
         bytes32 taskId;
         bytes32 inputKey; // keccak256(abi.encode(device, inputCommitment))
@@ -99,6 +110,11 @@ contract SecureCILedger is EIP712, Ownable {
     uint8 public constant CHALLENGE_OPEN = 1;
     uint8 public constant CHALLENGE_RESOLVED = 2;
     uint8 public constant CHALLENGE_OMITTED = 3;
+    uint8 public constant CHALLENGE_REFUSED = 4;
+
+    /// @notice What an enclave signs to refuse a request it was challenged with (reason 1:
+    /// never received; other codes are the edge's refusal codes).
+    bytes32 public constant TASK_REFUSAL_TYPEHASH = keccak256("TaskRefusal(bytes32 requestHash,uint8 reason)");
 
     /// @notice Seconds an edge has to answer a challenge with an inclusion proof.
     uint64 public immutable challengeWindow;
@@ -118,6 +134,8 @@ contract SecureCILedger is EIP712, Ownable {
     mapping(address edge => mapping(uint64 batchId => Batch)) private _batches;
     mapping(uint256 challengeId => Challenge) private _challenges;
     mapping(bytes32 recordHash => uint256 challengeId) public challengeOf;
+    mapping(uint256 challengeId => RequestChallenge) private _requestChallenges;
+    mapping(bytes32 requestHash => uint256 challengeId) public requestChallengeOf;
     mapping(uint256 disputeId => Dispute) private _disputes;
     mapping(bytes32 key => uint256 disputeId) public disputeOf;
     address[] public edgeKeys;
@@ -149,6 +167,16 @@ contract SecureCILedger is EIP712, Ownable {
         uint64 deadline
     );
     event ChallengeResolved(uint256 indexed challengeId, address indexed edge, uint64 batchId);
+    event RequestChallengeOpened(
+        uint256 indexed challengeId,
+        address indexed edge,
+        address indexed device,
+        bytes32 taskId,
+        bytes32 requestHash,
+        uint64 deadline
+    );
+    event RequestAnswered(uint256 indexed challengeId, address indexed edge, uint64 batchId, uint64 seq);
+    event RequestRefused(uint256 indexed challengeId, address indexed edge, uint8 reason);
     event OmissionRecorded(uint256 indexed challengeId, address indexed edge, bytes32 recordHash, uint64 seq);
     event FraudProven(address indexed edge, uint64 indexed batchId, uint8 fault, address prover);
     event DisputeRecorded(
@@ -194,6 +222,8 @@ contract SecureCILedger is EIP712, Ownable {
     error NoFraud(address edge, uint64 batchId);
     error FraudAlreadyProven(address edge, uint64 batchId);
     error EdgeFaulty(address edge);
+    error InvalidDeviceSignature();
+    error RequestMismatch();
 
     constructor(uint64 challengeWindow_) EIP712("secure-ci", "1") Ownable(msg.sender) {
         challengeWindow = challengeWindow_;
@@ -387,6 +417,84 @@ contract SecureCILedger is EIP712, Ownable {
         c.state = CHALLENGE_OMITTED;
         _edges[c.edge].omissions += 1;
         emit OmissionRecorded(challengeId, c.edge, c.recordHash, c.seq);
+    }
+
+    // ---------------------------------------------------------------- request-only challenges
+
+    /// @notice A registered device that got no result challenges the edge its signed request
+    /// names; the edge must answer (answerRequest) or refuse (refuseRequest) within
+    /// `challengeWindow`, else finalizeRequestChallenge records the omission.
+    function challengeRequest(TaskRequest calldata req, bytes calldata deviceSig)
+        external
+        returns (uint256 challengeId)
+    {
+        if (!isRegisteredDevice[msg.sender]) revert NotRegisteredDevice(msg.sender);
+        if (msg.sender != req.device) revert NotTaskDevice(msg.sender);
+        bytes32 requestHash = hashTaskRequest(req);
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(_hashTypedDataV4(requestHash), deviceSig);
+        if (err != ECDSA.RecoverError.NoError || signer != req.device) revert InvalidDeviceSignature();
+        if (!_edges[req.edge].registered) revert UnknownEdge(req.edge);
+        uint256 existing = requestChallengeOf[requestHash];
+        if (existing != 0) revert ChallengeExists(existing);
+        challengeId = ++challengeCount;
+        uint64 deadline = uint64(block.timestamp) + challengeWindow;
+        _requestChallenges[challengeId] =
+            RequestChallenge(msg.sender, deadline, CHALLENGE_OPEN, 0, req.edge, requestHash);
+        requestChallengeOf[requestHash] = challengeId;
+        emit RequestChallengeOpened(challengeId, req.edge, msg.sender, req.taskId, requestHash, deadline);
+    }
+
+    /// @notice Anyone may answer with the anchored result of the request: the record and its
+    /// positional proof in one of the edge's batches.
+    function answerRequest(uint256 challengeId, TaskResult calldata res, uint64 batchId, bytes32[] calldata proof)
+        external
+    {
+        RequestChallenge storage c = _openRequestChallenge(challengeId);
+        if (res.requestHash != c.requestHash) revert RequestMismatch();
+        if (batchId >= _edges[c.edge].nextBatchId) revert UnknownBatch(c.edge, batchId);
+        Batch storage b = _batches[c.edge][batchId];
+        if (res.edgeSeq < b.firstSeq || res.edgeSeq - b.firstSeq >= b.count) revert SeqNotInBatch(res.edgeSeq);
+        if (!_provesLeaf(b, res.edgeSeq, hashTaskResult(res), proof)) revert InvalidProof();
+        c.state = CHALLENGE_RESOLVED;
+        emit RequestAnswered(challengeId, c.edge, batchId, res.edgeSeq);
+    }
+
+    /// @notice The edge's enclave refuses the request (signed TaskRefusal); recorded as such.
+    function refuseRequest(uint256 challengeId, uint8 reason, bytes calldata edgeSig) external {
+        RequestChallenge storage c = _openRequestChallenge(challengeId);
+        bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(TASK_REFUSAL_TYPEHASH, c.requestHash, reason)));
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, edgeSig);
+        if (err != ECDSA.RecoverError.NoError || signer != c.edge) revert InvalidEdgeSignature();
+        c.state = CHALLENGE_REFUSED;
+        c.refusal = reason;
+        emit RequestRefused(challengeId, c.edge, reason);
+    }
+
+    /// @notice After the window (at once against a faulty edge), an unanswered request
+    /// challenge becomes a recorded omission.
+    function finalizeRequestChallenge(uint256 challengeId) external {
+        RequestChallenge storage c = _requestChallenges[challengeId];
+        if (c.state == 0) revert UnknownChallenge(challengeId);
+        if (c.state != CHALLENGE_OPEN) revert ChallengeNotOpen(challengeId);
+        if (block.timestamp <= c.deadline && fraudCount[c.edge] == 0) revert ChallengeWindowOpen(challengeId);
+        c.state = CHALLENGE_OMITTED;
+        _edges[c.edge].omissions += 1;
+        emit OmissionRecorded(challengeId, c.edge, c.requestHash, 0);
+    }
+
+    function getRequestChallenge(uint256 challengeId) external view returns (RequestChallenge memory) {
+        RequestChallenge memory c = _requestChallenges[challengeId];
+        if (c.state == 0) revert UnknownChallenge(challengeId);
+        return c;
+    }
+
+    /// @dev An open request challenge the edge can still answer (window open, edge not faulty).
+    function _openRequestChallenge(uint256 challengeId) private view returns (RequestChallenge storage c) {
+        c = _requestChallenges[challengeId];
+        if (c.state == 0) revert UnknownChallenge(challengeId);
+        if (c.state != CHALLENGE_OPEN) revert ChallengeNotOpen(challengeId);
+        if (block.timestamp > c.deadline) revert ChallengeWindowClosed(challengeId);
+        if (fraudCount[c.edge] != 0) revert EdgeFaulty(c.edge);
     }
 
     // ---------------------------------------------------------------- disputes

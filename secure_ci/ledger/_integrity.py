@@ -16,18 +16,29 @@ published.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from eth_account.signers.local import LocalAccount
 
-from secure_ci.exceptions import ContractRevertError
+from secure_ci.exceptions import ContractRevertError, RecordError
 from secure_ci.ledger._chain import (
     as_address,
+    as_proof,
+    as_task_request,
+    as_task_result,
     as_uint,
 )
+from secure_ci.ledger._records import LedgerDomain, keccak256
 from secure_ci.ledger._session import ContractSession
 
-__all__ = ["BatchFault", "IntegrityCalls", "RequestChallengeInfo"]
+__all__ = [
+    "REFUSAL_NOT_RECEIVED",
+    "BatchFault",
+    "IntegrityCalls",
+    "RequestChallengeInfo",
+    "refusal_digest",
+]
 
 
 class BatchFault(enum.IntEnum):
@@ -110,3 +121,83 @@ class IntegrityCalls(ContractSession):
         )
         code = int(await self._call(fn))
         return BatchFault(code) if code else None
+
+    # ------------------------------------------------------------ request-only challenges
+
+    async def challenge_request(
+        self, device: LocalAccount, request: object, device_sig: bytes
+    ) -> int:
+        """Challenge the edge a signed request names (the device got no result); the id."""
+        fn = self._contract.functions.challengeRequest(as_task_request(request), bytes(device_sig))
+        receipt = await self._transact(device, fn)
+        return int(self._event_args("RequestChallengeOpened", receipt)["challengeId"])
+
+    async def answer_request(
+        self,
+        caller: LocalAccount,
+        challenge_id: int,
+        result: object,
+        batch_id: int,
+        proof: Sequence[bytes],
+    ) -> int:
+        """Answer a request challenge with the anchored result and its positional proof;
+        the gas used."""
+        fn = self._contract.functions.answerRequest(
+            as_uint(challenge_id, "challenge_id", 256),
+            as_task_result(result),
+            as_uint(batch_id, "batch_id", 64),
+            as_proof(proof),
+        )
+        return int((await self._transact(caller, fn))["gasUsed"])
+
+    async def refuse_request(
+        self, caller: LocalAccount, challenge_id: int, reason: int, edge_sig: bytes
+    ) -> None:
+        """Record the enclave's signed refusal (:func:`refusal_digest`) of a request."""
+        fn = self._contract.functions.refuseRequest(
+            as_uint(challenge_id, "challenge_id", 256), as_uint(reason, "reason", 8), edge_sig
+        )
+        await self._transact(caller, fn)
+
+    async def finalize_request_challenge(self, caller: LocalAccount, challenge_id: int) -> None:
+        """After the window, record an unanswered request challenge as the edge's omission."""
+        fn = self._contract.functions.finalizeRequestChallenge(
+            as_uint(challenge_id, "challenge_id", 256)
+        )
+        await self._transact(caller, fn)
+
+    async def request_challenge_info(self, challenge_id: int) -> RequestChallengeInfo:
+        """A request challenge's parties, request and state."""
+        fn = self._contract.functions.getRequestChallenge(
+            as_uint(challenge_id, "challenge_id", 256)
+        )
+        device, deadline, state, refusal, edge, request_hash = await self._call(fn)
+        return RequestChallengeInfo(device, edge, state, deadline, bytes(request_hash), refusal)
+
+    async def opened_request_challenges(
+        self, edge_addr: object, first: int, last: int
+    ) -> list[tuple[int, bytes]]:
+        """``(challenge id, request hash)`` of every request challenge opened against the
+        edge in blocks ``first..last``."""
+        with self._errors():
+            logs = await self._contract.events.RequestChallengeOpened.get_logs(
+                argument_filters={"edge": as_address(edge_addr, "edge")},
+                from_block=first,
+                to_block=last,
+            )
+        return [(int(e["args"]["challengeId"]), bytes(e["args"]["requestHash"])) for e in logs]
+
+
+REFUSAL_TYPE = "TaskRefusal(bytes32 requestHash,uint8 reason)"
+REFUSAL_NOT_RECEIVED = 1
+"""Refusal reason: the edge has no record of the request (it never reached the enclave)."""
+
+
+def refusal_digest(domain: LedgerDomain, request_hash: bytes, reason: int) -> bytes:
+    """The EIP-712 digest an enclave signs to refuse the request with ``request_hash``."""
+    if len(request_hash) != 32 or not 0 <= reason < 256:
+        raise RecordError("a refusal names a 32-byte request hash and a uint8 reason")
+    struct_hash = keccak256(
+        keccak256(REFUSAL_TYPE.encode()) + request_hash + reason.to_bytes(32, "big")
+    )
+    return keccak256(b"\x19\x01" + domain.separator() + struct_hash)

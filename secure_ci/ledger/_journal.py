@@ -345,6 +345,20 @@ class Journal:
         rows = self._rows("SELECT batch_id FROM batches WHERE anchored = 0 ORDER BY batch_id")
         return [int(r[0]) for r in rows]
 
+    def entry_for_request(self, request_hash: bytes) -> JournalEntry | None:
+        """The journalled record answering the request with struct hash ``request_hash``
+        (the first, if the edge answered it twice), None if the edge never answered it.
+
+        A scan (the result row holds the request hash at bytes 32..64): for challenges, which
+        are rare, not for the hot path."""
+        row = self._row(
+            "SELECT seq FROM records WHERE substr(result, 33, 32) = ? ORDER BY seq LIMIT 1",
+            request_hash,
+        )
+        if row is None:
+            return None
+        return self.entries(int(row[0]), 1)[0]
+
     def batch_of_seq(self, seq: int) -> Batch | None:
         """The closed batch holding edge sequence number ``seq``, if any."""
         row = self._row(

@@ -14,11 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from secure_ci.exceptions import ContractRevertError
-from secure_ci.ledger import BatchFault, LedgerClient, open_ledger
+from secure_ci.ledger import (
+    REFUSAL_NOT_RECEIVED,
+    BatchFault,
+    LedgerClient,
+    open_ledger,
+    refusal_digest,
+)
 from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
 from secure_ci.ledger._findings import BadBatch, FindingCode, check_batch
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash
-from secure_ci.ledger._records import task_id_for
+from secure_ci.ledger._records import TaskRequest, TaskResult, sign_digest, task_id_for
 from secure_ci.testing import LedgerWorld, ledger_world, sample_tasks
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -285,3 +291,93 @@ async def test_fraud_proof_agrees_with_the_decoder(
             leaf_hash(r.result.edge_seq, r.result.digest(ledger.domain)) for r in decoded.records
         ]
         assert MerkleTree.build(leaves).root == root
+
+
+# ---------------------------------------------------------------- request-only challenges
+
+
+def _request(
+    world: LedgerWorld, device: LocalAccount, edge: LocalAccount, tag: bytes
+) -> TaskRequest:
+    device_addr = _addr(device)
+    input_c = keccak(b"input" + tag)
+    return TaskRequest(
+        task_id_for(device_addr, input_c), device_addr, 1, keccak(b"model"), 3, input_c,
+        _addr(edge), 2**40, bytes(32),
+    )  # fmt: skip
+
+
+async def test_request_challenge_answered_with_the_anchored_result(world: LedgerWorld) -> None:
+    ledger, edge, device, other = world.ledger, world.edges[1], world.devices[0], world.devices[1]
+    domain = ledger.domain
+    request = _request(world, device, edge, b"answered")
+    signature = request.sign(bytes(device.key), domain)
+    await reverts("NotRegisteredDevice", ledger.challenge_request(edge, request, signature))
+    await reverts("NotTaskDevice", ledger.challenge_request(other, request, signature))
+    await reverts("InvalidDeviceSignature", ledger.challenge_request(device, request, bytes(65)))
+    forged = request.sign(bytes(other.key), domain)
+    await reverts("InvalidDeviceSignature", ledger.challenge_request(device, request, forged))
+    nowhere = replace(request, edge=keccak(b"no edge")[:20])
+    await reverts(
+        "UnknownEdge",
+        ledger.challenge_request(device, nowhere, nowhere.sign(bytes(device.key), domain)),
+    )
+    cid = await ledger.challenge_request(device, request, signature)
+    await reverts("ChallengeExists", ledger.challenge_request(device, request, signature))
+    info = await ledger.request_challenge_info(cid)
+    assert (info.state, info.device, info.edge) == (1, device.address, edge.address)
+    assert info.request_hash == request.struct_hash()
+
+    state = await ledger.edge_state(edge.address)
+    seq = state.next_seq
+    filler = world.result(seq, task=b"filler")
+    result = TaskResult(
+        request.task_id, request.struct_hash(), keccak(b"out"), world.measurement,
+        world.quote_id, 0, 9, seq + 1,
+    )  # fmt: skip
+    batch_id, tree, _ = await world.anchor(edge, [filler, result])
+    await reverts(
+        "RequestMismatch", ledger.answer_request(edge, cid, filler, batch_id, tree.proof(0))
+    )
+    await reverts("InvalidProof", ledger.answer_request(edge, cid, result, batch_id, tree.proof(0)))
+    await reverts("UnknownBatch", ledger.answer_request(edge, cid, result, 99, tree.proof(1)))
+    moved = replace(result, edge_seq=seq + 5)
+    await reverts("SeqNotInBatch", ledger.answer_request(edge, cid, moved, batch_id, tree.proof(1)))
+    await reverts("ChallengeWindowOpen", ledger.finalize_request_challenge(device, cid))
+    await ledger.answer_request(device, cid, result, batch_id, tree.proof(1))  # anyone may
+    assert (await ledger.request_challenge_info(cid)).state == 2
+    await reverts(
+        "ChallengeNotOpen", ledger.answer_request(edge, cid, result, batch_id, tree.proof(1))
+    )
+    await reverts("UnknownChallenge", ledger.request_challenge_info(10**6))
+
+
+async def test_request_refused_or_omitted(world: LedgerWorld) -> None:
+    ledger, edge, device = world.ledger, world.edges[1], world.devices[1]
+    domain = ledger.domain
+    refused = _request(world, device, edge, b"refused")
+    cid = await ledger.challenge_request(device, refused, refused.sign(bytes(device.key), domain))
+    digest = refusal_digest(domain, refused.struct_hash(), REFUSAL_NOT_RECEIVED)
+    not_edge = sign_digest(bytes(device.key), digest)
+    await reverts(
+        "InvalidEdgeSignature", ledger.refuse_request(edge, cid, REFUSAL_NOT_RECEIVED, not_edge)
+    )
+    other_reason = sign_digest(bytes(edge.key), refusal_digest(domain, refused.struct_hash(), 2))
+    await reverts(
+        "InvalidEdgeSignature", ledger.refuse_request(edge, cid, REFUSAL_NOT_RECEIVED, other_reason)
+    )
+    await ledger.refuse_request(
+        device, cid, REFUSAL_NOT_RECEIVED, sign_digest(bytes(edge.key), digest)
+    )
+    info = await ledger.request_challenge_info(cid)
+    assert (info.state, info.refusal) == (4, REFUSAL_NOT_RECEIVED)
+
+    dropped = _request(world, device, edge, b"dropped")  # the edge drops it and stays silent
+    cid = await ledger.challenge_request(device, dropped, dropped.sign(bytes(device.key), domain))
+    before = (await ledger.edge_state(edge.address)).omissions
+    await ledger.advance_time(await ledger.challenge_window() + 1)
+    await reverts("ChallengeWindowClosed", ledger.refuse_request(edge, cid, 1, bytes(65)))
+    await ledger.finalize_request_challenge(device, cid)
+    assert (await ledger.request_challenge_info(cid)).state == 3
+    assert (await ledger.edge_state(edge.address)).omissions == before + 1
+    await reverts("ChallengeNotOpen", ledger.finalize_request_challenge(device, cid))
