@@ -68,35 +68,37 @@ library BatchCalldata {
         bytes32 root,
         bytes32 separator
     ) internal pure returns (uint8) {
-        Cursor memory c;
-        c.end = d.length;
-        c.edge = uint160(edge);
-        c.firstSeq = firstSeq;
-        c.separator = separator;
-        uint8 fault = _header(d, c, count);
-        if (fault != OK) return fault;
-        c.info = new uint256[](count);
-        c.requestHash = new bytes32[](count);
-        c.leaves = new bytes32[](count);
-        c.request[0] = uint256(TASK_REQUEST_TYPEHASH);
-        c.request[7] = uint160(edge);
-        c.result[0] = uint256(TASK_RESULT_TYPEHASH);
-        for (uint256 i = 0; i < count; ++i) {
-            fault = _record(d, c, i);
+        unchecked {
+            Cursor memory c;
+            c.end = d.length;
+            c.edge = uint160(edge);
+            c.firstSeq = firstSeq;
+            c.separator = separator;
+            uint8 fault = _header(d, c, count);
             if (fault != OK) return fault;
-        }
-        if (c.pos != c.end) return TRAILING_BYTES;
-        for (uint256 t = 0; t < 3; ++t) {
-            if (c.used[t] != c.size[t]) return NON_CANONICAL; // an entry no record uses
-        }
-        for (uint256 i = 0; i < count; ++i) {
-            uint256 w = c.info[i];
-            uint256 depth = (w >> 160) & 0xFFFFFFFF;
-            bool signed = w & HAS_SUCCESSOR == 0 || depth % SIGNATURE_INTERVAL == SIGNATURE_INTERVAL - 1;
-            if (signed != (w & HAS_SIG != 0)) return NON_CANONICAL;
-        }
-        if (BatchMerkle.root(c.leaves) != root) return ROOT_MISMATCH;
-        return OK;
+            c.info = new uint256[](count);
+            c.requestHash = new bytes32[](count);
+            c.leaves = new bytes32[](count);
+            c.request[0] = uint256(TASK_REQUEST_TYPEHASH);
+            c.request[7] = uint160(edge);
+            c.result[0] = uint256(TASK_RESULT_TYPEHASH);
+            for (uint256 i = 0; i < count; ++i) {
+                fault = _record(d, c, i);
+                if (fault != OK) return fault;
+            }
+            if (c.pos != c.end) return TRAILING_BYTES;
+            for (uint256 t = 0; t < 3; ++t) {
+                if (c.used[t] != c.size[t]) return NON_CANONICAL; // an entry no record uses
+            }
+            for (uint256 i = 0; i < count; ++i) {
+                uint256 w = c.info[i];
+                uint256 depth = (w >> 160) & 0xFFFFFFFF;
+                bool signed = w & HAS_SUCCESSOR == 0 || depth % SIGNATURE_INTERVAL == SIGNATURE_INTERVAL - 1;
+                if (signed != (w & HAS_SIG != 0)) return NON_CANONICAL;
+            }
+            if (BatchMerkle.root(c.leaves) != root) return ROOT_MISMATCH;
+            return OK;
+            }
     }
 
     function _header(bytes calldata d, Cursor memory c, uint32 count) private pure returns (uint8) {
@@ -120,91 +122,108 @@ library BatchCalldata {
 
     /// @dev Decode record `i` at c.pos; its leaf goes to c.leaves[i].
     function _record(bytes calldata d, Cursor memory c, uint256 i) private pure returns (uint8) {
-        uint256 pos = c.pos;
-        if (pos + 3 + BODY > c.end) return TRUNCATED;
-        uint256 kind = _u(d, pos, 1);
-        if (kind & ~uint256(7) != 0) return RESERVED_BITS;
-        uint256 device;
-        uint256 w;
-        if (kind & 1 != 0) {
-            if (pos + 35 + BODY > c.end) return TRUNCATED;
-            uint256 dev = _u(d, pos + 1, 2);
-            if (!_use(c, 0, dev)) return dev < c.size[0] ? NON_CANONICAL : BAD_INDEX;
-            device = _u(d, c.offset[0] + 20 * dev, 20);
-            c.request[9] = _u(d, pos + 3, 32);
-            pos += 35;
-        } else {
-            uint256 back = _u(d, pos + 1, 2);
-            if (back == 0 || back > i) return BAD_BACK_REFERENCE;
-            uint256 j = i - back;
-            uint256 prev = c.info[j];
-            c.info[j] = prev | HAS_SUCCESSOR;
-            device = uint160(prev);
-            w = (((prev >> 160) & 0xFFFFFFFF) + 1) << 160;
-            c.request[9] = uint256(c.requestHash[j]);
-            pos += 3;
-        }
-        uint8 fault = _body(d, c, pos, device);
-        if (fault != OK) return fault;
-        pos += BODY;
-        uint256 taskId = c.result[1]; // the default task id, from _body
-        if (kind & 2 != 0) {
-            if (pos + 32 > c.end) return TRUNCATED;
-            uint256 explicitId = _u(d, pos, 32);
-            if (explicitId == taskId) return NON_CANONICAL;
-            taskId = explicitId;
-            pos += 32;
-        }
-        if (kind & 4 != 0) {
-            if (pos + 65 > c.end) return TRUNCATED;
-            pos += 65;
-            w |= HAS_SIG;
-        }
-        c.pos = pos;
-        c.info[i] = w | device;
-        _finish(c, i, taskId);
-        return OK;
+        unchecked {
+            uint256 pos = c.pos;
+            if (pos + 3 + BODY > c.end) return TRUNCATED;
+            uint256 kind = _u(d, pos, 1);
+            if (kind & ~uint256(7) != 0) return RESERVED_BITS;
+            uint256 device;
+            uint256 w;
+            if (kind & 1 != 0) {
+                if (pos + 35 + BODY > c.end) return TRUNCATED;
+                uint256 dev = _u(d, pos + 1, 2);
+                if (!_use(c, 0, dev)) return dev < c.size[0] ? NON_CANONICAL : BAD_INDEX;
+                device = _u(d, c.offset[0] + 20 * dev, 20);
+                c.request[9] = _u(d, pos + 3, 32);
+                pos += 35;
+            } else {
+                uint256 back = _u(d, pos + 1, 2);
+                if (back == 0 || back > i) return BAD_BACK_REFERENCE;
+                uint256 j = i - back;
+                uint256 prev = c.info[j];
+                c.info[j] = prev | HAS_SUCCESSOR;
+                device = uint160(prev);
+                w = (((prev >> 160) & 0xFFFFFFFF) + 1) << 160;
+                c.request[9] = uint256(c.requestHash[j]);
+                pos += 3;
+            }
+            uint8 fault = _body(d, c, pos, device);
+            if (fault != OK) return fault;
+            pos += BODY;
+            uint256 taskId = c.result[1]; // the default task id, from _body
+            if (kind & 2 != 0) {
+                if (pos + 32 > c.end) return TRUNCATED;
+                uint256 explicitId = _u(d, pos, 32);
+                if (explicitId == taskId) return NON_CANONICAL;
+                taskId = explicitId;
+                pos += 32;
+            }
+            if (kind & 4 != 0) {
+                if (pos + 65 > c.end) return TRUNCATED;
+                pos += 65;
+                w |= HAS_SIG;
+            }
+            c.pos = pos;
+            c.info[i] = w | device;
+            _finish(c, i, taskId);
+            return OK;
+            }
     }
 
     /// @dev The record body at `pos` into c.request / c.result (c.result[1]: the default id).
     /// body = deviceSeq u64 | model u16 | cut u16 | input 32 | deadline u64 | output 32
     ///        | enclave u16 | status u8 | latency u32
     function _body(bytes calldata d, Cursor memory c, uint256 pos, uint256 device) private pure returns (uint8) {
-        uint256 model = _u(d, pos + 8, 2);
-        uint256 enclave = _u(d, pos + 84, 2);
-        if (!_use(c, 1, model)) return model < c.size[1] ? NON_CANONICAL : BAD_INDEX;
-        if (!_use(c, 2, enclave)) return enclave < c.size[2] ? NON_CANONICAL : BAD_INDEX;
-        uint256 input = _u(d, pos + 12, 32);
-        c.request[2] = device;
-        c.request[3] = _u(d, pos, 8);
-        c.request[4] = _u(d, c.offset[1] + 32 * model, 32);
-        c.request[5] = _u(d, pos + 10, 2);
-        c.request[6] = input;
-        c.request[8] = _u(d, pos + 44, 8);
-        c.result[3] = _u(d, pos + 52, 32);
-        c.result[4] = _u(d, c.offset[2] + 64 * enclave, 32);
-        c.result[5] = _u(d, c.offset[2] + 64 * enclave + 32, 32);
-        c.result[6] = _u(d, pos + 86, 1);
-        c.result[7] = _u(d, pos + 87, 4);
-        uint256 defaultId;
-        assembly ("memory-safe") {
-            mstore(0x00, shl(96, device))
-            mstore(0x14, input)
-            defaultId := keccak256(0x00, 0x34)
+        unchecked {
+            uint256 head; // deviceSeq 8 | model 2 | cut 2 | ...
+            uint256 tail; // enclave 2 | status 1 | latency 4 | ...
+            uint256 p;
+            assembly ("memory-safe") {
+                p := add(d.offset, pos)
+                head := calldataload(p)
+                tail := calldataload(add(p, 84))
+            }
+            uint256 model = (head >> 176) & 0xFFFF;
+            uint256 enclave = tail >> 240;
+            if (!_use(c, 1, model)) return model < c.size[1] ? NON_CANONICAL : BAD_INDEX;
+            if (!_use(c, 2, enclave)) return enclave < c.size[2] ? NON_CANONICAL : BAD_INDEX;
+            model = c.offset[1] + 32 * model; // where the model id is
+            enclave = c.offset[2] + 64 * enclave; // where measurement || quote id is
+            assembly ("memory-safe") {
+                let rq := mload(add(c, 0x160)) // c.request (Cursor member 11)
+                let rs := mload(add(c, 0x180)) // c.result (Cursor member 12)
+                let input := calldataload(add(p, 12))
+                mstore(add(rq, 0x40), device)
+                mstore(add(rq, 0x60), shr(192, head))
+                mstore(add(rq, 0x80), calldataload(add(d.offset, model)))
+                mstore(add(rq, 0xa0), and(shr(160, head), 0xffff))
+                mstore(add(rq, 0xc0), input)
+                mstore(add(rq, 0x100), shr(192, calldataload(add(p, 44))))
+                mstore(add(rs, 0x60), calldataload(add(p, 52)))
+                mstore(add(rs, 0x80), calldataload(add(d.offset, enclave)))
+                mstore(add(rs, 0xa0), calldataload(add(d.offset, add(enclave, 32))))
+                mstore(add(rs, 0xc0), and(shr(232, tail), 0xff))
+                mstore(add(rs, 0xe0), and(shr(200, tail), 0xffffffff))
+                // the default task id, keccak256(device || inputCommitment), into rs[1]
+                mstore(0x00, shl(96, device))
+                mstore(0x14, input)
+                mstore(add(rs, 0x20), keccak256(0x00, 0x34))
+            }
+            return OK;
         }
-        c.result[1] = defaultId;
-        return OK;
     }
 
     /// @dev Hash record `i`'s request and result; its leaf goes to c.leaves[i].
     function _finish(Cursor memory c, uint256 i, uint256 taskId) private pure {
-        c.request[1] = taskId;
-        bytes32 requestHash = _hashWords(c.request);
-        c.requestHash[i] = requestHash;
-        c.result[1] = taskId;
-        c.result[2] = uint256(requestHash);
-        c.result[8] = c.firstSeq + i;
-        c.leaves[i] = _leaf(c.firstSeq + i, c.separator, _hashWords(c.result));
+        unchecked {
+            c.request[1] = taskId;
+            bytes32 requestHash = _hashWords(c.request);
+            c.requestHash[i] = requestHash;
+            c.result[1] = taskId;
+            c.result[2] = uint256(requestHash);
+            c.result[8] = c.firstSeq + i;
+            c.leaves[i] = _leaf(c.firstSeq + i, c.separator, _hashWords(c.result));
+            }
     }
 
     /// @dev keccak256(keccak256(abi.encode(seq, keccak256(0x1901 || separator || structHash))))
@@ -225,9 +244,11 @@ library BatchCalldata {
 
     /// @dev Table `t` entry `index` used: in range and no later than the next unused entry.
     function _use(Cursor memory c, uint256 t, uint256 index) private pure returns (bool) {
-        if (index >= c.size[t] || index > c.used[t]) return false;
-        if (index == c.used[t]) c.used[t] = index + 1;
-        return true;
+        unchecked {
+            if (index >= c.size[t] || index > c.used[t]) return false;
+            if (index == c.used[t]) c.used[t] = index + 1;
+            return true;
+            }
     }
 
     /// @dev `n` (1..32) big-endian bytes of `d` at `pos`, as an unsigned integer.

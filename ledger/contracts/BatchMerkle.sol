@@ -38,20 +38,22 @@ library BatchMerkle {
 
     /// @notice The root of a tree over `nodes` (overwritten: it is the working level).
     function root(bytes32[] memory nodes) internal pure returns (bytes32) {
-        uint256 size = nodes.length;
-        while (size > 1) {
-            uint256 half = size >> 1;
-            for (uint256 j = 0; j < half; ++j) {
-                nodes[j] = _pair(nodes[2 * j], nodes[2 * j + 1]);
+        unchecked {
+            uint256 size = nodes.length;
+            while (size > 1) {
+                uint256 half = size >> 1;
+                for (uint256 j = 0; j < half; ++j) {
+                    nodes[j] = _pair(nodes[2 * j], nodes[2 * j + 1]);
+                }
+                if (size & 1 == 1) {
+                    nodes[half] = nodes[size - 1];
+                    size = half + 1;
+                } else {
+                    size = half;
+                }
             }
-            if (size & 1 == 1) {
-                nodes[half] = nodes[size - 1];
-                size = half + 1;
-            } else {
-                size = half;
+            return nodes[0];
             }
-        }
-        return nodes[0];
     }
 
     function _pair(bytes32 a, bytes32 b) private pure returns (bytes32 h) {

@@ -112,6 +112,10 @@ contract SecureCILedger is EIP712, Ownable {
     uint8 public constant CHALLENGE_OMITTED = 3;
     uint8 public constant CHALLENGE_REFUSED = 4;
 
+    /// @notice Records per batch: a fraud proof decodes every record (about 3,500 gas each),
+    /// so any batch that can be anchored can be proven under a 12 M+ gas transaction limit.
+    uint32 public constant MAX_BATCH_RECORDS = 2048;
+
     /// @notice What an enclave signs to refuse a request it was challenged with (reason 1:
     /// never received; other codes are the edge's refusal codes).
     bytes32 public constant TASK_REFUSAL_TYPEHASH = keccak256("TaskRefusal(bytes32 requestHash,uint8 reason)");
@@ -200,6 +204,7 @@ contract SecureCILedger is EIP712, Ownable {
     error NoKeyPossession(address key);
     error NotTaskDevice(address caller);
     error EmptyBatch();
+    error BatchTooLarge(uint32 count, uint32 max);
     error BatchGap(uint64 expected, uint64 got);
     error BatchReplay(uint64 expected, uint64 got);
     error FirstSeqMismatch(uint64 expected, uint64 got);
@@ -332,6 +337,7 @@ contract SecureCILedger is EIP712, Ownable {
         if (fraudCount[msg.sender] != 0) revert EdgeFaulty(msg.sender);
         if (!allowedMeasurement[e.measurement]) revert MeasurementNotAllowed(e.measurement);
         if (count == 0) revert EmptyBatch();
+        if (count > MAX_BATCH_RECORDS) revert BatchTooLarge(count, MAX_BATCH_RECORDS);
         uint64 expected = e.nextBatchId;
         if (batchId > expected) revert BatchGap(expected, batchId);
         if (batchId < expected) revert BatchReplay(expected, batchId);

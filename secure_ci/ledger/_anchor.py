@@ -31,11 +31,14 @@ from secure_ci.ledger._journal import Batch, Journal, JournalEntry, verify_entry
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, records_hash
 from secure_ci.ledger._records import LedgerDomain
 
-__all__ = ["AnchorLedger", "Anchorer"]
+__all__ = ["MAX_ANCHOR_RECORDS", "AnchorLedger", "Anchorer"]
 
 log = logging.getLogger(__name__)
 _LINK_KEY = "epoch_link"  # value: batch id (8) || previous head (32) || previous epoch (4)
 _EPOCH_KEY = "epoch"
+MAX_ANCHOR_RECORDS = 2048
+"""The contract's ``MAX_BATCH_RECORDS``: a fraud proof decodes every record of a batch, so
+batches stay small enough for one to fit in a transaction."""
 
 
 class AnchorLedger(Protocol):
@@ -77,6 +80,9 @@ class Anchorer:
     ) -> None:
         if max_records < 1 or max_seconds <= 0:
             raise LedgerError("max_records and max_seconds must be positive")
+        if max_records > MAX_ANCHOR_RECORDS:  # the contract's cap: every batch stays provable
+            log.warning("batches close at %d records (the contract's cap)", MAX_ANCHOR_RECORDS)
+            max_records = MAX_ANCHOR_RECORDS
         if _address(edge_account) != journal.edge:
             raise JournalError("the journal belongs to another edge key")
         self.journal = journal

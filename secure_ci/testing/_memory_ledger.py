@@ -119,6 +119,8 @@ class MemoryLedger:
             raise ContractRevertError("MeasurementNotAllowed")
         if count == 0:
             raise ContractRevertError("EmptyBatch")
+        if count > 2048:
+            raise ContractRevertError("BatchTooLarge")
         if batch_id != len(e.batches):
             raise ContractRevertError("BatchGap" if batch_id > len(e.batches) else "BatchReplay")
         if first_seq != e.next_seq:

@@ -57,6 +57,11 @@ async def test_head_chain_commits_to_the_records(world: LedgerWorld) -> None:
     assert receipt.new_head != chain_head(ZERO, tree.root, keccak(b"other records"), 0, 2)
     assert await ledger.batch_records_hash(edge.address, 0) == keccak(b"published records")
     await reverts("UnknownBatch", ledger.batch_records_hash(edge.address, 1))
+    state = await ledger.edge_state(edge.address)
+    await reverts(
+        "BatchTooLarge",
+        ledger.anchor_batch(edge, 1, tree.root, state.next_seq, 2049, state.head, b""),
+    )
 
 
 async def test_leaf_at_the_wrong_position_does_not_answer(world: LedgerWorld) -> None:
