@@ -3,7 +3,7 @@ on the in-process EVM: each attack here got through the contract before these ch
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import pytest
@@ -16,10 +16,13 @@ from hypothesis import strategies as st
 from secure_ci.exceptions import ContractRevertError
 from secure_ci.ledger import (
     REFUSAL_NOT_RECEIVED,
+    AnvilNode,
     BatchFault,
     LedgerClient,
+    find_anvil,
     open_ledger,
     refusal_digest,
+    run_anvil,
 )
 from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
 from secure_ci.ledger._findings import BadBatch, FindingCode, check_batch
@@ -31,9 +34,24 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 ZERO = bytes(32)
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def ledger() -> AsyncIterator[LedgerClient]:
-    async with open_ledger("inprocess") as client:
+@pytest.fixture(scope="module")
+def anvil() -> Iterator[AnvilNode]:
+    if find_anvil() is None:
+        pytest.skip("anvil missing from ledger/node_modules (run `make node`)")
+    with run_anvil() as node:
+        yield node
+
+
+@pytest_asyncio.fixture(
+    loop_scope="module",
+    scope="module",
+    params=["inprocess", pytest.param("anvil", marks=pytest.mark.anvil)],
+)
+async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[LedgerClient]:
+    backend = "inprocess"
+    if request.param == "anvil":
+        backend = request.getfixturevalue("anvil").url
+    async with open_ledger(backend) as client:
         yield client
 
 
