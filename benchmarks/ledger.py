@@ -25,6 +25,12 @@ the request chain where the batch left it out), the measurement anchored with th
 ``live_chain`` re-reads the batch (root, measurement) from the node for every audit (one
 JSON-RPC round trip). ``by_devices_per_batch``: calldata and floor gas
 per task when a batch's records come from more devices.
+``integrity_gas``: gas of holding an edge to what it published, on the main chain: a fraud
+proof against a ``BATCH``-record batch (16 devices) whose calldata does not rebuild its root
+(the worst case: every record decoded and hashed, the tree rebuilt) and against one whose
+calldata is cut short (found at the end of the walk); a request-only challenge opened with a
+device's signed request and answered with the anchored record and its positional proof in a
+``BATCH``-record batch.
 Sizes (records anchored for throughput, records in the audit index, audits timed): ``full``
 (20,000, 1,000,000, 200), ``quick`` (10,000, 20,000, 200), ``smoke`` (2,000, 2,000, 20: one
 full batch each, the smallest run that still anchors a batch, builds the index and audits).
@@ -49,10 +55,12 @@ from secure_ci.ledger import find_anvil, open_ledger, run_anvil
 from secure_ci.ledger._anchor import Anchorer
 from secure_ci.ledger._audit import AuditIndex
 from secure_ci.ledger._calldata import BatchRecords, encode_batch
+from secure_ci.ledger._chain import as_task_request
 from secure_ci.ledger._journal import Journal, JournalEntry, sign_entry
+from secure_ci.ledger._merkle import MerkleTree, leaf_hash
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, keccak256
 from secure_ci.ledger._signing import SigningPool
-from secure_ci.testing import sample_requests, sample_tasks
+from secure_ci.testing import ledger_world, sample_requests, sample_tasks
 
 BATCH = 2000
 GROUP = 256
@@ -266,6 +274,63 @@ def _gas_by_devices() -> dict[str, dict[str, float]]:
     return out
 
 
+async def _integrity_gas(backend: str) -> dict[str, Any]:
+    """Gas of fraud proofs and of a request-only challenge (see the module docstring)."""
+    from dataclasses import replace
+
+    async with open_ledger(backend) as ledger:
+        world = await ledger_world(ledger, edges=3, devices=1, seed=77)
+        domain, prover = ledger.domain, world.admin
+        fraud: dict[str, int] = {}
+        for name, edge in (("root_mismatch", world.edges[0]), ("truncated", world.edges[1])):
+            entries = sample_tasks(
+                BATCH, edge_key=bytes(edge.key), domain=domain, devices=16,
+                measurement=world.measurement, quote_id=world.quote_id,
+            )  # fmt: skip
+            root = MerkleTree.build([leaf_hash(e.result.edge_seq, e.record_hash) for e in entries])
+            records = [e.anchored() for e in entries]
+            k = BATCH // 2  # one output commitment changed in the published records
+            records[k] = replace(
+                records[k],
+                result=replace(records[k].result, output_commitment=keccak256(b"forged")),
+            )
+            data = encode_batch(BatchRecords(bytes.fromhex(edge.address[2:]), 0, tuple(records)))
+            if name == "truncated":
+                data = data[:-1]
+            await ledger.anchor_batch(edge, 0, root.root, 0, BATCH, bytes(32), data)
+            _, fraud[name] = await ledger.prove_fraud_gas(prover, edge.address, 0, data)
+        edge, device = world.edges[2], world.devices[0]
+        device_addr, edge_addr = (bytes.fromhex(a.address[2:]) for a in (device, edge))
+        request = TaskRequest(
+            keccak256(b"bench task"), device_addr, 0, keccak256(b"model"), 3,
+            keccak256(b"input"), edge_addr, 2**40, bytes(32),
+        )  # fmt: skip
+        others = sample_tasks(BATCH, edge_key=bytes(edge.key), domain=domain, devices=16)
+        k = 1234
+        result = TaskResult(
+            request.task_id, request.struct_hash(), keccak256(b"output"), world.measurement,
+            world.quote_id, 0, 7, k,
+        )  # fmt: skip
+        hashes = [e.record_hash for e in others]
+        hashes[k] = result.digest(domain)
+        tree = MerkleTree.build([leaf_hash(i, h) for i, h in enumerate(hashes)])
+        await ledger.anchor_batch(edge, 0, tree.root, 0, BATCH, bytes(32), b"")
+        fn = ledger._contract.functions.challengeRequest(
+            as_task_request(request), request.sign(bytes(device.key), domain)
+        )
+        opened = await ledger._transact(device, fn)
+        challenge_id = int(ledger._event_args("RequestChallengeOpened", opened)["challengeId"])
+        answer = await ledger.answer_request(edge, challenge_id, result, 0, tree.proof(k))
+    return {
+        "fraud_proof_gas": {**fraud, "records": BATCH},
+        "request_challenge_gas": {
+            "open": int(opened["gasUsed"]),
+            "answer": answer,
+            "proof_length": len(tree.proof(k)),
+        },
+    }
+
+
 async def _cancun_gas(n: int, workdir: Path) -> float:
     """Gas per task measured on anvil with the Cancun rules (16 gas per non-zero calldata
     byte, before EIP-7623's calldata floor of Prague, which the project's chains run)."""
@@ -285,9 +350,11 @@ async def _main(size: str) -> dict[str, Any]:
             with run_anvil() as node:
                 by_backend["anvil"] = await _throughput(node.url, n, workdir)
                 out.update(await _audit(node.url, audit_records, samples, workdir))
+                out["integrity_gas"] = await _integrity_gas(node.url)
             cancun = await _cancun_gas(min(n, 5 * BATCH), workdir)
         else:
             out.update(await _audit("inprocess", audit_records, samples, workdir))
+            out["integrity_gas"] = await _integrity_gas("inprocess")
     main = by_backend["anvil"] or by_backend["inprocess"]
     assert main is not None
     for key in ("records_per_s", "records_per_cpu_s"):

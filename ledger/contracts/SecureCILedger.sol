@@ -4,7 +4,8 @@ pragma solidity 0.8.30;
 import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
-import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
+import {BatchCalldata} from "./BatchCalldata.sol";
+import {BatchMerkle} from "./BatchMerkle.sol";
 
 /// @title SecureCILedger
 /// @notice Shared ledger of secure-ci: a registry of parties, devices, edges (enclave keys)
@@ -12,8 +13,10 @@ import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProo
 /// in calldata); forced inclusion (challenges) and disputes between disagreeing edges.
 /// @dev Records are EIP-712 typed data (domain "secure-ci", version "1"). A Merkle leaf is
 /// keccak256(bytes.concat(keccak256(abi.encode(uint64 seq, bytes32 recordHash)))) where
-/// recordHash is the EIP-712 digest of the TaskResult; proofs follow OpenZeppelin's
-/// MerkleProof (sorted pairs). anchorBatch never parses the records: they are for auditors.
+/// recordHash is the EIP-712 digest of the TaskResult; trees and proofs are positional (see
+/// BatchMerkle: index = seq - firstSeq, depth from the count). Each batch commits to its
+/// published records (recordsHash = keccak256(records), also in the head chain); anchorBatch
+/// does not parse them, anyone can prove on chain that they do not rebuild the root.
 contract SecureCILedger is EIP712, Ownable {
     struct TaskResult {
         bytes32 taskId;
@@ -57,6 +60,7 @@ contract SecureCILedger is EIP712, Ownable {
         uint32 count;
         uint64 blockNumber;
         bytes32 measurement; // the edge's (allowed) measurement when the batch was anchored
+        bytes32 recordsHash; // keccak256 of the records (calldata) published with the batch
     }
 
     struct Challenge {
@@ -66,6 +70,17 @@ contract SecureCILedger is EIP712, Ownable {
         address edge;
         uint64 deadline;
         bytes32 recordHash;
+    }
+
+    /// @dev A challenge from a device's own signed request (it got no result): the edge
+    /// answers with the anchored result of that request, or an enclave-signed refusal.
+    struct RequestChallenge {
+        address device;
+        uint64 deadline;
+        uint8 state;
+        uint8 refusal;
+        address edge;
+        bytes32 requestHash; // EIP-712 struct hash of the TaskRequest (a result's requestHash)
     }
 
     struct Dispute {
@@ -95,6 +110,15 @@ contract SecureCILedger is EIP712, Ownable {
     uint8 public constant CHALLENGE_OPEN = 1;
     uint8 public constant CHALLENGE_RESOLVED = 2;
     uint8 public constant CHALLENGE_OMITTED = 3;
+    uint8 public constant CHALLENGE_REFUSED = 4;
+
+    /// @notice Records per batch: a fraud proof decodes every record (about 3,500 gas each),
+    /// so any batch that can be anchored can be proven under a 12 M+ gas transaction limit.
+    uint32 public constant MAX_BATCH_RECORDS = 2048;
+
+    /// @notice What an enclave signs to refuse a request it was challenged with (reason 1:
+    /// never received; other codes are the edge's refusal codes).
+    bytes32 public constant TASK_REFUSAL_TYPEHASH = keccak256("TaskRefusal(bytes32 requestHash,uint8 reason)");
 
     /// @notice Seconds an edge has to answer a challenge with an inclusion proof.
     uint64 public immutable challengeWindow;
@@ -114,9 +138,16 @@ contract SecureCILedger is EIP712, Ownable {
     mapping(address edge => mapping(uint64 batchId => Batch)) private _batches;
     mapping(uint256 challengeId => Challenge) private _challenges;
     mapping(bytes32 recordHash => uint256 challengeId) public challengeOf;
+    mapping(uint256 challengeId => RequestChallenge) private _requestChallenges;
+    mapping(bytes32 requestHash => uint256 challengeId) public requestChallengeOf;
     mapping(uint256 disputeId => Dispute) private _disputes;
     mapping(bytes32 key => uint256 disputeId) public disputeOf;
     address[] public edgeKeys;
+    /// @notice Fraud proofs against each edge; an edge with one is faulty for good: it cannot
+    /// anchor, cannot answer challenges, and its open challenges can be finalized at once.
+    mapping(address edge => uint64 frauds) public fraudCount;
+    /// @notice The fault (BatchCalldata code, nonzero) a fraud proof established for a batch.
+    mapping(address edge => mapping(uint64 batchId => uint8 fault)) public batchFault;
 
     event PartyRegistered(uint64 indexed partyId, address admin);
     event MeasurementAllowed(bytes32 indexed measurement, bool allowed);
@@ -140,7 +171,18 @@ contract SecureCILedger is EIP712, Ownable {
         uint64 deadline
     );
     event ChallengeResolved(uint256 indexed challengeId, address indexed edge, uint64 batchId);
+    event RequestChallengeOpened(
+        uint256 indexed challengeId,
+        address indexed edge,
+        address indexed device,
+        bytes32 taskId,
+        bytes32 requestHash,
+        uint64 deadline
+    );
+    event RequestAnswered(uint256 indexed challengeId, address indexed edge, uint64 batchId, uint64 seq);
+    event RequestRefused(uint256 indexed challengeId, address indexed edge, uint8 reason);
     event OmissionRecorded(uint256 indexed challengeId, address indexed edge, bytes32 recordHash, uint64 seq);
+    event FraudProven(address indexed edge, uint64 indexed batchId, uint8 fault, address prover);
     event DisputeRecorded(
         uint256 indexed disputeId,
         bytes32 indexed taskId,
@@ -162,6 +204,7 @@ contract SecureCILedger is EIP712, Ownable {
     error NoKeyPossession(address key);
     error NotTaskDevice(address caller);
     error EmptyBatch();
+    error BatchTooLarge(uint32 count, uint32 max);
     error BatchGap(uint64 expected, uint64 got);
     error BatchReplay(uint64 expected, uint64 got);
     error FirstSeqMismatch(uint64 expected, uint64 got);
@@ -180,6 +223,12 @@ contract SecureCILedger is EIP712, Ownable {
     error SameOutput();
     error SameEdge();
     error DisputeExists(uint256 disputeId);
+    error RecordsMismatch(bytes32 expected, bytes32 got);
+    error NoFraud(address edge, uint64 batchId);
+    error FraudAlreadyProven(address edge, uint64 batchId);
+    error EdgeFaulty(address edge);
+    error InvalidDeviceSignature();
+    error RequestMismatch();
 
     constructor(uint64 challengeWindow_) EIP712("secure-ci", "1") Ownable(msg.sender) {
         challengeWindow = challengeWindow_;
@@ -273,7 +322,8 @@ contract SecureCILedger is EIP712, Ownable {
     // ---------------------------------------------------------------- batches
 
     /// @notice Anchor the next batch of the sender's (an active edge key's) batch chain.
-    /// @dev `records` is deliberately not read: it is in calldata for auditors.
+    /// @dev `records` is only hashed (recordsHash, stored and chained into the head):
+    /// anyone can later prove with proveFraud that they do not rebuild `root`.
     function anchorBatch(
         uint64 batchId,
         bytes32 root,
@@ -282,23 +332,42 @@ contract SecureCILedger is EIP712, Ownable {
         bytes32 prevHead,
         bytes calldata records
     ) external {
-        records;
         Edge storage e = _edges[msg.sender];
         if (!e.active) revert UnknownEdge(msg.sender);
+        if (fraudCount[msg.sender] != 0) revert EdgeFaulty(msg.sender);
         if (!allowedMeasurement[e.measurement]) revert MeasurementNotAllowed(e.measurement);
         if (count == 0) revert EmptyBatch();
+        if (count > MAX_BATCH_RECORDS) revert BatchTooLarge(count, MAX_BATCH_RECORDS);
         uint64 expected = e.nextBatchId;
         if (batchId > expected) revert BatchGap(expected, batchId);
         if (batchId < expected) revert BatchReplay(expected, batchId);
         if (firstSeq != e.nextSeq) revert FirstSeqMismatch(e.nextSeq, firstSeq);
         if (prevHead != e.head) revert PrevHeadMismatch(e.head, prevHead);
-        bytes32 newHead = keccak256(abi.encode(prevHead, root, firstSeq, count));
+        bytes32 recordsHash = keccak256(records);
+        bytes32 newHead = keccak256(abi.encode(prevHead, root, recordsHash, firstSeq, count));
         _batches[msg.sender][batchId] =
-            Batch(root, firstSeq, count, uint64(block.number), e.measurement);
+            Batch(root, firstSeq, count, uint64(block.number), e.measurement, recordsHash);
         e.nextBatchId = expected + 1;
         e.nextSeq = firstSeq + count;
         e.head = newHead;
         emit BatchAnchored(msg.sender, batchId, root, firstSeq, count, newHead);
+    }
+
+    /// @notice Prove that a batch's published records are fraudulent: `records` (the batch's
+    /// calldata, checked against its recordsHash) break a rule of the encoding or do not
+    /// rebuild its root (see BatchCalldata). Anyone may call; the fault is recorded against
+    /// the edge, which is faulty from then on. Reverts NoFraud for an honest batch.
+    function proveFraud(address edge, uint64 batchId, bytes calldata records) external returns (uint8 fault) {
+        if (batchId >= _edges[edge].nextBatchId) revert UnknownBatch(edge, batchId);
+        if (batchFault[edge][batchId] != 0) revert FraudAlreadyProven(edge, batchId);
+        Batch storage b = _batches[edge][batchId];
+        bytes32 got = keccak256(records);
+        if (got != b.recordsHash) revert RecordsMismatch(b.recordsHash, got);
+        fault = BatchCalldata.check(records, edge, b.firstSeq, b.count, b.root, _domainSeparatorV4());
+        if (fault == BatchCalldata.OK) revert NoFraud(edge, batchId);
+        batchFault[edge][batchId] = fault;
+        fraudCount[edge] += 1;
+        emit FraudProven(edge, batchId, fault, msg.sender);
     }
 
     /// @notice True when `recordHash` at `seq` is provably in the edge's anchored batch.
@@ -312,7 +381,8 @@ contract SecureCILedger is EIP712, Ownable {
         if (batchId >= _edges[edge].nextBatchId) return false;
         Batch storage b = _batches[edge][batchId];
         if (seq < b.firstSeq || seq - b.firstSeq >= b.count) return false;
-        return MerkleProof.verifyCalldata(proof, b.root, leaf(seq, recordHash));
+        if (proof.length > 64) return false;
+        return _provesLeaf(b, seq, recordHash, proof);
     }
 
     // ---------------------------------------------------------------- challenges
@@ -336,21 +406,101 @@ contract SecureCILedger is EIP712, Ownable {
     function respondChallenge(uint256 challengeId, uint64 batchId, bytes32[] calldata proof) external {
         Challenge storage c = _openChallenge(challengeId);
         if (block.timestamp > c.deadline) revert ChallengeWindowClosed(challengeId);
+        if (fraudCount[c.edge] != 0) revert EdgeFaulty(c.edge);
         if (batchId >= _edges[c.edge].nextBatchId) revert UnknownBatch(c.edge, batchId);
         Batch storage b = _batches[c.edge][batchId];
         if (c.seq < b.firstSeq || c.seq - b.firstSeq >= b.count) revert SeqNotInBatch(c.seq);
-        if (!MerkleProof.verifyCalldata(proof, b.root, leaf(c.seq, c.recordHash))) revert InvalidProof();
+        if (!_provesLeaf(b, c.seq, c.recordHash, proof)) revert InvalidProof();
         c.state = CHALLENGE_RESOLVED;
         emit ChallengeResolved(challengeId, c.edge, batchId);
     }
 
-    /// @notice After the window, an unanswered challenge becomes a recorded omission.
+    /// @notice After the window (at once against a faulty edge), an unanswered challenge
+    /// becomes a recorded omission.
     function finalizeChallenge(uint256 challengeId) external {
         Challenge storage c = _openChallenge(challengeId);
-        if (block.timestamp <= c.deadline) revert ChallengeWindowOpen(challengeId);
+        if (block.timestamp <= c.deadline && fraudCount[c.edge] == 0) revert ChallengeWindowOpen(challengeId);
         c.state = CHALLENGE_OMITTED;
         _edges[c.edge].omissions += 1;
         emit OmissionRecorded(challengeId, c.edge, c.recordHash, c.seq);
+    }
+
+    // ---------------------------------------------------------------- request-only challenges
+
+    /// @notice A registered device that got no result challenges the edge its signed request
+    /// names; the edge must answer (answerRequest) or refuse (refuseRequest) within
+    /// `challengeWindow`, else finalizeRequestChallenge records the omission.
+    function challengeRequest(TaskRequest calldata req, bytes calldata deviceSig)
+        external
+        returns (uint256 challengeId)
+    {
+        if (!isRegisteredDevice[msg.sender]) revert NotRegisteredDevice(msg.sender);
+        if (msg.sender != req.device) revert NotTaskDevice(msg.sender);
+        bytes32 requestHash = hashTaskRequest(req);
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(_hashTypedDataV4(requestHash), deviceSig);
+        if (err != ECDSA.RecoverError.NoError || signer != req.device) revert InvalidDeviceSignature();
+        if (!_edges[req.edge].registered) revert UnknownEdge(req.edge);
+        uint256 existing = requestChallengeOf[requestHash];
+        if (existing != 0) revert ChallengeExists(existing);
+        challengeId = ++challengeCount;
+        uint64 deadline = uint64(block.timestamp) + challengeWindow;
+        _requestChallenges[challengeId] =
+            RequestChallenge(msg.sender, deadline, CHALLENGE_OPEN, 0, req.edge, requestHash);
+        requestChallengeOf[requestHash] = challengeId;
+        emit RequestChallengeOpened(challengeId, req.edge, msg.sender, req.taskId, requestHash, deadline);
+    }
+
+    /// @notice Anyone may answer with the anchored result of the request: the record and its
+    /// positional proof in one of the edge's batches.
+    function answerRequest(uint256 challengeId, TaskResult calldata res, uint64 batchId, bytes32[] calldata proof)
+        external
+    {
+        RequestChallenge storage c = _openRequestChallenge(challengeId);
+        if (res.requestHash != c.requestHash) revert RequestMismatch();
+        if (batchId >= _edges[c.edge].nextBatchId) revert UnknownBatch(c.edge, batchId);
+        Batch storage b = _batches[c.edge][batchId];
+        if (res.edgeSeq < b.firstSeq || res.edgeSeq - b.firstSeq >= b.count) revert SeqNotInBatch(res.edgeSeq);
+        if (!_provesLeaf(b, res.edgeSeq, hashTaskResult(res), proof)) revert InvalidProof();
+        c.state = CHALLENGE_RESOLVED;
+        emit RequestAnswered(challengeId, c.edge, batchId, res.edgeSeq);
+    }
+
+    /// @notice The edge's enclave refuses the request (signed TaskRefusal); recorded as such.
+    function refuseRequest(uint256 challengeId, uint8 reason, bytes calldata edgeSig) external {
+        RequestChallenge storage c = _openRequestChallenge(challengeId);
+        bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(TASK_REFUSAL_TYPEHASH, c.requestHash, reason)));
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, edgeSig);
+        if (err != ECDSA.RecoverError.NoError || signer != c.edge) revert InvalidEdgeSignature();
+        c.state = CHALLENGE_REFUSED;
+        c.refusal = reason;
+        emit RequestRefused(challengeId, c.edge, reason);
+    }
+
+    /// @notice After the window (at once against a faulty edge), an unanswered request
+    /// challenge becomes a recorded omission.
+    function finalizeRequestChallenge(uint256 challengeId) external {
+        RequestChallenge storage c = _requestChallenges[challengeId];
+        if (c.state == 0) revert UnknownChallenge(challengeId);
+        if (c.state != CHALLENGE_OPEN) revert ChallengeNotOpen(challengeId);
+        if (block.timestamp <= c.deadline && fraudCount[c.edge] == 0) revert ChallengeWindowOpen(challengeId);
+        c.state = CHALLENGE_OMITTED;
+        _edges[c.edge].omissions += 1;
+        emit OmissionRecorded(challengeId, c.edge, c.requestHash, 0);
+    }
+
+    function getRequestChallenge(uint256 challengeId) external view returns (RequestChallenge memory) {
+        RequestChallenge memory c = _requestChallenges[challengeId];
+        if (c.state == 0) revert UnknownChallenge(challengeId);
+        return c;
+    }
+
+    /// @dev An open request challenge the edge can still answer (window open, edge not faulty).
+    function _openRequestChallenge(uint256 challengeId) private view returns (RequestChallenge storage c) {
+        c = _requestChallenges[challengeId];
+        if (c.state == 0) revert UnknownChallenge(challengeId);
+        if (c.state != CHALLENGE_OPEN) revert ChallengeNotOpen(challengeId);
+        if (block.timestamp > c.deadline) revert ChallengeWindowClosed(challengeId);
+        if (fraudCount[c.edge] != 0) revert EdgeFaulty(c.edge);
     }
 
     // ---------------------------------------------------------------- disputes
@@ -445,6 +595,12 @@ contract SecureCILedger is EIP712, Ownable {
         return (b.root, b.firstSeq, b.count, b.blockNumber, b.measurement);
     }
 
+    /// @notice keccak256 of the records the batch published (its calldata `records`).
+    function batchRecordsHash(address edge, uint64 batchId) external view returns (bytes32) {
+        if (batchId >= _edges[edge].nextBatchId) revert UnknownBatch(edge, batchId);
+        return _batches[edge][batchId].recordsHash;
+    }
+
     function getChallenge(uint256 challengeId) external view returns (Challenge memory) {
         if (challengeId == 0 || challengeId > challengeCount) revert UnknownChallenge(challengeId);
         return _challenges[challengeId];
@@ -520,6 +676,25 @@ contract SecureCILedger is EIP712, Ownable {
         if (err != ECDSA.RecoverError.NoError) revert InvalidEdgeSignature();
         if (!_edges[signer].registered) revert UnknownEdge(signer);
         return signer;
+    }
+
+    /// @dev True when `proof` is the positional proof of leaf(seq, recordHash) in `b`.
+    function _provesLeaf(Batch storage b, uint64 seq, bytes32 recordHash, bytes32[] calldata proof)
+        private
+        view
+        returns (bool)
+    {
+        uint256 index = seq - b.firstSeq;
+        uint256 count = b.count;
+        // the proof's length is a function of (index, count): check it before hashing
+        uint256 expected;
+        uint256 i = index;
+        for (uint256 size = count; size > 1; size = (size + 1) >> 1) {
+            if (i ^ 1 < size) ++expected;
+            i >>= 1;
+        }
+        if (proof.length != expected) return false;
+        return BatchMerkle.rootFromProof(leaf(seq, recordHash), index, count, proof) == b.root;
     }
 
     function _openChallenge(uint256 challengeId) private view returns (Challenge storage c) {

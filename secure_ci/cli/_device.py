@@ -212,6 +212,8 @@ async def _infer(
                     for job in jobs:
                         job.cancel()
                     await asyncio.gather(*jobs, return_exceptions=True)
+                    for request, signature in session.unanswered:  # challengeable later
+                        journal.record_unanswered(request, signature, domain)
                 return len(jobs)
         except AuthorizationError as exc:
             failures.append(str(exc))
@@ -328,7 +330,11 @@ def receipts(
     journal: Journal = DEFAULT_JOURNAL,
     check: Annotated[
         bool,
-        typer.Option("--check", help="Look each task up on the ledger; challenge overdue ones."),
+        typer.Option(
+            "--check",
+            help="Look each task up on the ledger; challenge overdue ones, and the edge of"
+            " each overdue request that got no result (with the signed request alone).",
+        ),
     ] = False,
     deployment: DeploymentOption = None,
     identity: Annotated[
@@ -339,7 +345,8 @@ def receipts(
     passphrase_file: PassphraseFile = None,
     passphrase_env: PassphraseEnv = None,
 ) -> None:
-    """The device journal's tasks and their state: answered, anchored or challenged."""
+    """The device journal's tasks and their state: answered, anchored or challenged; and
+    the requests that got no result: unanswered, or request-challenged."""
     from secure_ci.device._journal import DeviceJournal
 
     if not journal.exists():
@@ -360,16 +367,35 @@ def receipts(
             }
             for t in book.tasks()
         ]
+        rows += [
+            {
+                "task_id": "0x" + u.request.task_id.hex(),
+                "edge": "0x" + u.request.edge.hex(),
+                "edge_seq": None,
+                "state": "unanswered" if u.challenge_id is None else "request-challenged",
+                "challenge_id": u.challenge_id,
+            }
+            for u in book.unanswered()
+        ]
     for row in rows:
         if as_json:
             typer.echo(json.dumps(row))
         else:
             extra = f" challenge {row['challenge_id']}" if row["challenge_id"] is not None else ""
-            typer.echo(f"{row['task_id']}  edge {row['edge']} seq {row['edge_seq']}  "
-                       f"{row['state']}{extra}")  # fmt: skip
-    counts = {s: sum(r["state"] == s for r in rows) for s in ("answered", "anchored", "challenged")}
+            seq = f" seq {row['edge_seq']}" if row["edge_seq"] is not None else ""
+            typer.echo(f"{row['task_id']}  edge {row['edge']}{seq}  {row['state']}{extra}")
+    tasks = [r for r in rows if r["edge_seq"] is not None]
+    counts = {
+        s: sum(r["state"] == s for r in tasks) for s in ("answered", "anchored", "challenged")
+    }
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-    typer.echo(f"{len(rows)} task(s): {summary}", err=as_json)
+    if len(rows) > len(tasks):
+        pending = sum(r["state"] == "unanswered" for r in rows)
+        summary += (
+            f"; {len(rows) - len(tasks)} request(s) without a result: {pending} unanswered,"
+            f" {len(rows) - len(tasks) - pending} request-challenged"
+        )
+    typer.echo(f"{len(tasks)} task(s): {summary}", err=as_json)
 
 
 async def _check(
@@ -410,3 +436,22 @@ async def _check(
             pending = receipts.pending.get(task.task_id)
             if pending is not None and pending.challenge_id is not None:
                 book.mark_challenged(task, pending.challenge_id)
+        await _challenge_unanswered(book, ledger, found.domain, device, grace)
+
+
+async def _challenge_unanswered(
+    book: DeviceJournal, ledger: Any, domain: Any, device: DeviceIdentity, grace: int
+) -> None:
+    """Challenge the edge of every overdue request that got no result (request-only)."""
+    from eth_account import Account
+
+    now = await ledger.timestamp()
+    account = Account.from_key(device.key)
+    for u in book.unanswered():
+        q = u.request
+        if u.challenge_id is not None or q.device != device.address or u.domain != domain:
+            continue
+        if now <= q.deadline + grace:
+            continue
+        challenge_id = await ledger.challenge_request(account, q, u.device_sig)
+        book.mark_request_challenged(q, challenge_id)

@@ -8,6 +8,10 @@ receipt is stored), ``challenged`` (overdue or anchored wrongly; the challenge i
 ``superseded`` (a verified result that came after the task had been accepted from another
 edge or finished locally: kept as evidence, never used).
 
+Requests sent without a verified result (the edge refused, failed, went silent, or sent a
+result that did not verify) are kept too, as ``unanswered`` requests: once overdue the
+device challenges the edge with the signed request alone (a request-only challenge).
+
 A fleet device (:mod:`secure_ci.device._fleet`) also writes ahead: :meth:`begin` stores a
 task's inputs before any work, :meth:`finish` removes them and records the outcome (mode,
 edge, every attempt) with the accepted receipt in one transaction, so a device killed at any
@@ -28,7 +32,7 @@ from secure_ci.device._tasks import TaskReceipt
 from secure_ci.exceptions import JournalError
 from secure_ci.ledger._records import REQUEST_ROW, RESULT_ROW, LedgerDomain, TaskRequest, TaskResult
 
-__all__ = ["DeviceJournal", "JournalTask"]
+__all__ = ["DeviceJournal", "JournalTask", "UnansweredRequest"]
 
 _FORMAT = b"device/1"
 _SCHEMA = """
@@ -46,6 +50,10 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE TABLE IF NOT EXISTS outcomes (
     task_key INTEGER PRIMARY KEY, finished REAL NOT NULL, mode TEXT NOT NULL, edge TEXT,
     task_id BLOB, attempts TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    device BLOB NOT NULL, task_id BLOB NOT NULL, edge BLOB NOT NULL, request BLOB NOT NULL,
+    device_sig BLOB NOT NULL, chain_id INTEGER NOT NULL, contract BLOB NOT NULL,
+    deadline INTEGER NOT NULL, challenge_id INTEGER, PRIMARY KEY (device, task_id, edge));
 """
 _COLUMNS = (
     "request, result, device_sig, edge_sig, input_salt, output_salt, chain_id, contract,"
@@ -65,6 +73,16 @@ class JournalTask:
     @property
     def task_id(self) -> bytes:
         return self.receipt.request.task_id
+
+
+@dataclass(frozen=True)
+class UnansweredRequest:
+    """A signed request the edge never answered with a verified result."""
+
+    request: TaskRequest
+    device_sig: bytes
+    domain: LedgerDomain
+    challenge_id: int | None
 
 
 class DeviceJournal:
@@ -167,6 +185,42 @@ class DeviceJournal:
         """A finished task's (mode, edge, attempts as JSON), or None."""
         rows = self._execute("SELECT mode, edge, attempts FROM outcomes WHERE task_key = ?", key)
         return None if not rows else (str(rows[0][0]), rows[0][1], str(rows[0][2]))
+
+    def record_unanswered(
+        self, request: TaskRequest, device_sig: bytes, domain: LedgerDomain
+    ) -> None:
+        """Keep a signed request that got no verified result (a no-op once kept)."""
+        self._execute(
+            "INSERT OR IGNORE INTO requests (device, task_id, edge, request, device_sig,"
+            " chain_id, contract, deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            request.device, request.task_id, request.edge,
+            REQUEST_ROW.pack(*(getattr(request, f) for f in TaskRequest.__slots__)),
+            device_sig, domain.chain_id, domain.contract, request.deadline,
+        )  # fmt: skip
+
+    def unanswered(self) -> Iterator[UnansweredRequest]:
+        """Unanswered requests, oldest first, except those answered later (a task of the
+        same device, id and edge with a verified result)."""
+        rows = self._execute(
+            "SELECT r.request, r.device_sig, r.chain_id, r.contract, r.challenge_id FROM requests r"
+            " WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.device = r.device AND"
+            " t.task_id = r.task_id AND t.edge = r.edge) ORDER BY r.rowid"
+        )
+        for req, sig, chain_id, contract, challenge in rows:
+            try:
+                request = TaskRequest(*REQUEST_ROW.unpack(bytes(req)))
+            except (struct.error, TypeError, ValueError) as exc:
+                raise JournalError(f"device journal row is corrupt: {exc}") from exc
+            domain = LedgerDomain(int(chain_id), bytes(contract))
+            yield UnansweredRequest(
+                request, bytes(sig), domain, None if challenge is None else int(challenge)
+            )
+
+    def mark_request_challenged(self, request: TaskRequest, challenge_id: int) -> None:
+        self._execute(
+            "UPDATE requests SET challenge_id = ? WHERE device = ? AND task_id = ? AND edge = ?",
+            challenge_id, request.device, request.task_id, request.edge,
+        )  # fmt: skip
 
     def mark_anchored(self, task: JournalTask, receipt: bytes) -> None:
         self._set(task, "anchored", receipt=receipt)

@@ -113,6 +113,10 @@ class Session:
         self.receipts: deque[TaskReceipt] = deque(maxlen=RECEIPT_WINDOW)
         """The last :data:`RECEIPT_WINDOW` receipts (a bounded window: the device journal,
         ``secure_ci.device._journal``, is where a device keeps every receipt)."""
+        self.unanswered: list[tuple[TaskRequest, bytes]] = []
+        """Signed requests sent without a verified result (refused, failed, timed out, or a
+        result that did not verify): the device can challenge the edge with each (a
+        request-only challenge), so dropping a request leaves evidence."""
         self._stream = stream
         self._head = head
         self._model_id = bytes.fromhex(plan.model_id)
@@ -351,6 +355,7 @@ class Session:
         if task is None or task.future.done():  # the protocol passes answers to tasks in flight
             raise RemoteProtocolError("unexpected event", code=ErrorCode.UNEXPECTED)
         if isinstance(event, Error):
+            self.unanswered.append((task.record, task.request.signature))
             task.future.set_exception(
                 RemoteProtocolError(f"edge refused the task: {event.reason}", code=event.code)
             )
@@ -360,6 +365,7 @@ class Session:
                     event, task.request, task.record, enclave=self.binding, domain=self.domain
                 )
             except SecureCIError as exc:
+                self.unanswered.append((task.record, task.request.signature))
                 task.future.set_exception(exc)
                 return
             self.receipts.append(receipt)
@@ -376,6 +382,7 @@ class Session:
             self._failed.set()
         for task in self._tasks.values():
             if not task.future.done():
+                self.unanswered.append((task.record, task.request.signature))
                 task.future.set_exception(exc)
         self._tasks.clear()
         if self._pong is not None and not self._pong.done():

@@ -23,6 +23,12 @@ from secure_ci.ledger._chain import (
 )
 from secure_ci.ledger._client import LedgerClient
 from secure_ci.ledger._connect import DEFAULT_CHALLENGE_WINDOW, deploy_contract, open_ledger
+from secure_ci.ledger._integrity import (
+    REFUSAL_NOT_RECEIVED,
+    BatchFault,
+    RequestChallengeInfo,
+    refusal_digest,
+)
 from secure_ci.ledger._journal import Batch, Journal, JournalEntry, sign_entry
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, verify_proof
 from secure_ci.ledger._receipts import Receipt, ReceiptBook, find_receipt
@@ -43,6 +49,7 @@ from secure_ci.ledger._records import (
 __all__ = [
     "DEFAULT_CHALLENGE_WINDOW",
     "INPROCESS",
+    "REFUSAL_NOT_RECEIVED",
     "AnchorReceipt",
     "AnchoredRecord",
     "Anchorer",
@@ -50,6 +57,7 @@ __all__ = [
     "AuditIndex",
     "Batch",
     "BatchAnchoredEvent",
+    "BatchFault",
     "BatchInfo",
     "BatchRecords",
     "ChallengeInfo",
@@ -66,6 +74,7 @@ __all__ = [
     "MerkleTree",
     "Receipt",
     "ReceiptBook",
+    "RequestChallengeInfo",
     "Signer",
     "TaskRequest",
     "TaskResult",
@@ -84,6 +93,7 @@ __all__ = [
     "new_salt",
     "open_ledger",
     "recover_signer",
+    "refusal_digest",
     "run_anvil",
     "sign_digest",
     "sign_entry",

@@ -11,8 +11,10 @@ and re-anchors exactly the batches the chain lacks:
   deterministic (same records, boundaries, roots and heads), so they are anchored again from
   the first batch the chain lacks; the first of them carries, in its calldata, the last head
   the previous epoch reached and that epoch's number (see ``_calldata``), which links the
-  epochs for auditors. Records keep their sequence numbers and signatures; this needs the
-  same chain id and contract address (a deterministic redeploy), which fix the EIP-712 domain.
+  epochs for auditors. Heads chain the records hash (keccak256 of the calldata), so that
+  batch and the ones after it get new heads (``Journal.rehead``). Records keep their sequence
+  numbers and signatures; this needs the same chain id and contract address (a deterministic
+  redeploy), which fix the EIP-712 domain.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ from typing import Any, Protocol
 from secure_ci.exceptions import JournalError, LedgerError
 from secure_ci.ledger._calldata import BatchRecords, encode_batch
 from secure_ci.ledger._journal import Batch, Journal, JournalEntry, verify_entry
-from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash
+from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, records_hash
 from secure_ci.ledger._records import LedgerDomain
 
-__all__ = ["AnchorLedger", "Anchorer"]
+__all__ = ["MAX_ANCHOR_RECORDS", "AnchorLedger", "Anchorer"]
 
 log = logging.getLogger(__name__)
 _LINK_KEY = "epoch_link"  # value: batch id (8) || previous head (32) || previous epoch (4)
 _EPOCH_KEY = "epoch"
+MAX_ANCHOR_RECORDS = 2048
+"""The contract's ``MAX_BATCH_RECORDS``: a fraud proof decodes every record of a batch, so
+batches stay small enough for one to fit in a transaction."""
 
 
 class AnchorLedger(Protocol):
@@ -75,6 +80,9 @@ class Anchorer:
     ) -> None:
         if max_records < 1 or max_seconds <= 0:
             raise LedgerError("max_records and max_seconds must be positive")
+        if max_records > MAX_ANCHOR_RECORDS:  # the contract's cap: every batch stays provable
+            log.warning("batches close at %d records (the contract's cap)", MAX_ANCHOR_RECORDS)
+            max_records = MAX_ANCHOR_RECORDS
         if _address(edge_account) != journal.edge:
             raise JournalError("the journal belongs to another edge key")
         self.journal = journal
@@ -171,8 +179,11 @@ class Anchorer:
                 checked += 1
         leaves = [leaf_hash(e.result.edge_seq, e.record_hash) for e in entries]
         root = MerkleTree.build(leaves).root
-        if root != batch.root or chain_head(batch.prev_head, root, batch.first_seq,
-                                            batch.count) != batch.head:  # fmt: skip
+        if (
+            root != batch.root
+            or chain_head(batch.prev_head, root, batch.records_hash, batch.first_seq, batch.count)
+            != batch.head
+        ):
             raise JournalError(
                 f"journal batch {batch.batch_id} was changed on disk (its root or head is not "
                 "its records'): refusing to anchor it"
@@ -183,14 +194,20 @@ class Anchorer:
 
     async def _anchor(self, batch: Batch) -> Any:
         entries = await asyncio.to_thread(self._checked, batch)
+        link = self._link_for(batch.batch_id)
         calldata = encode_batch(
             BatchRecords(
-                self.journal.edge,
-                batch.first_seq,
-                tuple(e.anchored() for e in entries),
-                self._link_for(batch.batch_id),
+                self.journal.edge, batch.first_seq, tuple(e.anchored() for e in entries), link
             )
         )
+        digest = records_hash(calldata)
+        if digest != batch.records_hash:
+            if link is None:  # the stored records hash is not the records': host tampering
+                raise JournalError(
+                    f"journal batch {batch.batch_id} was changed on disk (its records hash is"
+                    " not its records'): refusing to anchor it"
+                )
+            batch = await asyncio.to_thread(self.journal.rehead, batch.batch_id, digest)
         receipt = await self.ledger.anchor_batch(
             self.account,
             batch.batch_id,

@@ -272,7 +272,13 @@ class AuditIndex(IndexWriter):
             if not info.first_seq <= result.edge_seq < info.first_seq + info.count:
                 raise ProofError("the chain's batch does not cover the task's sequence number")
             root, measurement = info.root, info.measurement
-        verify_proof(bytes(root), leaf_hash(result.edge_seq, record_hash), proof)
+        verify_proof(
+            bytes(root),
+            leaf_hash(result.edge_seq, record_hash),
+            proof,
+            result.edge_seq - first_seq,
+            count,
+        )
         self._check_device_signature(task)
         if bytes(measurement) != result.measurement:
             raise SignatureError("the result's measurement is not the one anchored with its batch")

@@ -36,13 +36,14 @@ from secure_ci.ledger._chain import (
     as_task_result,
     as_uint,
 )
+from secure_ci.ledger._integrity import IntegrityCalls
 from secure_ci.ledger._records import KeyRegistration
 from secure_ci.ledger._registry import RegistryReads
 
 __all__ = ["LedgerClient"]
 
 
-class LedgerClient(RegistryReads):
+class LedgerClient(RegistryReads, IntegrityCalls):
     """Calls and transactions on one deployed SecureCILedger; create it with open_ledger."""
 
     # ------------------------------------------------------------------ registry
@@ -252,6 +253,13 @@ class LedgerClient(RegistryReads):
         )
         root, first_seq, count, block_number, measurement = await self._call(fn)
         return BatchInfo(bytes(root), first_seq, count, block_number, bytes(measurement))
+
+    async def batch_records_hash(self, edge_addr: object, batch_id: int) -> bytes:
+        """keccak256 of the records the batch published (UnknownBatch if never anchored)."""
+        fn = self._contract.functions.batchRecordsHash(
+            as_address(edge_addr, "edge"), as_uint(batch_id, "batch_id", 64)
+        )
+        return bytes(await self._call(fn))
 
     async def batches(
         self, edge_addr: object | None = None, from_block: int = 0

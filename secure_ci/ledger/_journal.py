@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from secure_ci.exceptions import JournalError, RecordError, SignatureError
-from secure_ci.ledger._calldata import AnchoredRecord
-from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash
+from secure_ci.ledger._calldata import AnchoredRecord, BatchRecords, encode_batch
+from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, records_hash
 from secure_ci.ledger._records import (
     REQUEST_ROW,
     RESULT_ROW,
@@ -36,7 +36,7 @@ __all__ = ["Batch", "Journal", "JournalEntry", "sign_entry", "verify_entry"]
 
 _REQ, _RES = REQUEST_ROW, RESULT_ROW
 _GENESIS = bytes(32)
-_FORMAT = b"2"  # 2: TaskRequest with prevRequest
+_FORMAT = b"3"  # 2: TaskRequest with prevRequest; 3: heads chain the records hash
 MAX_CACHED = 1 << 14
 """Unanchored entries kept in memory to save reading them back (older ones are read from
 disk): the cache stays bounded however long the chain is away."""
@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE TABLE IF NOT EXISTS batches (
     batch_id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
     root BLOB NOT NULL, prev_head BLOB NOT NULL, head BLOB NOT NULL,
-    anchored INTEGER NOT NULL DEFAULT 0, tx_hash BLOB, block_number INTEGER);
+    anchored INTEGER NOT NULL DEFAULT 0, tx_hash BLOB, block_number INTEGER,
+    records_hash BLOB NOT NULL);
 """
 
 
@@ -68,7 +69,10 @@ class JournalEntry:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """A closed batch: records ``first_seq .. first_seq + count - 1`` of one edge."""
+    """A closed batch: records ``first_seq .. first_seq + count - 1`` of one edge.
+
+    ``records_hash`` is keccak256 of the calldata the batch is anchored with (chained into
+    ``head``); it changes only when the batch is anchored again with an epoch link."""
 
     batch_id: int
     first_seq: int
@@ -79,6 +83,7 @@ class Batch:
     anchored: bool
     tx_hash: bytes | None
     block_number: int | None
+    records_hash: bytes
 
 
 class Journal:
@@ -278,48 +283,81 @@ class Journal:
         if count <= 0:
             return None
         first = self._batched
-        hashes = [e.record_hash for s in range(first, first + count) if (e := self._recent.get(s))]
-        if len(hashes) != count:
-            hashes = self._record_hashes(first, count)
-        root = MerkleTree.build([leaf_hash(first + i, h) for i, h in enumerate(hashes)]).root
-        head = chain_head(self._head, root, first, count)
-        batch = Batch(self._next_batch, first, count, root, self._head, head, False, None, None)
+        entries = self.entries(first, count)
+        root = MerkleTree.build(
+            [leaf_hash(first + i, e.record_hash) for i, e in enumerate(entries)]
+        ).root
+        calldata = encode_batch(
+            BatchRecords(self.edge, first, tuple(e.anchored() for e in entries))
+        )
+        digest = records_hash(calldata)
+        head = chain_head(self._head, root, digest, first, count)
+        batch = Batch(
+            self._next_batch, first, count, root, self._head, head, False, None, None, digest
+        )
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO batches (batch_id, first_seq, count, root, prev_head, head)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (batch.batch_id, first, count, root, batch.prev_head, head),
+                "INSERT INTO batches (batch_id, first_seq, count, root, prev_head, head,"
+                " records_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (batch.batch_id, first, count, root, batch.prev_head, head, digest),
             )
         self._next_batch += 1
         self._batched += count
         self._head = head
         return batch
 
-    def _record_hashes(self, first: int, count: int) -> list[bytes]:
-        sql = "SELECT record_hash FROM records WHERE seq >= ? AND seq < ? ORDER BY seq"
-        hashes = [bytes(row[0]) for row in self._rows(sql, first, first + count)]
-        if len(hashes) != count:
-            raise JournalError("journal is missing records of the batch")
-        return hashes
+    def rehead(self, batch_id: int, new_records_hash: bytes) -> Batch:
+        """Batch ``batch_id`` is anchored with other calldata (an epoch link): store its
+        records hash and recompute its head and the heads of every later batch."""
+        with self._lock:
+            batch = self.batch(batch_id)
+            digest, prev = new_records_hash, batch.prev_head
+            with self._tx() as conn:
+                for bid in range(batch_id, self._next_batch):
+                    b = self.batch(bid) if bid != batch_id else batch
+                    digest = digest if bid == batch_id else b.records_hash
+                    head = chain_head(prev, b.root, digest, b.first_seq, b.count)
+                    conn.execute(
+                        "UPDATE batches SET prev_head = ?, head = ?, records_hash = ?"
+                        " WHERE batch_id = ?",
+                        (prev, head, digest, bid),
+                    )
+                    prev = head
+            self._head = prev
+            return self.batch(batch_id)
 
     def batch(self, batch_id: int) -> Batch:
         row = self._row(
             "SELECT batch_id, first_seq, count, root, prev_head, head, anchored, tx_hash,"
-            " block_number FROM batches WHERE batch_id = ?",
+            " block_number, records_hash FROM batches WHERE batch_id = ?",
             batch_id,
         )
         if row is None:
             raise JournalError(f"journal has no batch {batch_id}")
-        bid, first, count, root, prev, head, anchored, tx, block = row
+        bid, first, count, root, prev, head, anchored, tx, block, digest = row
         return Batch(
             bid, first, count, bytes(root), bytes(prev), bytes(head), bool(anchored),
-            bytes(tx) if tx is not None else None, block,
+            bytes(tx) if tx is not None else None, block, bytes(digest),
         )  # fmt: skip
 
     def unanchored(self) -> list[int]:
         """Ids of closed batches not known to be anchored, in order."""
         rows = self._rows("SELECT batch_id FROM batches WHERE anchored = 0 ORDER BY batch_id")
         return [int(r[0]) for r in rows]
+
+    def entry_for_request(self, request_hash: bytes) -> JournalEntry | None:
+        """The journalled record answering the request with struct hash ``request_hash``
+        (the first, if the edge answered it twice), None if the edge never answered it.
+
+        A scan (the result row holds the request hash at bytes 32..64): for challenges, which
+        are rare, not for the hot path."""
+        row = self._row(
+            "SELECT seq FROM records WHERE substr(result, 33, 32) = ? ORDER BY seq LIMIT 1",
+            request_hash,
+        )
+        if row is None:
+            return None
+        return self.entries(int(row[0]), 1)[0]
 
     def batch_of_seq(self, seq: int) -> Batch | None:
         """The closed batch holding edge sequence number ``seq``, if any."""

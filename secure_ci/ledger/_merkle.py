@@ -1,8 +1,14 @@
-"""Merkle batches compatible with OpenZeppelin's ``MerkleProof.verify``.
+"""Positional Merkle trees over a batch, identical to the contract's ``BatchMerkle``.
 
-Pairs are hashed in sorted order (commutative keccak), so a leaf carries its position: the
-leaf is OpenZeppelin's double hash ``keccak256(keccak256(abi.encode(uint64 seq, bytes32
-recordHash)))``. Leaves stay in sequence order; an unpaired last node is promoted unchanged.
+The leaf of a record is ``keccak256(keccak256(abi.encode(uint64 seq, bytes32 recordHash)))``
+(a hash of 32 bytes, never confused with a node, which hashes 64). A tree over ``n >= 1``
+leaves: level 0 is the leaves in sequence order; level ``k + 1`` pairs the nodes ``(2j,
+2j + 1)`` of level ``k`` as ``keccak256(left || right)`` in position order (not sorted); a
+level of odd length promotes its last node unchanged; the root is the single node of the
+last level (the leaf itself when ``n = 1``). A proof of the leaf at index ``i = seq -
+firstSeq`` is the siblings that exist on the way up, bottom first: its length follows from
+``(i, n)`` and each sibling's side from the bit of ``i`` at its level, so a proof proves one
+position only (OpenZeppelin's sorted-pair proofs do not bind the position).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ __all__ = [
     "MerkleTree",
     "chain_head",
     "leaf_hash",
+    "proof_length",
+    "records_hash",
     "root_from_proof",
     "verify_proof",
 ]
@@ -32,8 +40,8 @@ def leaf_hash(seq: int, record_hash: bytes) -> bytes:
     return keccak256(keccak256(seq.to_bytes(32, "big") + record_hash))
 
 
-def _pair(a: bytes, b: bytes) -> bytes:
-    return keccak256(a + b if a < b else b + a)
+def _pair(left: bytes, right: bytes) -> bytes:
+    return keccak256(left + right)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +72,7 @@ class MerkleTree:
         return len(self.levels[0])
 
     def proof(self, index: int) -> list[bytes]:
-        """Sibling hashes from leaf ``index`` up to the root (OpenZeppelin order)."""
+        """The positional proof of leaf ``index``: existing siblings, bottom first."""
         if not 0 <= index < len(self):
             raise ProofError(f"leaf index {index} out of range")
         proof: list[bytes] = []
@@ -76,26 +84,60 @@ class MerkleTree:
         return proof
 
 
-def root_from_proof(leaf: bytes, proof: Sequence[bytes]) -> bytes:
-    """The root that ``proof`` leads to from ``leaf`` (OpenZeppelin ``processProof``)."""
-    if len(proof) > MAX_PROOF_LENGTH:
-        raise ProofError("inclusion proof is too long")
-    node = leaf
-    for sibling in proof:
-        if not isinstance(sibling, bytes) or len(sibling) != 32:
-            raise ProofError("proof elements must be 32 bytes")
-        node = _pair(node, sibling)
+def proof_length(index: int, count: int) -> int:
+    """How many siblings the proof of leaf ``index`` among ``count`` leaves has."""
+    if not 0 <= index < count:
+        raise ProofError(f"leaf index {index} out of range for {count} leaves")
+    length = 0
+    while count > 1:
+        if index ^ 1 < count:
+            length += 1
+        index, count = index >> 1, (count + 1) >> 1
+    return length
+
+
+def root_from_proof(leaf: bytes, proof: Sequence[bytes], index: int, count: int) -> bytes:
+    """The root that ``proof`` leads to from ``leaf`` at position ``index`` of ``count``.
+
+    ProofError when the proof's length is not the one that position has (``BatchMerkle``'s
+    ``rootFromProof``).
+    """
+    if len(proof) > MAX_PROOF_LENGTH or len(proof) != proof_length(index, count):
+        raise ProofError("inclusion proof has the wrong length for the leaf's position")
+    node, used = leaf, 0
+    while count > 1:
+        if index ^ 1 < count:
+            sibling = proof[used]
+            used += 1
+            if not isinstance(sibling, bytes) or len(sibling) != 32:
+                raise ProofError("proof elements must be 32 bytes")
+            node = _pair(node, sibling) if index & 1 == 0 else _pair(sibling, node)
+        index, count = index >> 1, (count + 1) >> 1
     return node
 
 
-def verify_proof(root: bytes, leaf: bytes, proof: Sequence[bytes]) -> None:
-    """Raise ProofError unless ``proof`` shows ``leaf`` is under ``root``."""
-    if root_from_proof(leaf, proof) != root:
+def verify_proof(root: bytes, leaf: bytes, proof: Sequence[bytes], index: int, count: int) -> None:
+    """Raise ProofError unless ``proof`` shows ``leaf`` at ``index`` of ``count`` under ``root``."""
+    if root_from_proof(leaf, proof, index, count) != root:
         raise ProofError("inclusion proof does not lead to the anchored root")
 
 
-def chain_head(prev_head: bytes, root: bytes, first_seq: int, count: int) -> bytes:
-    """The per-edge batch chain: ``keccak256(abi.encode(prevHead, root, firstSeq, count))``."""
-    if len(prev_head) != 32 or len(root) != 32:
-        raise ProofError("heads and roots are 32 bytes")
-    return keccak256(prev_head + root + first_seq.to_bytes(32, "big") + count.to_bytes(32, "big"))
+def records_hash(records: bytes) -> bytes:
+    """A batch's commitment to its published records: ``keccak256(records)``."""
+    return keccak256(records)
+
+
+def chain_head(
+    prev_head: bytes, root: bytes, records_digest: bytes, first_seq: int, count: int
+) -> bytes:
+    """The per-edge batch chain:
+    ``keccak256(abi.encode(prevHead, root, recordsHash, firstSeq, count))``."""
+    if len(prev_head) != 32 or len(root) != 32 or len(records_digest) != 32:
+        raise ProofError("heads, roots and records hashes are 32 bytes")
+    return keccak256(
+        prev_head
+        + root
+        + records_digest
+        + first_seq.to_bytes(32, "big")
+        + count.to_bytes(32, "big")
+    )

@@ -55,7 +55,8 @@ def _hex(addr: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """Proof that a task is anchored: record, batch, inclusion proof, root and domain."""
+    """Proof that a task is anchored: record, batch, positional inclusion proof, root, the
+    batch's first sequence number and count (which fix the leaf's position), and domain."""
 
     request: TaskRequest
     result: TaskResult
@@ -65,6 +66,8 @@ class Receipt:
     proof: tuple[bytes, ...]
     root: bytes
     domain: LedgerDomain
+    first_seq: int
+    count: int
 
     def verify(self) -> None:
         """Check signatures and the proof against ``root`` (raises on any failure)."""
@@ -75,13 +78,16 @@ class Receipt:
         if self.result.recover(self.edge_sig, self.domain) != self.request.edge:
             raise SignatureError("enclave signature does not match the request's edge")
         leaf = leaf_hash(self.result.edge_seq, self.result.digest(self.domain))
-        verify_proof(self.root, leaf, self.proof)
+        index = self.result.edge_seq - self.first_seq
+        if not 0 <= index < self.count:
+            raise ProofError("the receipt's batch does not cover the task's sequence number")
+        verify_proof(self.root, leaf, self.proof, index, self.count)
 
     def encode(self) -> bytes:
         """Canonical CBOR, for the device to store."""
         return canonical_cbor(
             [
-                1,
+                2,
                 [getattr(self.request, f) for f in TaskRequest.__slots__],
                 [getattr(self.result, f) for f in TaskResult.__slots__],
                 self.device_sig,
@@ -91,6 +97,8 @@ class Receipt:
                 self.root,
                 self.domain.chain_id,
                 self.domain.contract,
+                self.first_seq,
+                self.count,
             ]
         )
 
@@ -99,9 +107,14 @@ class Receipt:
         """Parse a stored receipt strictly (RecordError on anything malformed)."""
         try:
             value = decode_cbor(data, max_bytes=MAX_RECEIPT_BYTES)
-            version, req, res, dsig, esig, batch_id, proof, root, chain_id, contract = value
-            if version != 1 or not all(isinstance(p, bytes) for p in proof):
-                raise RecordError("unsupported receipt")
+            version, req, res, dsig, esig, batch_id, proof, root, chain_id, contract = value[:10]
+            if version != 2 or len(value) != 12 or not all(isinstance(p, bytes) for p in proof):
+                raise RecordError("unsupported receipt (version 2 has positional proofs)")
+            first_seq, count = value[10:]
+            if not (isinstance(first_seq, int) and isinstance(count, int)):
+                raise RecordError("bad receipt batch range")
+            if not (0 <= first_seq < 1 << 64 and 0 < count < 1 << 32):
+                raise RecordError("bad receipt batch range")
             if len(proof) > 64 or not isinstance(batch_id, int) or not 0 <= batch_id < 1 << 64:
                 raise RecordError("bad receipt batch id or proof")
             if not (isinstance(dsig, bytes) and isinstance(esig, bytes) and len(root) == 32):
@@ -115,6 +128,8 @@ class Receipt:
                 tuple(proof),
                 root,
                 LedgerDomain(chain_id, contract),
+                first_seq,
+                count,
             )
         except RecordError:
             raise
@@ -184,8 +199,9 @@ async def find_receipt(
         raise ProofError(f"the device signature the edge published does not verify: {exc}") from exc
     proof = tuple(tree.proof(index))
     receipt = Receipt(
-        request, result, device_sig, edge_sig, batch_id, proof, bytes(info.root), domain
-    )
+        request, result, device_sig, edge_sig, batch_id, proof, bytes(info.root), domain,
+        int(info.first_seq), int(info.count),
+    )  # fmt: skip
     receipt.verify()
     if not await ledger.verify_task(
         edge, batch_id, result.edge_seq, result.digest(domain), list(proof)

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from secure_ci.exceptions import ContractRevertError
+from secure_ci.exceptions import ContractRevertError, ProofError
 from secure_ci.ledger._chain import BatchInfo
 from secure_ci.ledger._journal import JournalEntry, sign_entry
-from secure_ci.ledger._merkle import chain_head, leaf_hash, root_from_proof
+from secure_ci.ledger._merkle import chain_head, leaf_hash, records_hash, root_from_proof
 from secure_ci.ledger._records import (
     LedgerDomain,
     Signer,
@@ -119,6 +119,8 @@ class MemoryLedger:
             raise ContractRevertError("MeasurementNotAllowed")
         if count == 0:
             raise ContractRevertError("EmptyBatch")
+        if count > 2048:
+            raise ContractRevertError("BatchTooLarge")
         if batch_id != len(e.batches):
             raise ContractRevertError("BatchGap" if batch_id > len(e.batches) else "BatchReplay")
         if first_seq != e.next_seq:
@@ -126,7 +128,7 @@ class MemoryLedger:
         if prev_head != e.head:
             raise ContractRevertError("PrevHeadMismatch")
         self.block += 1
-        e.head = chain_head(prev_head, root, first_seq, count)
+        e.head = chain_head(prev_head, root, records_hash(records), first_seq, count)
         e.batches.append(BatchInfo(root, first_seq, count, self.block, e.measurement))
         e.calldata.append(records)
         e.next_seq += count
@@ -150,7 +152,11 @@ class MemoryLedger:
         b = await self.batch(addr, batch_id)
         if not b.first_seq <= seq < b.first_seq + b.count:
             return False
-        return root_from_proof(leaf_hash(seq, record_hash), proof) == b.root
+        try:
+            leaf = leaf_hash(seq, record_hash)
+            return root_from_proof(leaf, proof, seq - b.first_seq, b.count) == b.root
+        except ProofError:
+            return False
 
     async def is_allowed_measurement(self, m: bytes) -> bool:
         return m in self.allowed

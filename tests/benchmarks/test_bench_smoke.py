@@ -99,6 +99,14 @@ def _check_ledger(result: dict[str, Any]) -> None:
     _percentiles(audit)
     _percentiles(audit["live_chain"])
     assert set(result["by_devices_per_batch"]) == {"16", "200", "1000", "2000"}
+    integrity = result["integrity_gas"]
+    fraud = integrity["fraud_proof_gas"]
+    assert fraud["records"] == 2000
+    assert 21_000 < fraud["truncated"] <= fraud["root_mismatch"] < 16_700_000  # EIP-7825 cap
+    challenge = integrity["request_challenge_gas"]
+    assert 21_000 < challenge["open"] < 500_000
+    assert 21_000 < challenge["answer"] < 500_000
+    assert challenge["proof_length"] == 11  # ceil(log2(2000)) siblings
 
 
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {

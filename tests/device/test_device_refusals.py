@@ -164,6 +164,10 @@ async def test_silent_edge_gives_deadline_exceeded() -> None:
     ):
         with pytest.raises(DeadlineExceeded):
             await session.infer(torch.ones(1, 4))
+        # the dropped request is kept, signed: the device can challenge the edge with it
+        [(request, signature)] = session.unanswered
+        assert request.edge == session.binding.address
+        assert request.recover(signature, session.domain) == session.identity.address
 
 
 async def test_a_silent_edge_never_blocks_the_device() -> None:
@@ -214,6 +218,7 @@ async def test_error_frame_carries_its_code() -> None:
     ):
         with pytest.raises(RemoteProtocolError) as info:
             await session.infer(torch.ones(1, 4))
+        assert len(session.unanswered) == 1  # an unsigned refusal on the wire proves nothing
     assert info.value.code == ErrorCode.BUSY
 
 

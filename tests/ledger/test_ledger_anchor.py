@@ -135,7 +135,12 @@ async def test_lost_chain_starts_a_linked_epoch(tmp_path: Path) -> None:
     assert anchorer.epoch == 1
     assert len(await anchorer.flush()) == 3
     state = await ledger.edge_state(EDGE.address)
-    assert (state.next_batch_id, state.head) == (3, old_head)
+    # the link is part of the first batch's records, so its head and those after it change
+    assert (state.next_batch_id, state.head) == (3, journal.head)
+    assert journal.head != old_head
+    assert journal.batch(2).head == journal.head
+    reopened = await anchorer.sync()
+    assert reopened == 0
     first = decode_batch(await ledger.batch_calldata(EDGE.address, 0))
     assert first.epoch_link == (old_head, 0)
     assert decode_batch(await ledger.batch_calldata(EDGE.address, 1)).epoch_link is None
@@ -224,7 +229,8 @@ async def test_anvil_killed_new_epoch_reanchors_everything(tmp_path: Path) -> No
                 assert state.next_seq == 9
                 first = decode_batch(await ledger.batch_calldata(EDGE.address, 0))
                 assert (first.epoch_link is None) == (round_ == 0)
-    assert heads[0] == heads[1] == journal.head
+    # the new epoch's first batch carries the link in its records: its head chain differs
+    assert heads[0] != heads[1] == journal.head
     journal.close()
 
 

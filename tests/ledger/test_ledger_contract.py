@@ -98,9 +98,10 @@ async def test_anchor_chain_and_verify(world: LedgerWorld) -> None:
     batch0, tree0, receipt0 = await world.anchor(edge, results[:3], b"\x01" * 300)
     batch1, tree1, receipt1 = await world.anchor(edge, results[3:])
     assert (batch0, batch1) == (0, 1)
-    head0 = chain_head(ZERO, tree0.root, 0, 3)
+    head0 = chain_head(ZERO, tree0.root, keccak256(b"\x01" * 300), 0, 3)
     assert receipt0.new_head == head0
-    assert receipt1.new_head == chain_head(head0, tree1.root, 3, 2)
+    assert receipt1.new_head == chain_head(head0, tree1.root, keccak256(b""), 3, 2)
+    assert await ledger.batch_records_hash(edge.address, 0) == keccak256(b"\x01" * 300)
     state = await ledger.edge_state(edge.address)
     assert (state.next_batch_id, state.next_seq, state.head) == (2, 5, receipt1.new_head)
     info = await ledger.batch(edge.address, 1)

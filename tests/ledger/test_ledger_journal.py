@@ -15,6 +15,7 @@ from eth_account import Account
 
 from secure_ci.exceptions import JournalError
 from secure_ci.ledger._anchor import Anchorer
+from secure_ci.ledger._calldata import BatchRecords, encode_batch
 from secure_ci.ledger._journal import Journal
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash
 from secure_ci.ledger._records import LedgerDomain, address_of, keccak256
@@ -37,7 +38,9 @@ def test_append_close_batch_and_reopen(tmp_path: Path) -> None:
         assert b1 is not None
         leaves = [leaf_hash(e.result.edge_seq, e.record_hash) for e in entries[:10]]
         assert b0.root == MerkleTree.build(leaves).root
-        assert b0.head == chain_head(bytes(32), b0.root, 0, 10)
+        calldata = encode_batch(BatchRecords(EDGE, 0, tuple(e.anchored() for e in entries[:10])))
+        assert b0.records_hash == keccak256(calldata)
+        assert b0.head == chain_head(bytes(32), b0.root, b0.records_hash, 0, 10)
         assert (b1.first_seq, b1.prev_head) == (10, b0.head)
         journal.mark_anchored(0, b"\xaa" * 32, 7)
     with Journal.open(tmp_path / "j.db", edge=EDGE) as journal:

@@ -1,4 +1,4 @@
-"""Merkle trees with OpenZeppelin's sorted-pair hashing and double-hashed, sequenced leaves."""
+"""Positional Merkle trees (the contract's BatchMerkle) over double-hashed, sequenced leaves."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from secure_ci.ledger._merkle import (
     MerkleTree,
     chain_head,
     leaf_hash,
+    proof_length,
+    records_hash,
     root_from_proof,
     verify_proof,
 )
@@ -25,31 +27,46 @@ def _leaves(n: int) -> list[bytes]:
 def test_leaf_and_head_match_abi_encode() -> None:
     record = keccak(b"r")
     assert leaf_hash(5, record) == keccak(keccak(encode(["uint64", "bytes32"], [5, record])))
-    head = chain_head(b"\x01" * 32, b"\x02" * 32, 10, 3)
+    assert records_hash(b"calldata") == keccak(b"calldata")
+    head = chain_head(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, 10, 3)
     expected = keccak(
-        encode(["bytes32", "bytes32", "uint64", "uint32"], [b"\x01" * 32, b"\x02" * 32, 10, 3])
+        encode(
+            ["bytes32", "bytes32", "bytes32", "uint64", "uint32"],
+            [b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, 10, 3],
+        )
     )
     assert head == expected
 
 
-def _oz_process_proof(leaf: bytes, proof: list[bytes]) -> bytes:
-    # OpenZeppelin MerkleProof.processProof, written independently of _merkle
-    computed = leaf
-    for p in proof:
-        a, b = sorted((computed, p))
-        computed = keccak(a + b)
-    return computed
+def _reference_root(leaves: list[bytes]) -> bytes:
+    # the tree as documented, written independently of _merkle: pair in position order,
+    # promote the last node of an odd level
+    level = list(leaves)
+    while len(level) > 1:
+        nxt = [keccak(level[i] + level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        level = nxt + ([level[-1]] if len(level) % 2 else [])
+    return level[0]
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 16, 33])
+def test_small_trees_are_as_documented() -> None:
+    a, b, c = _leaves(3)
+    assert MerkleTree.build([a]).root == a
+    assert MerkleTree.build([a, b]).root == keccak(a + b)
+    assert MerkleTree.build([a, b, c]).root == keccak(keccak(a + b) + c)
+    assert MerkleTree.build([b, a]).root != MerkleTree.build([a, b]).root  # not sorted pairs
+    assert MerkleTree.build([a, b, c]).proof(2) == [keccak(a + b)]
+    assert [proof_length(2, 3), proof_length(0, 1), proof_length(4, 5)] == [1, 0, 1]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 16, 33, 2000])
 def test_every_proof_verifies(n: int) -> None:
     leaves = _leaves(n)
     tree = MerkleTree.build(leaves)
-    for i, leaf in enumerate(leaves):
+    assert tree.root == _reference_root(leaves)
+    for i in range(n) if n < 100 else (0, 1, 999, 1023, 1024, 1999):
         proof = tree.proof(i)
-        assert _oz_process_proof(leaf, proof) == tree.root
-        verify_proof(tree.root, leaf, proof)
-        assert len(proof) <= max(1, (n - 1).bit_length())
+        verify_proof(tree.root, leaves[i], proof, i, n)
+        assert len(proof) == proof_length(i, n) <= max(1, (n - 1).bit_length())
 
 
 def test_tampering_fails() -> None:
@@ -57,16 +74,20 @@ def test_tampering_fails() -> None:
     tree = MerkleTree.build(leaves)
     proof = tree.proof(3)
     with pytest.raises(ProofError):
-        verify_proof(tree.root, leaves[4], proof)
+        verify_proof(tree.root, leaves[4], proof, 3, 10)
     bad = [proof[0][:-1] + bytes([proof[0][-1] ^ 1]), *proof[1:]]
     with pytest.raises(ProofError):
-        verify_proof(tree.root, leaves[3], bad)
+        verify_proof(tree.root, leaves[3], bad, 3, 10)
     with pytest.raises(ProofError):
-        verify_proof(tree.root, leaves[3], proof[:-1])
+        verify_proof(tree.root, leaves[3], proof[:-1], 3, 10)
     with pytest.raises(ProofError):
-        root_from_proof(leaves[3], [b"\x00" * 31])
+        verify_proof(tree.root, leaves[3], [*proof, proof[0]], 3, 10)
     with pytest.raises(ProofError):
-        root_from_proof(leaves[3], [b"\x00" * 32] * 65)
+        root_from_proof(leaves[3], [b"\x00" * 31, *proof[1:]], 3, 10)
+    with pytest.raises(ProofError):
+        root_from_proof(leaves[3], [b"\x00" * 32] * 65, 3, 10)
+    with pytest.raises(ProofError):
+        root_from_proof(leaves[3], proof, 10, 10)
     with pytest.raises(ProofError):
         MerkleTree.build([])
     with pytest.raises(ProofError):
@@ -75,21 +96,41 @@ def test_tampering_fails() -> None:
         leaf_hash(-1, b"\x00" * 32)
 
 
-@given(st.integers(1, 200), st.data())
+def test_sorted_pair_attack_fails() -> None:
+    """With OpenZeppelin's sorted pairs, the proof of leaf 0 also proves leaf 1 at position 0
+    (its sibling); a positional proof proves one position only."""
+    leaves = _leaves(4)
+    tree = MerkleTree.build(leaves)
+    swapped = [leaves[0], *tree.proof(0)[1:]]
+    with pytest.raises(ProofError):
+        verify_proof(tree.root, leaves[1], swapped, 0, 4)
+    verify_proof(tree.root, leaves[1], tree.proof(1), 1, 4)
+    with pytest.raises(ProofError):  # the right leaf, claimed at another position
+        verify_proof(tree.root, leaves[1], tree.proof(1), 0, 4)
+
+
+@given(st.integers(1, 300), st.data())
 def test_property_proofs(n: int, data: st.DataObject) -> None:
     leaves = _leaves(n)
     tree = MerkleTree.build(leaves)
     i = data.draw(st.integers(0, n - 1))
-    assert root_from_proof(leaves[i], tree.proof(i)) == tree.root
+    assert root_from_proof(leaves[i], tree.proof(i), i, n) == tree.root
     j = data.draw(st.integers(0, n - 1))
     if j != i:
-        assert root_from_proof(leaves[j], tree.proof(i)) != tree.root
+        with pytest.raises(ProofError):
+            verify_proof(tree.root, leaves[j], tree.proof(i), i, n)
+        with pytest.raises(ProofError):
+            verify_proof(tree.root, leaves[i], tree.proof(i), j, n)
 
 
-@given(st.lists(st.binary(min_size=0, max_size=40), max_size=70), st.binary(max_size=40))
-def test_hostile_proofs_raise_proof_error(proof: list[bytes], leaf: bytes) -> None:
-    try:
-        verify_proof(keccak(b"root"), leaf, proof)
-    except ProofError:
-        return
-    raise AssertionError("a random proof verified")
+@given(
+    st.lists(st.binary(min_size=0, max_size=40), max_size=70),
+    st.binary(max_size=40),
+    st.integers(-2, 1 << 20),
+    st.integers(-2, 1 << 20),
+)
+def test_hostile_proofs_raise_proof_error(
+    proof: list[bytes], leaf: bytes, index: int, count: int
+) -> None:
+    with pytest.raises(ProofError):
+        verify_proof(keccak(b"root"), leaf, proof, index, count)
