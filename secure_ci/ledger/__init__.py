@@ -22,7 +22,20 @@ from secure_ci.ledger._chain import (
     EdgeState,
 )
 from secure_ci.ledger._client import LedgerClient
-from secure_ci.ledger._connect import DEFAULT_CHALLENGE_WINDOW, deploy_contract, open_ledger
+from secure_ci.ledger._connect import (
+    DEFAULT_CHALLENGE_WINDOW,
+    GovernanceSettings,
+    deploy_contract,
+    open_ledger,
+)
+from secure_ci.ledger._governance import (
+    RELEASE_MEASUREMENT,
+    RELEASE_MODEL,
+    GovernanceTx,
+    ProposalInfo,
+    ReleaseInfo,
+    proposal_id,
+)
 from secure_ci.ledger._journal import Batch, Journal, JournalEntry, sign_entry
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, verify_proof
 from secure_ci.ledger._receipts import Receipt, ReceiptBook, find_receipt
@@ -39,10 +52,13 @@ from secure_ci.ledger._records import (
     sign_digest,
     task_id_for,
 )
+from secure_ci.ledger._releases import ReleaseCache, ReleaseView
 
 __all__ = [
     "DEFAULT_CHALLENGE_WINDOW",
     "INPROCESS",
+    "RELEASE_MEASUREMENT",
+    "RELEASE_MODEL",
     "AnchorReceipt",
     "AnchoredRecord",
     "Anchorer",
@@ -57,6 +73,8 @@ __all__ = [
     "DisputeInfo",
     "EdgeInfo",
     "EdgeState",
+    "GovernanceSettings",
+    "GovernanceTx",
     "IndexedTask",
     "Journal",
     "JournalEntry",
@@ -64,8 +82,12 @@ __all__ = [
     "LedgerClient",
     "LedgerDomain",
     "MerkleTree",
+    "ProposalInfo",
     "Receipt",
     "ReceiptBook",
+    "ReleaseCache",
+    "ReleaseInfo",
+    "ReleaseView",
     "Signer",
     "TaskRequest",
     "TaskResult",
@@ -83,6 +105,7 @@ __all__ = [
     "load_artifact",
     "new_salt",
     "open_ledger",
+    "proposal_id",
     "recover_signer",
     "run_anvil",
     "sign_digest",
