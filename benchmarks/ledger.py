@@ -25,6 +25,8 @@ the request chain where the batch left it out), the measurement anchored with th
 ``live_chain`` re-reads the batch (root, measurement) from the node for every audit (one
 JSON-RPC round trip). ``by_devices_per_batch``: calldata and floor gas
 per task when a batch's records come from more devices.
+``governance``: gas per governance step (propose, approve, execute, suspend, lift) and the
+time a warm release check adds to a device's connect (see ``_governance``).
 Sizes (records anchored for throughput, records in the audit index, audits timed): ``full``
 (20,000, 1,000,000, 200), ``quick`` (10,000, 20,000, 200), ``smoke`` (2,000, 2,000, 20: one
 full batch each, the smallest run that still anchors a batch, builds the index and audits).
@@ -42,6 +44,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from _governance import governance_figures
 from eth_abi import encode as abi_encode
 from eth_account import Account
 
@@ -299,6 +302,7 @@ async def _main(size: str) -> dict[str, Any]:
     }
     out["calldata_bytes_per_task"] = main["calldata_bytes_per_task"]
     out["by_devices_per_batch"] = _gas_by_devices()
+    out["governance"] = await governance_figures(size)
     out["targets"] = TARGETS
     out["quick"] = size != "full"
     return out

@@ -3,17 +3,20 @@
 A device refuses an edge whose measurement is not a release valid on chain now. Asking the
 chain on every connect would put a node round trip (or several) on each handshake, so the
 device keeps a :class:`ReleaseCache`: a snapshot of every release, rebuilt incrementally from
-the contract's release events. :meth:`ReleaseCache.view` asks only the block number while
-the snapshot is younger than ``max_age_blocks`` blocks; otherwise it reads the release events
-of the new blocks and re-reads the releases they touched. Validity is judged at the
-snapshot's block timestamp (the contract's clock, not the device's), so a suspension or an
-expiry takes effect for new sessions from the next refresh, at most ``max_age_blocks`` later.
+the contract's release events. :meth:`ReleaseCache.view` asks the chain's block number at most
+once per ``head_ttl`` seconds (a node round trip costs milliseconds; keep ``head_ttl`` at or
+below the chain's block time); while the snapshot is at most ``max_age_blocks`` blocks behind
+that head it is used as it is, otherwise the release events of the new blocks are read and the
+releases they touched re-read. Validity is judged at the snapshot's block timestamp (the
+contract's clock, not the device's), so a suspension or an expiry takes effect for new sessions
+from the next refresh: at most ``max_age_blocks`` blocks (plus ``head_ttl``) later.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,10 +24,18 @@ from secure_ci.exceptions import AuthorizationError, ConfigError
 from secure_ci.ledger._governance import RELEASE_MEASUREMENT, RELEASE_MODEL, ReleaseInfo
 from secure_ci.ledger._registry import LOG_CHUNK_BLOCKS
 
-__all__ = ["DEFAULT_MAX_AGE_BLOCKS", "ReleaseCache", "ReleaseSource", "ReleaseView"]
+__all__ = [
+    "DEFAULT_HEAD_TTL",
+    "DEFAULT_MAX_AGE_BLOCKS",
+    "ReleaseCache",
+    "ReleaseSource",
+    "ReleaseView",
+]
 
 DEFAULT_MAX_AGE_BLOCKS = 5
 """Blocks a release view may lag the chain before it is refreshed."""
+DEFAULT_HEAD_TTL = 1.0
+"""Seconds the chain's block number is trusted before it is asked again."""
 
 
 class ReleaseSource(Protocol):
@@ -72,22 +83,33 @@ class ReleaseCache:
         *,
         first_block: int = 0,
         max_age_blocks: int = DEFAULT_MAX_AGE_BLOCKS,
+        head_ttl: float = DEFAULT_HEAD_TTL,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(max_age_blocks, bool) or not isinstance(max_age_blocks, int):
             raise ConfigError("max_age_blocks must be a whole number")
         if max_age_blocks < 0:
             raise ConfigError("max_age_blocks must be >= 0")
+        if not 0 <= head_ttl <= 3600:
+            raise ConfigError("head_ttl must be 0..3600 seconds")
         self._source = source
         self._next_block = first_block
         self.max_age_blocks = max_age_blocks
+        self.head_ttl = head_ttl
+        self._monotonic = monotonic
+        self._head_asked: float | None = None
         self._view: ReleaseView | None = None
         self._lock = asyncio.Lock()
         self.refreshes = 0
 
     async def view(self) -> ReleaseView:
         """The view, refreshed first when it is more than ``max_age_blocks`` old."""
+        view, now = self._view, self._monotonic()
+        asked = self._head_asked
+        if view is not None and asked is not None and now - asked < self.head_ttl:
+            return view
         latest = await self._source.block_number()
-        view = self._view
+        self._head_asked = now
         if view is not None and latest - view.block <= self.max_age_blocks:
             return view
         return await self.refresh(latest)

@@ -156,7 +156,7 @@ async def test_the_device_enforces_the_release_registry(
     m = served.identity.measurement
     async with open_ledger("inprocess") as ledger:
         owner = ledger.owner
-        eager = ReleaseCache(ledger, max_age_blocks=0)
+        eager = ReleaseCache(ledger, max_age_blocks=0, head_ttl=0)
         await _refused(served, enclave, eager, "unknown")
         now = await ledger.timestamp()
         proposed = await ledger.propose_release(
@@ -166,7 +166,7 @@ async def test_the_device_enforces_the_release_registry(
         await _refused(served, enclave, eager, "not-yet-valid")
         await ledger.advance_time(1000)
         await _accepted(served, enclave, eager)
-        lazy = ReleaseCache(ledger, max_age_blocks=1000)
+        lazy = ReleaseCache(ledger, max_age_blocks=1000, head_ttl=0)
         await lazy.view()
         await ledger.suspend(owner, RELEASE_MEASUREMENT, m)
         await _refused(served, enclave, eager, "suspended")
@@ -184,12 +184,17 @@ async def test_the_device_enforces_the_release_registry(
 
 async def test_a_release_view_refreshes_incrementally() -> None:
     async with open_ledger("inprocess") as ledger:
-        cache = ReleaseCache(ledger, max_age_blocks=2)
+        clock = [0.0]
+        cache = ReleaseCache(ledger, max_age_blocks=2, head_ttl=1.0, monotonic=lambda: clock[0])
         first = await cache.view()
         assert first.releases == {}
         await ledger.allow_measurement(b"\x05" * 32)  # propose + execute: two blocks
+        clock[0] = 5.0
         assert await cache.view() is first  # at most two blocks old: no refresh
         await ledger.allow_measurement(b"\x06" * 32)
+        clock[0] = 5.5
+        assert await cache.view() is first  # the head is not asked again within head_ttl
+        clock[0] = 6.0
         view = await cache.view()
         assert view is not first
         assert view.state(RELEASE_MEASUREMENT, b"\x05" * 32) == "valid"
@@ -197,3 +202,5 @@ async def test_a_release_view_refreshes_incrementally() -> None:
         assert view.state(RELEASE_MODEL, b"\x05" * 32) == "unknown"
     with pytest.raises(ConfigError):
         ReleaseCache(ledger, max_age_blocks=-1)
+    with pytest.raises(ConfigError):
+        ReleaseCache(ledger, head_ttl=-1)
