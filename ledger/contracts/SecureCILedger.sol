@@ -8,7 +8,7 @@ import {Governance} from "./Governance.sol";
 
 /// @title SecureCILedger
 /// @notice Shared ledger of secure-ci: a registry of parties, devices, edges (enclave keys)
-/// and models, whose parties and releases are governed k of n (see Governance); per-edge hash-chained batches of task records (Merkle root on chain, records
+/// and models; per-edge hash-chained batches of task records (Merkle root on chain, records
 /// in calldata); forced inclusion (challenges) and disputes between disagreeing edges.
 /// @dev Records are EIP-712 typed data (domain "secure-ci", version "1"). A Merkle leaf is
 /// keccak256(bytes.concat(keccak256(abi.encode(uint64 seq, bytes32 recordHash)))) where
