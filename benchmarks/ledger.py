@@ -31,6 +31,8 @@ proof against a ``BATCH``-record batch (16 devices) whose calldata does not rebu
 calldata is cut short (found at the end of the walk); a request-only challenge opened with a
 device's signed request and answered with the anchored record and its positional proof in a
 ``BATCH``-record batch.
+``governance``: gas per governance step (propose, approve, execute, suspend, lift) and the
+time a warm release check adds to a device's connect (see ``_governance``).
 Sizes (records anchored for throughput, records in the audit index, audits timed): ``full``
 (20,000, 1,000,000, 200), ``quick`` (10,000, 20,000, 200), ``smoke`` (2,000, 2,000, 20: one
 full batch each, the smallest run that still anchors a batch, builds the index and audits).
@@ -48,6 +50,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from _governance import governance_figures
 from eth_abi import encode as abi_encode
 from eth_account import Account
 
@@ -366,6 +369,7 @@ async def _main(size: str) -> dict[str, Any]:
     }
     out["calldata_bytes_per_task"] = main["calldata_bytes_per_task"]
     out["by_devices_per_batch"] = _gas_by_devices()
+    out["governance"] = await governance_figures(size)
     out["targets"] = TARGETS
     out["quick"] = size != "full"
     return out

@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.30;
 
-import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {BatchCalldata} from "./BatchCalldata.sol";
+import {BatchChecker} from "./BatchChecker.sol";
 import {BatchMerkle} from "./BatchMerkle.sol";
+import {Governance} from "./Governance.sol";
 
 /// @title SecureCILedger
 /// @notice Shared ledger of secure-ci: a registry of parties, devices, edges (enclave keys)
@@ -17,7 +18,7 @@ import {BatchMerkle} from "./BatchMerkle.sol";
 /// BatchMerkle: index = seq - firstSeq, depth from the count). Each batch commits to its
 /// published records (recordsHash = keccak256(records), also in the head chain); anchorBatch
 /// does not parse them, anyone can prove on chain that they do not rebuild the root.
-contract SecureCILedger is EIP712, Ownable {
+contract SecureCILedger is EIP712, Governance {
     struct TaskResult {
         bytes32 taskId;
         bytes32 requestHash;
@@ -122,18 +123,16 @@ contract SecureCILedger is EIP712, Ownable {
 
     /// @notice Seconds an edge has to answer a challenge with an inclusion proof.
     uint64 public immutable challengeWindow;
+    /// @notice The fraud-proof decoder (see BatchChecker), created with the ledger.
+    BatchChecker public immutable batchChecker;
 
-    uint64 public partyCount;
     uint256 public challengeCount;
     uint256 public disputeCount;
 
-    mapping(uint64 partyId => address admin) public partyAdmin;
-    mapping(bytes32 measurement => bool allowed) public allowedMeasurement;
     /// @notice Registrations each key has made: a proof of possession signs the next one.
     mapping(address key => uint64 nonce) public registrationNonce;
     mapping(address device => uint64 partyId) public deviceParty;
     mapping(address device => bool active) public isRegisteredDevice;
-    mapping(bytes32 modelId => uint64 partyId) public modelParty;
     mapping(address edge => Edge) private _edges;
     mapping(address edge => mapping(uint64 batchId => Batch)) private _batches;
     mapping(uint256 challengeId => Challenge) private _challenges;
@@ -149,15 +148,12 @@ contract SecureCILedger is EIP712, Ownable {
     /// @notice The fault (BatchCalldata code, nonzero) a fraud proof established for a batch.
     mapping(address edge => mapping(uint64 batchId => uint8 fault)) public batchFault;
 
-    event PartyRegistered(uint64 indexed partyId, address admin);
-    event MeasurementAllowed(bytes32 indexed measurement, bool allowed);
     event DeviceRegistered(uint64 indexed partyId, address indexed device);
     event DeviceRevoked(uint64 indexed partyId, address indexed device);
     event EdgeRegistered(
         uint64 indexed partyId, address indexed edge, bytes32 measurement, bytes32 quoteId, string endpoint
     );
     event EdgeRevoked(uint64 indexed partyId, address indexed edge);
-    event ModelRegistered(uint64 indexed partyId, bytes32 indexed modelId);
     event BatchAnchored(
         address indexed edge, uint64 indexed batchId, bytes32 root, uint64 firstSeq, uint32 count, bytes32 newHead
     );
@@ -192,12 +188,8 @@ contract SecureCILedger is EIP712, Ownable {
         bytes32 outputB
     );
 
-    error ZeroAddress();
-    error UnknownParty(uint64 partyId);
-    error NotPartyAdmin(uint64 partyId, address caller);
     error DeviceTaken(address device, uint64 partyId);
     error EdgeTaken(address edge, uint64 partyId);
-    error ModelTaken(bytes32 modelId, uint64 partyId);
     error UnknownDevice(address device);
     error UnknownEdge(address edge);
     error MeasurementNotAllowed(bytes32 measurement);
@@ -230,8 +222,15 @@ contract SecureCILedger is EIP712, Ownable {
     error InvalidDeviceSignature();
     error RequestMismatch();
 
-    constructor(uint64 challengeWindow_) EIP712("secure-ci", "1") Ownable(msg.sender) {
+    /// @param founders admins of parties 2, 3, ... (the deployer's key administers party 1)
+    /// @param threshold_ approvals a governance proposal needs (1..number of parties)
+    /// @param noticePeriod_ seconds from approving a new release to its becoming valid
+    constructor(uint64 challengeWindow_, address[] memory founders, uint32 threshold_, uint64 noticePeriod_)
+        EIP712("secure-ci", "1")
+        Governance(founders, threshold_, noticePeriod_)
+    {
         challengeWindow = challengeWindow_;
+        batchChecker = new BatchChecker();
     }
 
     modifier onlyPartyAdmin(uint64 partyId) {
@@ -242,17 +241,7 @@ contract SecureCILedger is EIP712, Ownable {
 
     // ---------------------------------------------------------------- registry
 
-    function registerParty(address admin) external onlyOwner returns (uint64 partyId) {
-        if (admin == address(0)) revert ZeroAddress();
-        partyId = ++partyCount;
-        partyAdmin[partyId] = admin;
-        emit PartyRegistered(partyId, admin);
-    }
-
-    function allowMeasurement(bytes32 m, bool allowed) external onlyOwner {
-        allowedMeasurement[m] = allowed;
-        emit MeasurementAllowed(m, allowed);
-    }
+    // Parties, measurements and models are added by k-of-n proposals: see Governance.
 
     /// @notice Register (or re-activate) a device key for a party.
     /// @notice Register `device` for the party; `proof` is the device key's EIP-712 signature
@@ -279,6 +268,7 @@ contract SecureCILedger is EIP712, Ownable {
     }
 
     /// @notice Register an edge's enclave key, or update its attestation (the batch chain stays).
+    /// Its measurement must be a release valid now.
     function registerEdge(
         uint64 partyId,
         address edgeKey,
@@ -292,6 +282,7 @@ contract SecureCILedger is EIP712, Ownable {
         _checkPossession(partyId, edgeKey, detail, proof);
         Edge storage e = _edges[edgeKey];
         if (e.registered && e.partyId != partyId) revert EdgeTaken(edgeKey, e.partyId);
+        _requireValidMeasurement(measurement);
         if (!e.registered) {
             e.registered = true;
             e.partyId = partyId;
@@ -310,13 +301,6 @@ contract SecureCILedger is EIP712, Ownable {
         if (partyAdmin[e.partyId] != msg.sender) revert NotPartyAdmin(e.partyId, msg.sender);
         e.active = false;
         emit EdgeRevoked(e.partyId, edgeKey);
-    }
-
-    function registerModel(uint64 partyId, bytes32 modelId) external onlyPartyAdmin(partyId) {
-        uint64 owner_ = modelParty[modelId];
-        if (owner_ != 0 && owner_ != partyId) revert ModelTaken(modelId, owner_);
-        modelParty[modelId] = partyId;
-        emit ModelRegistered(partyId, modelId);
     }
 
     // ---------------------------------------------------------------- batches
@@ -363,7 +347,7 @@ contract SecureCILedger is EIP712, Ownable {
         Batch storage b = _batches[edge][batchId];
         bytes32 got = keccak256(records);
         if (got != b.recordsHash) revert RecordsMismatch(b.recordsHash, got);
-        fault = BatchCalldata.check(records, edge, b.firstSeq, b.count, b.root, _domainSeparatorV4());
+        fault = batchChecker.check(records, edge, b.firstSeq, b.count, b.root, _domainSeparatorV4());
         if (fault == BatchCalldata.OK) revert NoFraud(edge, batchId);
         batchFault[edge][batchId] = fault;
         fraudCount[edge] += 1;

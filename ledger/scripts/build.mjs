@@ -17,6 +17,7 @@ const CONTRACTS = ['SecureCILedger']
 const settings = {
   optimizer: { enabled: true, runs: 200 },
   evmVersion: 'cancun',
+  viaIR: true,
   outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object', 'evm.deployedBytecode.object'] } },
 }
 
@@ -55,7 +56,7 @@ for (const name of CONTRACTS) {
   const artifact = {
     contractName: name,
     solcVersion: solc.version(),
-    settings: { optimizer: settings.optimizer, evmVersion: settings.evmVersion },
+    settings: { optimizer: settings.optimizer, evmVersion: settings.evmVersion, viaIR: settings.viaIR },
     sourceHash: sourceHashes[key],
     sources: Object.fromEntries(Object.entries(sourceHashes).sort()),
     abi: compiled.abi,

@@ -129,6 +129,22 @@ def deploy(
     ),
     rpc: Annotated[str, typer.Option("--rpc", help="JSON-RPC URL of the chain.")] = DEFAULT_RPC,
     window: Annotated[int, typer.Option(help="Challenge window in seconds.")] = 3600,
+    threshold: Annotated[
+        int,
+        typer.Option(help="Approvals (k of the n parties) adding a party or a release needs."),
+    ] = 1,
+    notice: Annotated[
+        int,
+        typer.Option(help="Seconds from approving a new release to its becoming valid."),
+    ] = 0,
+    founder: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--founder",
+            help="Admin address of a founding party (parties 2, 3, ...; the owner's key "
+            "administers party 1). Repeat.",
+        ),
+    ] = None,
     passphrase_file: Annotated[Path | None, typer.Option("--passphrase-file")] = None,
     passphrase_env: Annotated[str | None, typer.Option("--passphrase-env")] = None,
     replace: Annotated[
@@ -140,24 +156,36 @@ def deploy(
         ),
     ] = False,
 ) -> None:
-    """Deploy SecureCILedger, owned by KEY_FILE's key, and write the deployment file."""
+    """Deploy SecureCILedger (KEY_FILE's key administers party 1, --founder ones follow) with
+    k = --threshold and a --notice period for releases, and write the deployment file."""
     from eth_account import Account
 
     from secure_ci.cli._keys import Passphrase, load_private_key
+    from secure_ci.edge._config import format_address, parse_address
     from secure_ci.edge._state import write_atomic
-    from secure_ci.ledger import open_ledger
+    from secure_ci.ledger import GovernanceSettings, open_ledger
     from secure_ci.ledger._deployment import Deployment, check_rpc_url
 
     check_rpc_url(rpc, "--rpc")
+    if not 0 <= notice < 2**63:
+        raise ConfigError("--notice must be a whole number of seconds >= 0")
+    founders = tuple(
+        format_address(parse_address(f if f.startswith("0x") else "0x" + f)) for f in founder or []
+    )
+    governance = GovernanceSettings(founders, threshold, notice)
     old = None
     if out.exists():
         if not replace:
             raise ConfigError(f"{out} exists: a deployment file is never overwritten")
         old = Deployment.from_json(read_file(out, "deployment", 4096))
     key = load_private_key(key_file, "owner key", Passphrase(passphrase_file, passphrase_env))
+    if Account.from_key(key).address in founders:
+        raise ConfigError("--founder lists the owner's own address: it administers party 1")
 
     async def go() -> Deployment:
-        async with open_ledger(rpc, deployer=Account.from_key(key), challenge_window=window) as c:
+        async with open_ledger(
+            rpc, deployer=Account.from_key(key), challenge_window=window, governance=governance
+        ) as c:
             block = c.deployment_block if c.deployment_block is not None else 0
             return Deployment(c.chain_id, bytes.fromhex(c.address[2:]), block, rpc)
 
@@ -171,6 +199,7 @@ def deploy(
     typer.echo(f"contract {found.contract_text}")
     typer.echo(f"chain_id {found.chain_id}")
     typer.echo(f"deployment_block {found.deployment_block}")
+    typer.echo(f"parties {1 + len(founders)}, threshold {threshold}, notice period {notice} s")
     typer.echo(f"wrote {out}")
 
 
@@ -205,6 +234,8 @@ def status(
                 "contract": ledger.address,
                 "owner": await ledger.contract_owner(),
                 "parties": await ledger.party_count(),
+                "threshold": await ledger.threshold(),
+                "notice_period": await ledger.notice_period(),
                 "challenge_window": await ledger.challenge_window(),
                 "edges": edges,
             }
@@ -213,7 +244,10 @@ def status(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    for name in ("chain_id", "block", "contract", "owner", "parties", "challenge_window"):
+    for name in (
+        "chain_id", "block", "contract", "owner", "parties", "threshold", "notice_period",
+        "challenge_window",
+    ):  # fmt: skip
         typer.echo(f"{name}: {summary[name]}")
     for e in summary["edges"]:
         flag = "active" if e["active"] else "revoked"

@@ -1,19 +1,22 @@
 """`secure-ci ledger party|measurement|model|device ...`: onboarding, signed by the right key.
 
-The deployment's owner adds parties and allows measurements; a party's admin registers its
-models and devices. A device's registration carries the device key's own proof of possession,
-so the admin needs the device's keystore (or runs the command where the device key is).
+Parties, measurements and models are governed by the parties, k of n (see ``_governance``):
+``party add``, ``measurement allow`` and ``model register`` propose, signed by a party's admin,
+and execute at once when the threshold is met (k = 1), else print the proposal for the other
+parties to approve; ``measurement revoke`` suspends at once. A party's admin registers its
+devices: a device's registration carries the device key's own proof of possession, so the
+admin needs the device's keystore (or runs the command where the device key is).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from secure_ci.cli._common import DeploymentOption
+from secure_ci.cli._governance import announce, describe_release, release_window, signer
 from secure_ci.cli._keys import Passphrase, PassphraseEnv, PassphraseFile, load_private_key
 from secure_ci.cli._ledger import ContractOption, RpcOption, opened, run
 from secure_ci.cli._ledger import app as ledger_app
@@ -30,6 +33,20 @@ KeyFile = Annotated[
     Path, typer.Option("--key-file", help="Signing key: keystore or 64 hex digits.")
 ]
 Party = Annotated[int, typer.Option("--party", help="Party id (from `ledger party add`).")]
+NotBefore = Annotated[
+    int | None,
+    typer.Option("--not-before", help="Unix time the release starts (default: now)."),
+]
+Days = Annotated[
+    float | None, typer.Option("--days", help="Days the release is valid (default 7).")
+]
+NotAfter = Annotated[
+    int | None, typer.Option("--not-after", help="Unix time the release ends (or --days).")
+]
+Sources = Annotated[
+    list[str] | None,
+    typer.Option("--source", help="A digest the release was built from (64 hex; repeat)."),
+]
 
 
 def _key(path: Path, what: str, file: Path | None, env: str | None) -> bytes:
@@ -62,49 +79,92 @@ def party_add(
     passphrase_file: PassphraseFile = None,
     passphrase_env: PassphraseEnv = None,
 ) -> None:
-    """Add a party administered by ADMIN (signed by the deployment's owner); print its id."""
+    """Propose a party administered by ADMIN (signed by a party's admin); with enough
+    approvals it is added at once and its id printed."""
     address = _address(admin, "ADMIN")
-    owner = _key(key_file, "owner key", passphrase_file, passphrase_env)
+    account = signer(key_file, passphrase_file, passphrase_env)
 
-    async def go() -> int:
-        async with opened(deployment, rpc, contract, owner) as ledger:
-            return await ledger.register_party(address)
+    async def go() -> str:
+        async with opened(deployment, rpc, contract) as ledger:
+            proposed = await ledger.propose_party(account, address)
+            line = await announce(ledger, account, proposed, "")
+            return line or f"party {await ledger.party_of(address)} admin {address}"
 
-    typer.echo(f"party {run(go())} admin {address}")
-
-
-def _measurement_command(allowed: bool) -> Callable[..., None]:
-    """``measurement allow`` or ``measurement revoke`` (one body, two commands)."""
-
-    def command(
-        measurement: Annotated[str, typer.Argument(help="MRENCLAVE (64 hex digits).")],
-        key_file: KeyFile,
-        deployment: DeploymentOption = None,
-        rpc: RpcOption = None,
-        contract: ContractOption = None,
-        passphrase_file: PassphraseFile = None,
-        passphrase_env: PassphraseEnv = None,
-    ) -> None:
-        value = _hex(measurement, 32, "MEASUREMENT")
-        owner = _key(key_file, "owner key", passphrase_file, passphrase_env)
-
-        async def go() -> None:
-            async with opened(deployment, rpc, contract, owner) as ledger:
-                await ledger.allow_measurement(value, allowed)
-
-        run(go())
-        typer.echo(f"measurement {value.hex()} {'allowed' if allowed else 'revoked'}")
-
-    command.__doc__ = (
-        "Allow an enclave measurement (signed by the deployment's owner)."
-        if allowed
-        else "Take a measurement off the allow-list: devices refuse its edges from now on."
-    )
-    return command
+    typer.echo(run(go()))
 
 
-measurement_app.command("allow")(_measurement_command(True))
-measurement_app.command("revoke")(_measurement_command(False))
+def _sources(values: list[str] | None) -> list[bytes]:
+    found = [_hex(v, 32, "--source") for v in values or []]
+    if len(found) > 16:
+        raise ConfigError("a release names at most 16 --source digests")
+    return found
+
+
+@measurement_app.command("allow")
+def measurement_allow(
+    measurement: Annotated[str, typer.Argument(help="MRENCLAVE (64 hex digits).")],
+    key_file: KeyFile,
+    deployment: DeploymentOption = None,
+    rpc: RpcOption = None,
+    contract: ContractOption = None,
+    not_before: NotBefore = None,
+    days: Days = None,
+    not_after: NotAfter = None,
+    source: Sources = None,
+    passphrase_file: PassphraseFile = None,
+    passphrase_env: PassphraseEnv = None,
+) -> None:
+    """Propose an enclave measurement as a release (signed by a party's admin), valid from
+    --not-before (and the deployment's notice period) for --days; with enough approvals it
+    is executed at once. --source names what it was built from (source, manifest digests)."""
+    from secure_ci.ledger import RELEASE_MEASUREMENT
+
+    value = _hex(measurement, 32, "MEASUREMENT")
+    sources = _sources(source)
+    release_window(0, not_before, days, not_after)  # usage errors before any key or chain
+    account = signer(key_file, passphrase_file, passphrase_env)
+
+    async def go() -> str:
+        async with opened(deployment, rpc, contract) as ledger:
+            if (await ledger.release(RELEASE_MEASUREMENT, value)).suspended:
+                raise ConfigError(
+                    f"measurement {value.hex()} is suspended: lift it with `secure-ci ledger "
+                    f"release lift measurement {value.hex()}`"
+                )
+            start, end = release_window(await ledger.timestamp(), not_before, days, not_after)
+            proposed = await ledger.propose_release(
+                account, RELEASE_MEASUREMENT, value, start, end, sources
+            )
+            line = await announce(ledger, account, proposed, "")
+            when = await describe_release(ledger, RELEASE_MEASUREMENT, value)
+            return line or f"measurement {value.hex()} allowed ({when})"
+
+    typer.echo(run(go()))
+
+
+@measurement_app.command("revoke")
+def measurement_revoke(
+    measurement: Annotated[str, typer.Argument(help="MRENCLAVE (64 hex digits).")],
+    key_file: KeyFile,
+    deployment: DeploymentOption = None,
+    rpc: RpcOption = None,
+    contract: ContractOption = None,
+    passphrase_file: PassphraseFile = None,
+    passphrase_env: PassphraseEnv = None,
+) -> None:
+    """Suspend a measurement at once (any one party): its edges can no longer register or
+    anchor, and devices refuse them from their next refresh. Lifting needs the threshold."""
+    from secure_ci.ledger import RELEASE_MEASUREMENT
+
+    value = _hex(measurement, 32, "MEASUREMENT")
+    account = signer(key_file, passphrase_file, passphrase_env)
+
+    async def go() -> None:
+        async with opened(deployment, rpc, contract) as ledger:
+            await ledger.suspend(account, RELEASE_MEASUREMENT, value)
+
+    run(go())
+    typer.echo(f"measurement {value.hex()} revoked (suspended)")
 
 
 @model_app.command("register")
@@ -115,23 +175,34 @@ def model_register(
     deployment: DeploymentOption = None,
     rpc: RpcOption = None,
     contract: ContractOption = None,
+    not_before: NotBefore = None,
+    days: Days = None,
+    not_after: NotAfter = None,
+    source: Sources = None,
     passphrase_file: PassphraseFile = None,
     passphrase_env: PassphraseEnv = None,
 ) -> None:
-    """Register PACKAGE's model id for PARTY (signed by the party's admin)."""
+    """Propose PACKAGE's model id as a release owned by PARTY (signed by the party's admin),
+    valid from --not-before for --days; with enough approvals it is executed at once."""
+    from secure_ci.ledger import RELEASE_MODEL
     from secure_ci.package import load_package
 
+    sources = _sources(source)
+    release_window(0, not_before, days, not_after)
     model_id = load_package(package).model_id
-    admin = _key(key_file, "party admin key", passphrase_file, passphrase_env)
+    account = signer(key_file, passphrase_file, passphrase_env)
 
-    async def go() -> None:
-        from eth_account import Account
-
+    async def go() -> str:
         async with opened(deployment, rpc, contract) as ledger:
-            await ledger.register_model(Account.from_key(admin), party, model_id)
+            start, end = release_window(await ledger.timestamp(), not_before, days, not_after)
+            proposed = await ledger.propose_release(
+                account, RELEASE_MODEL, model_id, start, end, sources, party_id=party
+            )
+            line = await announce(ledger, account, proposed, "")
+            when = await describe_release(ledger, RELEASE_MODEL, model_id)
+            return line or f"model {model_id.hex()} registered for party {party} ({when})"
 
-    run(go())
-    typer.echo(f"model {model_id.hex()} registered for party {party}")
+    typer.echo(run(go()))
 
 
 @device_app.command("register")

@@ -28,8 +28,10 @@ from secure_ci.exceptions import (
     RemoteProtocolError,
     ReportDataError,
 )
+from secure_ci.ledger._governance import RELEASE_MEASUREMENT
 from secure_ci.ledger._records import LedgerDomain
 from secure_ci.ledger._registry import RegisteredEdge
+from secure_ci.ledger._releases import ReleaseCache
 from secure_ci.partition import PartitionPlan
 from secure_ci.protocol import (
     PROTOCOL_VERSIONS,
@@ -75,6 +77,7 @@ async def open_session(
     random_bytes: Callable[[int], bytes] = os.urandom,
     first_seq: int | None = None,
     registration: RegisteredEdge | None = None,
+    releases: ReleaseCache | None = None,
 ) -> AsyncIterator[Session]:
     """Open an attested, authenticated session with the edge at ``HOST:PORT``.
 
@@ -89,8 +92,13 @@ async def open_session(
     (AuthorizationError, before a feature byte is sent) unless the edge is active, its
     measurement allowed, and its attested enclave key, measurement and quote id are the
     registered ones. The edge refuses at the handshake a model or cut it does not serve.
+
+    ``releases`` is the device's cached view of the ledger's release registry: the session is
+    refused (AuthorizationError, before a feature byte is sent) unless the attested
+    measurement is a release valid on chain as of the view's last refresh.
     """
     host, port = parse_edge_address(address)
+    view = await releases.view() if releases is not None else None
     head = await asyncio.to_thread(_prepare_head, model, plan, example_input)
     # A certificate's quote cannot carry our nonce: freshness is checked after AuthOk.
     cert_policy = dataclasses.replace(policy, require_nonce=False)
@@ -111,6 +119,8 @@ async def open_session(
                 )  # fmt: skip
             if registration is not None:
                 check_registration(binding, registration)
+            if view is not None:
+                view.require_valid(RELEASE_MEASUREMENT, binding.measurement, f"edge {address}")
         except TimeoutError:
             raise DeadlineExceeded(f"handshake with {address} took over {timeout} s") from None
         except RemoteProtocolError as exc:

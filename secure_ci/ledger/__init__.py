@@ -22,7 +22,20 @@ from secure_ci.ledger._chain import (
     EdgeState,
 )
 from secure_ci.ledger._client import LedgerClient
-from secure_ci.ledger._connect import DEFAULT_CHALLENGE_WINDOW, deploy_contract, open_ledger
+from secure_ci.ledger._connect import (
+    DEFAULT_CHALLENGE_WINDOW,
+    GovernanceSettings,
+    deploy_contract,
+    open_ledger,
+)
+from secure_ci.ledger._governance import (
+    RELEASE_MEASUREMENT,
+    RELEASE_MODEL,
+    GovernanceTx,
+    ProposalInfo,
+    ReleaseInfo,
+    proposal_id,
+)
 from secure_ci.ledger._integrity import (
     REFUSAL_NOT_RECEIVED,
     BatchFault,
@@ -45,11 +58,14 @@ from secure_ci.ledger._records import (
     sign_digest,
     task_id_for,
 )
+from secure_ci.ledger._releases import ReleaseCache, ReleaseView
 
 __all__ = [
     "DEFAULT_CHALLENGE_WINDOW",
     "INPROCESS",
     "REFUSAL_NOT_RECEIVED",
+    "RELEASE_MEASUREMENT",
+    "RELEASE_MODEL",
     "AnchorReceipt",
     "AnchoredRecord",
     "Anchorer",
@@ -65,6 +81,8 @@ __all__ = [
     "DisputeInfo",
     "EdgeInfo",
     "EdgeState",
+    "GovernanceSettings",
+    "GovernanceTx",
     "IndexedTask",
     "Journal",
     "JournalEntry",
@@ -72,8 +90,12 @@ __all__ = [
     "LedgerClient",
     "LedgerDomain",
     "MerkleTree",
+    "ProposalInfo",
     "Receipt",
     "ReceiptBook",
+    "ReleaseCache",
+    "ReleaseInfo",
+    "ReleaseView",
     "RequestChallengeInfo",
     "Signer",
     "TaskRequest",
@@ -92,6 +114,7 @@ __all__ = [
     "load_artifact",
     "new_salt",
     "open_ledger",
+    "proposal_id",
     "recover_signer",
     "refusal_digest",
     "run_anvil",

@@ -36,6 +36,11 @@ from secure_ci.ledger._chain import (
     as_task_result,
     as_uint,
 )
+from secure_ci.ledger._governance import (
+    RELEASE_MEASUREMENT,
+    RELEASE_MODEL,
+    GovernanceCalls,
+)
 from secure_ci.ledger._integrity import IntegrityCalls
 from secure_ci.ledger._records import KeyRegistration
 from secure_ci.ledger._registry import RegistryReads
@@ -43,21 +48,43 @@ from secure_ci.ledger._registry import RegistryReads
 __all__ = ["LedgerClient"]
 
 
-class LedgerClient(RegistryReads, IntegrityCalls):
+DEFAULT_RELEASE_SECONDS = 7 * 24 * 3600
+"""How long a release added by :meth:`LedgerClient.allow_measurement` (or a model by
+:meth:`LedgerClient.register_model`) stays valid: a week, then it is renewed or it expires."""
+
+
+class LedgerClient(GovernanceCalls, RegistryReads, IntegrityCalls):
     """Calls and transactions on one deployed SecureCILedger; create it with open_ledger."""
 
     # ------------------------------------------------------------------ registry
 
     async def register_party(self, admin: object) -> int:
-        """Create a party administered by ``admin`` (owner only); its id."""
-        fn = self._contract.functions.registerParty(as_address(admin, "admin"))
-        receipt = await self._transact(self.owner, fn)
-        return int(self._event_args("PartyRegistered", receipt)["partyId"])
+        """Propose a party administered by ``admin`` as the session's (deployer's) party and
+        execute it; its id. Needs a threshold of 1 (else LedgerError naming the proposal)."""
+        proposed = await self.propose_party(self.owner, admin)
+        await self.execute_if_ready(self.owner, proposed)
+        await self.require_executed(proposed, "adding a party")
+        return await self.party_of(admin)
 
     async def allow_measurement(self, m: bytes, allowed: bool = True) -> None:
-        """Add or remove an enclave measurement from the allow-list (owner only)."""
-        fn = self._contract.functions.allowMeasurement(as_bytes32(m, "measurement"), allowed)
-        await self._transact(self.owner, fn)
+        """Release an enclave measurement for a week from now (proposed and executed by the
+        session's party; a suspended one gets its suspension lifted), or, with
+        ``allowed=False``, suspend it. Needs a threshold of 1 (else LedgerError)."""
+        m = as_bytes32(m, "measurement")
+        release = await self.release(RELEASE_MEASUREMENT, m)
+        if not allowed:
+            if not release.suspended:
+                await self.suspend(self.owner, RELEASE_MEASUREMENT, m)
+            return
+        if release.suspended:
+            proposed = await self.propose_lift(self.owner, RELEASE_MEASUREMENT, m)
+        else:
+            now = await self.timestamp()
+            proposed = await self.propose_release(
+                self.owner, RELEASE_MEASUREMENT, m, now, now + DEFAULT_RELEASE_SECONDS
+            )
+        await self.execute_if_ready(self.owner, proposed)
+        await self.require_executed(proposed, "allowing a measurement")
 
     async def register_device(
         self, admin: LocalAccount, party_id: int, device: object, proof: bytes | None = None
@@ -120,12 +147,22 @@ class LedgerClient(RegistryReads, IntegrityCalls):
         nonce = await self.registration_nonce(holder)
         return dataclasses.replace(registration, nonce=nonce).sign(bytes(key), self.domain)
 
-    async def register_model(self, admin: LocalAccount, party_id: int, model_id: bytes) -> None:
-        """Register a model id as owned by the party ``admin`` administers."""
-        fn = self._contract.functions.registerModel(
-            as_uint(party_id, "party_id", 64), as_bytes32(model_id, "model_id")
-        )
-        await self._transact(admin, fn)
+    async def register_model(
+        self,
+        admin: LocalAccount,
+        party_id: int,
+        model_id: bytes,
+        sources: Sequence[bytes] = (),
+    ) -> None:
+        """Release a model id owned by the party ``admin`` administers, valid for a week from
+        now (proposed by ``admin`` and executed). Needs a threshold of 1 (else LedgerError)."""
+        now = await self.timestamp()
+        proposed = await self.propose_release(
+            admin, RELEASE_MODEL, as_bytes32(model_id, "model_id"), now,
+            now + DEFAULT_RELEASE_SECONDS, sources, party_id=party_id,
+        )  # fmt: skip
+        await self.execute_if_ready(admin, proposed)
+        await self.require_executed(proposed, "registering a model")
 
     async def revoke_device(self, admin: LocalAccount, device: object) -> None:
         """Revoke a device of the party ``admin`` administers."""
@@ -143,9 +180,9 @@ class LedgerClient(RegistryReads, IntegrityCalls):
         return bool(await self._call(fn))
 
     async def is_allowed_measurement(self, m: bytes) -> bool:
-        """True when the measurement is in the allow-list."""
-        fn = self._contract.functions.allowedMeasurement(as_bytes32(m, "measurement"))
-        return bool(await self._call(fn))
+        """True when the measurement is a release valid now (approved, in its validity window,
+        not suspended): edges register and devices connect only then."""
+        return await self.release_valid(RELEASE_MEASUREMENT, m)
 
     async def model_party(self, model_id: bytes) -> int:
         """The party owning ``model_id`` (0 when unregistered)."""
@@ -153,8 +190,8 @@ class LedgerClient(RegistryReads, IntegrityCalls):
         return int(await self._call(fn))
 
     async def contract_owner(self) -> str:
-        """The address allowed to register parties and measurements."""
-        return str(await self._call(self._contract.functions.owner()))
+        """The deployer: the admin of party 1 (one party among the governing parties)."""
+        return await self.party_admin(1)
 
     async def party_count(self) -> int:
         """How many parties were registered (ids are 1..count)."""

@@ -34,7 +34,7 @@ class RegisteredEdge:
     quote_id: bytes
     endpoint: str
     active: bool
-    measurement_allowed: bool
+    measurement_allowed: bool  # a measurement release valid now (window, not suspended)
 
     @property
     def usable(self) -> bool:
@@ -75,7 +75,7 @@ class RegistryReads(ContractSession):
         if not registered:
             return None
         party_id, quote_id, endpoint = await self._call(fns.edgeInfo(address))
-        allowed = bool(await self._call(fns.allowedMeasurement(bytes(measurement))))
+        allowed = bool(await self._call(fns.releaseValid(0, bytes(measurement))))
         return RegisteredEdge(
             bytes.fromhex(address[2:]), int(party_id), bytes(measurement), bytes(quote_id),
             str(endpoint), bool(active), allowed,

@@ -62,13 +62,18 @@ class ContractSession:
         with self._errors():
             return await fn.call()
 
-    async def _transact(self, account: LocalAccount, fn: Any) -> Any:
-        """Sign and send ``fn`` from ``account``; the receipt once mined (reverts raise)."""
+    async def _transact(self, account: LocalAccount, fn: Any, *, gas_margin: float = 0.0) -> Any:
+        """Sign and send ``fn`` from ``account``; the receipt once mined (reverts raise).
+
+        ``gas_margin`` adds that fraction to the node's estimate, for calls whose gas depends
+        on the block they are mined in (its timestamp)."""
         lock = self._locks.setdefault(account.address, asyncio.Lock())
         async with lock:
             with self._errors():
                 nonce = await self._w3.eth.get_transaction_count(account.address, "pending")
                 tx = await fn.build_transaction({"from": account.address, "nonce": nonce})
+                if gas_margin:
+                    tx["gas"] = int(tx["gas"] * (1 + gas_margin))
                 signed = account.sign_transaction(tx)
                 tx_hash = await self._w3.eth.send_raw_transaction(signed.raw_transaction)
                 receipt = await self._w3.eth.wait_for_transaction_receipt(

@@ -107,6 +107,22 @@ def _check_ledger(result: dict[str, Any]) -> None:
     assert 21_000 < challenge["open"] < 500_000
     assert 21_000 < challenge["answer"] < 500_000
     assert challenge["proof_length"] == 11  # ceil(log2(2000)) siblings
+    governance = result["governance"]
+    assert governance["backend"] in ("inprocess", "anvil")
+    gas = governance["gas"]
+    assert set(gas) == {
+        "propose_release", "approve", "execute_release", "suspend", "propose_lift",
+        "execute_lift", "lift", "propose_party", "execute_party",
+    }  # fmt: skip
+    assert all(21_000 < g < 1_000_000 for g in gas.values())
+    assert gas["lift"] > gas["propose_lift"] + gas["execute_lift"]
+    connect = governance["connect"]
+    assert connect["sessions"] == 4
+    for key in ("baseline_ms", "with_release_check_ms", "check_ms", "head_query_ms"):
+        _percentiles(connect[key])
+    assert math.isfinite(connect["added_p50_ms"])  # a difference: noise may make it negative
+    assert _positive(connect["ratio"])
+    assert connect["target_added_ms"] == 5.0
 
 
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {

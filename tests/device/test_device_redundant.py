@@ -117,6 +117,8 @@ async def test_majority_wins_and_the_dissenter_is_disputed_on_chain(
         for who in (admin, device):
             await ledger.fund(who.address, 10**20)
         party = await ledger.register_party(admin.address)
+        for measurement in {edge.identity.measurement for edge in edges[:2]}:
+            await ledger.allow_measurement(measurement)  # an edge registers with a release
         for edge in (edges[0], edges[1]):
             enclave_key = Account.from_key(edge.identity.signing_key)
             await ledger.register_edge(

@@ -27,7 +27,8 @@ from secure_ci.edge import (
     open_edge,
     tails_from_partitioner,
 )
-from secure_ci.exceptions import AuthorizationError, RemoteProtocolError
+from secure_ci.exceptions import AuthorizationError, ConfigError, RemoteProtocolError
+from secure_ci.ledger import RELEASE_MEASUREMENT, RELEASE_MODEL, ReleaseCache, open_ledger
 from secure_ci.ledger._registry import RegisteredEdge
 from secure_ci.partition import Partitioner, PartitionPlan
 from secure_ci.protocol import ErrorCode
@@ -132,3 +133,74 @@ def test_check_registration_compares_every_attested_field() -> None:
     check_registration(binding, good)
     with pytest.raises(AuthorizationError):
         check_registration(binding, dataclasses.replace(good, quote_id=b"\x04" * 32))
+
+
+async def _refused(served: EdgeService, enclave: DevEnclave, cache: Any, state: str) -> None:
+    with pytest.raises(
+        AuthorizationError, match=f"not a release valid on the ledger now \\({state}"
+    ):
+        async with _session(served, enclave, releases=cache):
+            pytest.fail("a session was opened with an edge whose release is not valid")
+
+
+async def _accepted(served: EdgeService, enclave: DevEnclave, cache: Any) -> None:
+    async with _session(served, enclave, releases=cache) as session:
+        await session.infer(torch.randn(1, 1, 32, 32))
+
+
+async def test_the_device_enforces_the_release_registry(
+    edge: tuple[EdgeService, DevEnclave],
+) -> None:
+    """Not yet valid, valid, suspended (from the next refresh on), lifted, expired."""
+    served, enclave = edge
+    m = served.identity.measurement
+    async with open_ledger("inprocess") as ledger:
+        owner = ledger.owner
+        eager = ReleaseCache(ledger, max_age_blocks=0, head_ttl=0)
+        await _refused(served, enclave, eager, "unknown")
+        now = await ledger.timestamp()
+        proposed = await ledger.propose_release(
+            owner, RELEASE_MEASUREMENT, m, now + 1000, now + 2000
+        )
+        await ledger.execute(owner, proposed.proposal_id)
+        await _refused(served, enclave, eager, "not-yet-valid")
+        await ledger.advance_time(1000)
+        await _accepted(served, enclave, eager)
+        lazy = ReleaseCache(ledger, max_age_blocks=1000, head_ttl=0)
+        await lazy.view()
+        await ledger.suspend(owner, RELEASE_MEASUREMENT, m)
+        await _refused(served, enclave, eager, "suspended")
+        await _accepted(served, enclave, lazy)  # its view is not due for a refresh yet
+        await lazy.refresh()
+        await _refused(served, enclave, lazy, "suspended")
+        lift = await ledger.propose_lift(owner, RELEASE_MEASUREMENT, m)
+        await ledger.execute(owner, lift.proposal_id)
+        await _accepted(served, enclave, eager)
+        await ledger.advance_time(1000)
+        await _refused(served, enclave, eager, "expired")
+        assert eager.refreshes >= 6
+    assert served.stats["results"] == 3
+
+
+async def test_a_release_view_refreshes_incrementally() -> None:
+    async with open_ledger("inprocess") as ledger:
+        clock = [0.0]
+        cache = ReleaseCache(ledger, max_age_blocks=2, head_ttl=1.0, monotonic=lambda: clock[0])
+        first = await cache.view()
+        assert first.releases == {}
+        await ledger.allow_measurement(b"\x05" * 32)  # propose + execute: two blocks
+        clock[0] = 5.0
+        assert await cache.view() is first  # at most two blocks old: no refresh
+        await ledger.allow_measurement(b"\x06" * 32)
+        clock[0] = 5.5
+        assert await cache.view() is first  # the head is not asked again within head_ttl
+        clock[0] = 6.0
+        view = await cache.view()
+        assert view is not first
+        assert view.state(RELEASE_MEASUREMENT, b"\x05" * 32) == "valid"
+        assert view.state(RELEASE_MEASUREMENT, b"\x06" * 32) == "valid"
+        assert view.state(RELEASE_MODEL, b"\x05" * 32) == "unknown"
+    with pytest.raises(ConfigError):
+        ReleaseCache(ledger, max_age_blocks=-1)
+    with pytest.raises(ConfigError):
+        ReleaseCache(ledger, head_ttl=-1)

@@ -89,7 +89,7 @@ async def test_bind_existing_contract(anvil: AnvilNode) -> None:
         address = first.address
     async with open_ledger(anvil.url, contract_address=address) as second:
         assert second.address == address
-        assert await second.party_count() == 0
+        assert await second.party_count() == 1  # the deployer's party
     with pytest.raises(ChainError, match="no contract"):
         async with open_ledger(anvil.url, contract_address="0x" + "42" * 20):
             pass

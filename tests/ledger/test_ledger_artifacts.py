@@ -126,3 +126,11 @@ def test_parse_artifact_mutations() -> None:
             del data[rng.randrange(len(data)) :]
         with contextlib.suppress(LedgerError):
             parse_artifact(bytes(data))
+
+
+def test_the_deployed_contracts_fit_eip_170() -> None:
+    """The ledger's runtime code must fit 24,576 bytes or the chain refuses to deploy it (the
+    fraud-proof decoder lives in its own contract, BatchChecker, for this)."""
+    from secure_ci.ledger._artifacts import load_artifact
+
+    assert len(load_artifact().deployed_bytecode) <= 24_576

@@ -85,11 +85,14 @@ async def test_registry_reverts(world: LedgerWorld) -> None:
     await reverts("UnknownDevice", ledger.revoke_device(admin, new))
     await reverts("UnknownEdge", ledger.revoke_edge(admin, new))
     await reverts("NotPartyAdmin", ledger.revoke_edge(stranger, world.edges[0]))
-    # owner-only calls from a party admin's key
+    # governance calls from a key that administers no party
+    outsider = Account.create()
+    await ledger.fund(outsider.address, 10**18)
     rogue = LedgerClient.__new__(LedgerClient)
-    rogue.__dict__.update(ledger.__dict__, owner=stranger)
-    await reverts("OwnableUnauthorizedAccount", rogue.register_party(stranger.address))
-    await reverts("OwnableUnauthorizedAccount", rogue.allow_measurement(ZERO))
+    rogue.__dict__.update(ledger.__dict__, owner=outsider)
+    await reverts("NotParty", rogue.register_party(Account.create().address))
+    await reverts("NotParty", rogue.allow_measurement(keccak256(b"rogue")))
+    await reverts("NotParty", rogue.allow_measurement(world.measurement, allowed=False))
 
 
 async def test_anchor_chain_and_verify(world: LedgerWorld) -> None:
