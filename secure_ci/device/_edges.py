@@ -11,7 +11,7 @@ from contextlib import AbstractAsyncContextManager
 
 from secure_ci.device._breaker import Breaker
 from secure_ci.device._session import Session
-from secure_ci.exceptions import SecureCIError
+from secure_ci.exceptions import ChannelError, SecureCIError
 from secure_ci.ledger._registry import RegisteredEdge
 from secure_ci.plan import EdgeEstimator
 
@@ -46,10 +46,11 @@ class EdgeLink:
         closing: asyncio.Event,
         monotonic: Callable[[], float],
         probe_interval: float | None = None,
+        on_end: Callable[[Session], None] | None = None,
     ) -> None:
         """Hold a session: connect, probe it while it is idle (every ``probe_interval``
         seconds), wait for it to fail, back off (the breaker), reconnect; until ``closing``
-        is set."""
+        is set; ``on_end`` sees each session once it has ended."""
         while not closing.is_set():
             try:
                 async with connect() as session:
@@ -71,6 +72,9 @@ class EdgeLink:
                             await self._probe(session, monotonic)
                     for waiter in (failed, stop):
                         waiter.cancel()
+                    if on_end is not None:
+                        session.fail(ChannelError("the session is closed"))  # no-op if failed
+                        on_end(session)
                     if failed.done() and not failed.cancelled():
                         log.warning("session with edge %s failed: %s", self.name, failed.result())
                         self.breaker.failure(monotonic())

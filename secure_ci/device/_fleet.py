@@ -316,7 +316,19 @@ class Device:
                     return min(self._cap, max(self._floor, (2 * ms + 4 * std) / 1e3))
         return self._cap
 
+    def keep_evidence(self, session: Session) -> None:
+        """Journal the signed requests ``session`` sent that got no verified result (the
+        edge refused, failed, went silent or lied): the device can challenge the edge with
+        each once it is overdue (a request-only challenge), so a dropped task leaves a trace.
+        A request whose result comes later anyway is recorded as superseded, not challenged."""
+        pending, session.unanswered = session.unanswered, []
+        if self.journal is not None:
+            for request, signature in pending:
+                self.journal.record_unanswered(request, signature, session.domain)
+
     def _failed(self, edge: EdgeLink, sent: float, outcome: str, detail: str) -> Attempt:
+        if edge.session is not None:
+            self.keep_evidence(edge.session)
         now = self._monotonic()
         edge.breaker.failure(now)
         self.stats["failovers"] += 1

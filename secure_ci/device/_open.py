@@ -105,7 +105,13 @@ async def open_device(
     # Not a TaskGroup: an error in the caller's block must reach it as itself, not wrapped.
     keepers = [
         asyncio.create_task(
-            e.keep(functools.partial(connect, i, e), closing, monotonic, probe_interval)
+            e.keep(
+                functools.partial(connect, i, e),
+                closing,
+                monotonic,
+                probe_interval,
+                on_end=device.keep_evidence,
+            )
         )
         for i, e in enumerate(links.values())
     ]

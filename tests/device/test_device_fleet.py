@@ -139,15 +139,23 @@ async def test_a_killed_edge_is_failed_over_without_recomputing_the_head(
             outcomes = list(device.history)
         assert journal.unfinished() == []
         kept = list(journal.tasks())
+        unanswered = {u.request.task_id: u.request.edge for u in journal.unanswered()}
     _same(first + rest, _expected(package, xs))
     after = outcomes[10:]
     assert all(o.edge != busiest for o in after)  # nothing accepted from the dead edge
     moved = [o for o in after if any(a.edge == busiest for a in o.attempts)]
     for o in moved:  # tried at the dead edge, then accepted elsewhere or finished here
         assert o.attempts[-1].outcome == "ok" or o.mode == "local-tail", o
+    for o in moved:  # the request the dead edge never answered is kept, to challenge it
+        if o.receipt is not None and o.attempts[0].detail != "no session":
+            assert o.receipt.request.task_id in unanswered  # one task id across attempts
+            assert unanswered[o.receipt.request.task_id] != o.receipt.request.edge
     modes = Counter(o.mode for o in after)
     assert modes["edge"] + modes["split"] >= len(after) // 2, modes  # the other edge took over
-    assert len(kept) == len({t.task_id for t in kept}) == 40  # one accepted receipt each
+    accepted = [o.receipt.request.task_id for o in outcomes if o.receipt is not None]
+    assert len(set(accepted)) == len(accepted)  # one accepted result per task
+    answered = [t.task_id for t in kept if t.state != "superseded"]
+    assert sorted(answered) == sorted(accepted)  # every accepted receipt journalled, once
 
 
 async def test_a_hung_edge_times_out_and_its_tasks_go_elsewhere(
