@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
 from typing import Any
@@ -100,19 +101,21 @@ async def _restart(
 
 def detection(fleet: Fleet, faults: list[dict[str, Any]]) -> None:
     """Per fault, from the fleet logger's records: when the device noticed."""
-    for fault in faults:
+    for fault, after in zip(faults, [*faults[1:], None], strict=True):
         address = fleet.shapers[fault["edge"]].address
         wall = fault["wall"]
+        until = math.inf if after is None else after["wall"]  # not the next fault's doing
         # a killed edge's stream just ends: the session reports it as a protocol error
         broken = {"failed", "refused"} if fault["kind"] in ("kill", "cut") else {"timeout"}
-        attempts = fleet.tape.failed_attempts(address, broken, wall)
-        sessions = fleet.tape.session_failures(address, wall)
+        attempts = [t for t in fleet.tape.failed_attempts(address, broken, wall) if t < until]
+        sessions = [t for t in fleet.tape.session_failures(address, wall) if t < until]
         fault["first_attempt_ms"] = round((attempts[0] - wall) * 1e3, 3) if attempts else None
         fault["session_failed_ms"] = round((sessions[0] - wall) * 1e3, 3) if sessions else None
         if fault["kind"] == "kill":  # the keeper's reconnects while the edge is down
             down_s = fault["end_s"] - fault["start_s"]
             retries = fleet.tape.connect_failures(address, wall, wall + down_s)
             fault["reconnects_per_s"] = round(retries / down_s, 2) if down_s > 0 else None
+    for fault in faults:
         fault["start_s"] = round(fault["start_s"], 3)
         fault["end_s"] = round(fault.get("end_s", fault["start_s"]), 3)
         del fault["wall"]

@@ -92,10 +92,11 @@ async def _device(args: list[str]) -> _Child:
 
 def _offline_summary(
     digits: Digits, first: _Child, second: _Child, times: dict[str, float], size: Size,
-    unfinished_at_kill: int, journal_path: Path, planned_after: int,
+    pending: dict[int, str], journal_path: Path, planned_after: int,
 ) -> dict[str, Any]:  # fmt: skip
     index_of = {_digest(digits, i): i for i in range(len(digits.samples))}
     begun = {e["key"]: e["digest"] for c in (first, second) for e in c.events("begun")}
+    begun |= pending
     finished = first.events("done") + second.events("resumed") + second.events("done")
     wrong = sum(
         not matches(torch.tensor(e["output"]), digits.expected[index_of[begun[e["key"]]]])
@@ -116,7 +117,8 @@ def _offline_summary(
         "offline_latency_ms": figures([e["latency_ms"] for e in offline]),
         "offline_over_deadline": sum(e["latency_ms"] > DEADLINE_MS for e in offline),
         "tasks_begun_before_device_kill": len(first_keys),
-        "unfinished_at_device_kill": unfinished_at_kill,
+        "unfinished_at_device_kill": len(pending),
+        "unannounced_at_device_kill": len(set(pending) - {e["key"] for e in first.events("begun")}),
         "resumed": len(second.events("resumed")),
         "resumed_modes": dict(Counter(e["mode"] for e in second.events("resumed"))),
         "finished_but_unreported_at_kill": len(first_keys - reported - set(no_outcome)),
@@ -173,7 +175,8 @@ async def offline_phase(
         times["device_killed"] = await _kill_mid_task(first.proc, journal)
         await first.reader
         with DeviceJournal.open(journal) as j:
-            unfinished_at_kill = len(j.unfinished())
+            # a task can be on disk and not yet announced: the journal says which it is
+            pending = {row[0]: digest(row[1]) for row in j.unfinished()}
         await asyncio.sleep(size.offline_s / 2)
         times["edges_restarting"] = time.time()
         await asyncio.gather(
@@ -182,6 +185,7 @@ async def offline_phase(
         times["edges_back"] = time.time()
         index_of = {_digest(digits, i): i for i in indices}
         started = {index_of[e["digest"]] for e in first.events("begun")}
+        started |= {index_of[d] for d in pending.values()}
         rest = [i for i in indices if i not in started][: size.after_resume]
         times["device_spawned"] = time.time()
         second = await _device([*common, "--indices", ",".join(map(str, rest)), "--resume"])
@@ -195,6 +199,4 @@ async def offline_phase(
             if child is not None and child.proc.returncode is None:
                 child.proc.kill()
                 await child.proc.wait()
-    return _offline_summary(
-        digits, first, second, times, size, unfinished_at_kill, journal, len(rest)
-    )
+    return _offline_summary(digits, first, second, times, size, pending, journal, len(rest))

@@ -253,7 +253,8 @@ class TaskRecord:
     mode: str
     edge: int | None
     attempts: tuple[tuple[int | None, str, float, float | None], ...]
-    """(edge, outcome, ms, adaptive timeout in s for a ``timeout``)."""
+    """(edge, outcome, ms, adaptive timeout in s for a ``timeout``); ``no-session`` is a
+    ``failed`` attempt never sent (the edge's session had just failed)."""
     heads: int
     """Head (or whole-model) runs of this task on the device."""
     ok: bool
@@ -268,7 +269,8 @@ def _record(
     for a in outcome.attempts:
         found = LIMIT.search(a.detail)
         limit = float(found.group(1)) if found and a.outcome == "timeout" else None
-        attempts.append((fleet.index(a.edge), a.outcome, a.ms, limit))
+        ended = "no-session" if a.detail == "no session" else a.outcome
+        attempts.append((fleet.index(a.edge), ended, a.ms, limit))
     output = outcome.output if isinstance(outcome.output, torch.Tensor) else outcome.output[0]
     heads = fleet.heads.encode[id(x)] + fleet.heads.run[id(x)]
     receipt = outcome.receipt

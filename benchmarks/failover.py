@@ -71,7 +71,7 @@ from secure_ci.device import DeviceIdentity
 from secure_ci.device._journal import DeviceJournal
 from secure_ci.testing._edge_process import PKI_SEED, EdgeProcess, spawn_edges
 
-SPARES = 3
+SPARES = 4
 TARGETS = {"lost": 0, "duplicates": 0, "no_recompute_share": 0.95, "crash_detect_ms": 5.0,
            "synced_within_s": 10.0}  # fmt: skip
 SIZES = {
