@@ -287,7 +287,9 @@ class Device:
         except (ChannelError, DeadlineExceeded) as exc:
             return self._failed(edge, sent, "failed", str(exc)), None
         except (RemoteProtocolError, ProtocolError) as exc:
-            return self._failed(edge, sent, "refused", str(exc)), None
+            # a crashed edge's stream ends without Close: the session failed, no refusal
+            outcome = "failed" if session.failed else "refused"
+            return self._failed(edge, sent, outcome, str(exc)), None
         except SecureCIError as exc:  # the result did not verify: this edge lies
             session.fail(ChannelError(f"edge {name} sent a result that did not verify"))
             return self._failed(edge, sent, "unverified", str(exc)), None

@@ -65,7 +65,7 @@ class EdgeProcess:
     def cont(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
 
-    def restart(self, timeout: float = 60.0) -> None:
+    def restart(self, timeout: float = 300.0) -> None:
         """Start it again on the same port (after :meth:`kill`)."""
         fresh = spawn_edge(
             self.package, port=self.port, seed=self.seed, devices=self.devices, timeout=timeout
@@ -84,7 +84,7 @@ def spawn_edge(
     devices: tuple[str, ...],
     port: int = 0,
     seed: int = PKI_SEED,
-    timeout: float = 60.0,
+    timeout: float = 300.0,
 ) -> EdgeProcess:
     """Start an edge process serving ``package`` to ``devices`` (0x addresses); returns
     once it listens."""
@@ -97,7 +97,7 @@ def spawn_edges(
     *,
     devices: tuple[str, ...],
     seed: int = PKI_SEED,
-    timeout: float = 60.0,
+    timeout: float = 300.0,
     lie: bool = False,
 ) -> list[EdgeProcess]:
     """Start one edge process per port (0: any free one) at once; returns once all listen.

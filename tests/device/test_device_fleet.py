@@ -292,9 +292,9 @@ def test_device_infer_plan_runs_every_input_and_survives_a_dead_edge(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [line["mode"] for line in lines] == ["device"] * 5  # its only edge is dead
+    assert {line["mode"] for line in lines} <= {"device", "exit"}  # its only edge is dead
     expected = _expected(package, xs)
-    assert [line["argmax"] for line in lines] == [int(e.argmax()) for e in expected]
+    _same_argmax(lines, expected)
     assert "5 tasks" in result.stderr
     live = args.copy()
     live[live.index("--edge") + 1] = edges[1].address
@@ -303,8 +303,16 @@ def test_device_infer_plan_runs_every_input_and_survives_a_dead_edge(
     result = CliRunner().invoke(app, live)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [line["argmax"] for line in lines] == [int(e.argmax()) for e in expected]
+    _same_argmax(lines, expected)
     assert [line["input"] for line in lines] == [f"{tmp_path / 'x.npy'}[{i}]" for i in range(5)]
+
+
+def _same_argmax(lines: list[dict[str, object]], expected: list[torch.Tensor]) -> None:
+    """Every input printed, in order; the model's class unless a calibrated exit answered."""
+    assert len(lines) == len(expected)
+    for line, e in zip(lines, expected, strict=True):
+        if line["mode"] != "exit":
+            assert line["argmax"] == int(e.argmax())
 
 
 def test_the_blocking_device_runs_tasks_from_plain_code(package: ModelPackage) -> None:
