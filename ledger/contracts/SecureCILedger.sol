@@ -221,6 +221,7 @@ contract SecureCILedger is EIP712, Governance {
     error EdgeFaulty(address edge);
     error InvalidDeviceSignature();
     error RequestMismatch();
+    error InvalidRefusalReason(uint8 reason);
 
     /// @param founders admins of parties 2, 3, ... (the deployer's key administers party 1)
     /// @param threshold_ approvals a governance proposal needs (1..number of parties)
@@ -363,6 +364,7 @@ contract SecureCILedger is EIP712, Governance {
         bytes32[] calldata proof
     ) public view returns (bool) {
         if (batchId >= _edges[edge].nextBatchId) return false;
+        if (batchFault[edge][batchId] != 0) return false; // proven fraudulent: proves nothing
         Batch storage b = _batches[edge][batchId];
         if (seq < b.firstSeq || seq - b.firstSeq >= b.count) return false;
         if (proof.length > 64) return false;
@@ -451,6 +453,7 @@ contract SecureCILedger is EIP712, Governance {
 
     /// @notice The edge's enclave refuses the request (signed TaskRefusal); recorded as such.
     function refuseRequest(uint256 challengeId, uint8 reason, bytes calldata edgeSig) external {
+        if (reason == 0) revert InvalidRefusalReason(reason);
         RequestChallenge storage c = _openRequestChallenge(challengeId);
         bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(TASK_REFUSAL_TYPEHASH, c.requestHash, reason)));
         (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, edgeSig);
@@ -586,7 +589,8 @@ contract SecureCILedger is EIP712, Governance {
     }
 
     function getChallenge(uint256 challengeId) external view returns (Challenge memory) {
-        if (challengeId == 0 || challengeId > challengeCount) revert UnknownChallenge(challengeId);
+        // request challenges share the id counter: an id that is one of theirs is unknown here
+        if (_challenges[challengeId].device == address(0)) revert UnknownChallenge(challengeId);
         return _challenges[challengeId];
     }
 

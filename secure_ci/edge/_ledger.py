@@ -173,8 +173,9 @@ class EdgeLedger:
         ident, settings = self.identity, self.settings
         if not await client.is_allowed_measurement(ident.measurement):
             raise LedgerError(
-                f"measurement {ident.measurement.hex()} is not allowed on the ledger (ask the "
-                f"deployment's owner: secure-ci ledger measurement allow {ident.measurement.hex()})"
+                f"measurement {ident.measurement.hex()} is not a valid release on the ledger "
+                f"(a party proposes it: secure-ci ledger measurement allow "
+                f"{ident.measurement.hex()}; it is valid once approved by the threshold)"
             )
         now = await client.registered_edge(ident.address)
         if now is not None and (

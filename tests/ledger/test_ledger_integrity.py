@@ -179,8 +179,14 @@ async def test_forged_calldata_is_proven_fraud(world: LedgerWorld) -> None:
     # the edge answers a challenge of the true record with a valid proof of the true root
     true = rec.result
     cid = await ledger.challenge(device, true, true.sign(bytes(edge.key), ledger.domain))
+    tree_proof = MerkleTree.build(
+        [leaf_hash(r.result.edge_seq, r.result.digest(ledger.domain)) for r in batch.records]
+    ).proof(3)
+    leaf = (edge.address, forged_id, true.edge_seq, true.digest(ledger.domain), tree_proof)
+    assert await ledger.verify_task(*leaf)  # the true record proves against the true root
     assert await ledger.check_fraud(edge.address, forged_id, forged) == BatchFault.ROOT_MISMATCH
     fault = await ledger.prove_fraud(device, edge.address, forged_id, forged)
+    assert not await ledger.verify_task(*leaf)  # a batch proven fraudulent proves nothing
     assert fault == BatchFault.ROOT_MISMATCH
     assert await ledger.fraud_count(edge.address) == 1
     assert await ledger.batch_fault(edge.address, forged_id) == BatchFault.ROOT_MISMATCH
@@ -189,9 +195,6 @@ async def test_forged_calldata_is_proven_fraud(world: LedgerWorld) -> None:
     # a faulty edge cannot anchor or answer, and its challenges end as omissions at once
     more, more_root = _honest(world, edge, 17, 2, seed=3)
     await reverts("EdgeFaulty", _anchor_raw(ledger, edge, more_root, 2, more))
-    tree_proof = MerkleTree.build(
-        [leaf_hash(r.result.edge_seq, r.result.digest(ledger.domain)) for r in batch.records]
-    ).proof(3)
     await reverts("EdgeFaulty", ledger.respond_challenge(edge, cid, forged_id, tree_proof))
     await ledger.finalize_challenge(device, cid)
     assert (await ledger.challenge_info(cid)).state == 3
@@ -389,6 +392,9 @@ async def test_request_refused_or_omitted(world: LedgerWorld) -> None:
     await reverts(
         "InvalidEdgeSignature", ledger.refuse_request(edge, cid, REFUSAL_NOT_RECEIVED, other_reason)
     )
+    zero = sign_digest(bytes(edge.key), refusal_digest(domain, refused.struct_hash(), 0))
+    await reverts("InvalidRefusalReason", ledger.refuse_request(edge, cid, 0, zero))
+    await reverts("UnknownChallenge", ledger.challenge_info(cid))  # a request challenge's id
     await ledger.refuse_request(
         device, cid, REFUSAL_NOT_RECEIVED, sign_digest(bytes(edge.key), digest)
     )
