@@ -368,7 +368,7 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
     book = ReceiptBook(chain.ledger, chain.ledger.domain, Account.from_key(member.key))
     with Journal.open(tmp_path / "edge.sqlite", edge=identity.address) as journal:
         async with open_edge_ledger(config, identity, operator_key, journal=journal) as waiting:
-            await _logged(caplog, "is not allowed on the ledger")
+            await _logged(caplog, "is not a valid release on the ledger")
             assert not waiting.connected.is_set()
         async with open_edge_ledger(
             config, identity, bytes(chain.fleet.key), journal=journal
