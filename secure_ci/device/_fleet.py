@@ -273,7 +273,7 @@ class Device:
         session = edge.session
         sent = self._monotonic()
         if session is None or session.failed:
-            return Attempt(name, "failed", 0.0, "no session"), None
+            return Attempt(name, "failed", 0.0, "no session", sent=False), None
         edge.breaker.acquire(sent)
         limit = self._attempt_timeout(decision, name, cut, codec)
         future: asyncio.Future[tuple[InferResult, TaskReceipt]] | None = None
@@ -283,16 +283,17 @@ class Device:
                 result, receipt = await asyncio.shield(future)
         except TimeoutError:
             self._abandon(edge, session, future)
-            return self._failed(edge, sent, "timeout", f"no result within {limit:.3f} s"), None
+            detail = f"no result within {limit:.3f} s"
+            return self._failed(edge, session, sent, "timeout", detail, future), None
         except (ChannelError, DeadlineExceeded) as exc:
-            return self._failed(edge, sent, "failed", str(exc)), None
+            return self._failed(edge, session, sent, "failed", str(exc), future), None
         except (RemoteProtocolError, ProtocolError) as exc:
             # a crashed edge's stream ends without Close: the session failed, no refusal
             outcome = "failed" if session.failed else "refused"
-            return self._failed(edge, sent, outcome, str(exc)), None
+            return self._failed(edge, session, sent, outcome, str(exc), future), None
         except SecureCIError as exc:  # the result did not verify: this edge lies
             session.fail(ChannelError(f"edge {name} sent a result that did not verify"))
-            return self._failed(edge, sent, "unverified", str(exc)), None
+            return self._failed(edge, session, sent, "unverified", str(exc), future), None
         now = self._monotonic()
         edge.breaker.success(now)
         edge.last_used = now
@@ -328,14 +329,21 @@ class Device:
             for request, signature in pending:
                 self.journal.record_unanswered(request, signature, session.domain)
 
-    def _failed(self, edge: EdgeLink, sent: float, outcome: str, detail: str) -> Attempt:
-        if edge.session is not None:
-            self.keep_evidence(edge.session)
+    def _failed(
+        self,
+        edge: EdgeLink,
+        session: Session,
+        sent: float,
+        outcome: str,
+        detail: str,
+        future: asyncio.Future[tuple[InferResult, TaskReceipt]] | None,
+    ) -> Attempt:
+        self.keep_evidence(session)
         now = self._monotonic()
         edge.breaker.failure(now)
         self.stats["failovers"] += 1
         log.info("task failed over from %s (%s): %s", edge.name, outcome, detail)
-        return Attempt(edge.name, outcome, (now - sent) * 1e3, detail)
+        return Attempt(edge.name, outcome, (now - sent) * 1e3, detail, sent=future is not None)
 
     def _abandon(
         self,

@@ -20,6 +20,9 @@ class Attempt:
     outcome: str
     ms: float
     detail: str = ""
+    sent: bool = True
+    """Whether the signed request left the device (a session that had already failed, or a
+    timeout while waiting for an in-flight slot, sends nothing)."""
 
 
 @dataclass(frozen=True)
