@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from secure_ci.package._weights import decode_weights, encode_weights
 from secure_ci.partition._exits import ExitHead, should_exit, train_exit_heads
 from secure_ci.partition._partitioner import Partitioner
 from secure_ci.partition._plan import Cut, ExitPolicy
+from secure_ci.partition._profiler import median_ms as _median_ms
 
 __all__ = [
     "DEFAULT_EXIT_THRESHOLDS",
@@ -114,16 +114,6 @@ def _threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _median_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        samples.append((clock() - start) * 1000.0)
-    return statistics.median(samples)
 
 
 def _boundary(partitioner: Partitioner, cut: Cut, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -19,7 +19,8 @@ __all__ = ["profile"]
 MAX_REPEATS = 10_000
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, clock: Callable[[], float]) -> float:
+def median_ms(fn: Callable[[], Any], repeats: int, clock: Callable[[], float]) -> float:
+    """Median milliseconds of ``repeats`` timed calls of ``fn`` after one warm-up call."""
     fn()  # warm-up: allocator, lazy initialisation
     samples = []
     for _ in range(repeats):
@@ -52,7 +53,7 @@ def profile(
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            full_ms = _median_ms(lambda: partitioner.model(*inputs), repeats, clock)
+            full_ms = median_ms(lambda: partitioner.model(*inputs), repeats, clock)
             cuts = []
             for cut in partitioner.cuts:
                 head, tail = partitioner.split(cut)
@@ -61,8 +62,8 @@ def profile(
                     CutProfile(
                         index=cut.index,
                         name=cut.name,
-                        head_ms=_median_ms(functools.partial(head, *inputs), repeats, clock),
-                        tail_ms=_median_ms(functools.partial(tail, *boundary), repeats, clock),
+                        head_ms=median_ms(functools.partial(head, *inputs), repeats, clock),
+                        tail_ms=median_ms(functools.partial(tail, *boundary), repeats, clock),
                         nbytes=sum(4 * b.numel() for b in boundary),
                     )
                 )
