@@ -401,57 +401,14 @@ def receipts(
 async def _check(
     book: DeviceJournal, deployment_file: Path, device: DeviceIdentity, grace: int
 ) -> None:
-    from eth_account import Account
-
     from secure_ci.cli._common import load_deployment
-    from secure_ci.ledger import ReceiptBook, open_ledger
+    from secure_ci.device._reconcile import reconcile
+    from secure_ci.ledger import open_ledger
     from secure_ci.ledger._deployment import Deployment
 
     found = load_deployment(deployment_file)
     if not isinstance(found, Deployment):
         raise ConfigError("--check needs a deployment file")
     async with open_ledger(found.rpc, contract_address=found.contract_text) as ledger:
-        # anchored tasks are checked again: a chain that lost its state has lost them too
-        tasks = [
-            t
-            for t in book.tasks()
-            if t.state != "challenged"
-            and t.receipt.request.device == device.address
-            and t.receipt.domain == found.domain
-        ]
-        receipts = ReceiptBook(
-            ledger, found.domain, Account.from_key(device.key), grace_seconds=grace
-        )
-        for task in tasks:
-            r = task.receipt
-            receipts.track(r.request, r.result, r.device_sig, r.edge_sig)
-        await receipts.check(await ledger.timestamp())
-        for task in tasks:
-            if task.task_id in receipts.receipts:
-                if task.state != "anchored":
-                    book.mark_anchored(task, receipts.receipts[task.task_id].encode())
-                continue
-            if task.state == "anchored":
-                book.mark_unanchored(task)  # the chain no longer has it
-            pending = receipts.pending.get(task.task_id)
-            if pending is not None and pending.challenge_id is not None:
-                book.mark_challenged(task, pending.challenge_id)
-        await _challenge_unanswered(book, ledger, found.domain, device, grace)
-
-
-async def _challenge_unanswered(
-    book: DeviceJournal, ledger: Any, domain: Any, device: DeviceIdentity, grace: int
-) -> None:
-    """Challenge the edge of every overdue request that got no result (request-only)."""
-    from eth_account import Account
-
-    now = await ledger.timestamp()
-    account = Account.from_key(device.key)
-    for u in book.unanswered():
-        q = u.request
-        if u.challenge_id is not None or q.device != device.address or u.domain != domain:
-            continue
-        if now <= q.deadline + grace:
-            continue
-        challenge_id = await ledger.challenge_request(account, q, u.device_sig)
-        book.mark_request_challenged(q, challenge_id)
+        done = await reconcile(book, ledger, device, domain=found.domain, grace=grace)
+    typer.echo(f"checked against the ledger: {done}", err=True)

@@ -19,7 +19,10 @@ from secure_ci.device._fleet import Device
 from secure_ci.device._identity import DeviceIdentity
 from secure_ci.device._journal import DeviceJournal
 from secure_ci.device._local import LocalModel
+from secure_ci.device._reconcile import Reconciled, keep_reconciled
 from secure_ci.device._session import DEFAULT_DOMAIN, Session
+from secure_ci.exceptions import ConfigError
+from secure_ci.ledger import LedgerClient
 from secure_ci.ledger._records import LedgerDomain
 from secure_ci.ledger._registry import RegisteredEdge
 from secure_ci.package import ModelPackage
@@ -54,6 +57,9 @@ async def open_device(
     attempt_cap: float = 10.0,
     connect_timeout: float = 30.0,
     breaker: Callable[[], Breaker] = Breaker,
+    ledger: LedgerClient | None = None,
+    reconcile_interval: float = 30.0,
+    grace: int = 60,
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
     random_bytes: Callable[[int], bytes] = os.urandom,
@@ -73,7 +79,14 @@ async def open_device(
     until one is up, tasks run on the device. An edge that completed no task for
     ``probe_interval`` seconds is pinged (every other ping padded), so its estimates follow
     its link while the plan does not use it.
+
+    With a ``ledger`` (of ``domain``) and a ``journal``, the journal is reconciled with the
+    chain every ``reconcile_interval`` seconds in the background, whenever the chain
+    answers: results looked up, tasks overdue by ``grace`` seconds and requests that got no
+    result challenged (``device.stats["reconciled"]`` counts the passes).
     """
+    if ledger is not None and journal is None:
+        raise ConfigError("reconciling with a ledger needs a journal")
     local = await asyncio.to_thread(LocalModel, package, cuts=cuts, exits=early_exits)
     costs = await asyncio.to_thread(local.costs, codecs, edge_only=edge_only)
     links: dict[str, EdgeLink] = {}
@@ -115,10 +128,24 @@ async def open_device(
         )
         for i, e in enumerate(links.values())
     ]
+    reconciler = None
+    if ledger is not None and journal is not None:
+
+        def passed(done: Reconciled) -> None:
+            device.stats["reconciled"] += 1
+
+        reconcile = keep_reconciled(
+            journal, ledger, identity, domain=domain, interval=reconcile_interval,
+            grace=grace, on_pass=passed,
+        )  # fmt: skip
+        reconciler = asyncio.create_task(reconcile)
     try:
         yield device
     finally:
         closing.set()
+        if reconciler is not None:
+            reconciler.cancel()
+            await asyncio.gather(reconciler, return_exceptions=True)
         if keepers:
             await asyncio.wait(keepers, timeout=connect_timeout)
         for k in keepers:

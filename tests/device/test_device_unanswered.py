@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from eth_utils import keccak
 
-from secure_ci.cli._device import _challenge_unanswered
 from secure_ci.device import DeviceIdentity
 from secure_ci.device._journal import DeviceJournal
+from secure_ci.device._reconcile import reconcile
 from secure_ci.ledger import open_ledger
 from secure_ci.ledger._records import TaskRequest, task_id_for
 from secure_ci.testing import ledger_world
@@ -58,7 +58,8 @@ async def test_check_challenges_overdue_unanswered_requests(tmp_path: Path) -> N
         with DeviceJournal.open(tmp_path / "d.db") as book:
             for q in (overdue, fresh):
                 book.record_unanswered(q, q.sign(device.key, ledger.domain), ledger.domain)
-            await _challenge_unanswered(book, ledger, ledger.domain, device, 60)
+            done = await reconcile(book, ledger, device, domain=ledger.domain, grace=60)
+            assert done.requests_challenged == 1
             states = {u.request.task_id: u.challenge_id for u in book.unanswered()}
         assert states[fresh.task_id] is None
         challenge_id = states[overdue.task_id]
