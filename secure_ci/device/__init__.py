@@ -1,8 +1,10 @@
 """The device client library: run the head, send features to an attested edge, get results.
 
-A device over several edges plans every task and fails over (:func:`open_device`)::
+A device over several edges plans every task and fails over (:func:`open_device`); given the
+ledger's deployment it finds the edges in the on-chain registry, checks each against it and
+the release registry, and reconciles its journal with the chain in the background::
 
-    async with open_device(edges, package=package, identity=identity, policy=policy,
+    async with open_device(deployment, package=package, identity=identity, policy=policy,
                            collateral=collateral, journal=journal) as device:
         y = await device.infer(x)
         ys = await device.infer_many(frames)

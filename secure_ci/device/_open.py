@@ -21,8 +21,8 @@ from secure_ci.device._journal import DeviceJournal
 from secure_ci.device._local import LocalModel
 from secure_ci.device._reconcile import Reconciled, keep_reconciled
 from secure_ci.device._session import DEFAULT_DOMAIN, Session
-from secure_ci.exceptions import ConfigError
-from secure_ci.ledger import LedgerClient
+from secure_ci.exceptions import AuthorizationError, ConfigError
+from secure_ci.ledger import Deployment, LedgerClient, ReleaseCache, open_ledger
 from secure_ci.ledger._records import LedgerDomain
 from secure_ci.ledger._registry import RegisteredEdge
 from secure_ci.package import ModelPackage
@@ -34,7 +34,7 @@ __all__ = ["open_device"]
 
 @contextlib.asynccontextmanager
 async def open_device(
-    edges: Sequence[str | RegisteredEdge],
+    edges: Sequence[str | RegisteredEdge] | Deployment,
     *,
     package: ModelPackage,
     identity: DeviceIdentity,
@@ -60,12 +60,19 @@ async def open_device(
     ledger: LedgerClient | None = None,
     reconcile_interval: float = 30.0,
     grace: int = 60,
+    releases: ReleaseCache | None = None,
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
     random_bytes: Callable[[int], bytes] = os.urandom,
 ) -> AsyncIterator[Device]:
     """A :class:`Device` over ``edges`` (``HOST:PORT``, or registry entries from the ledger,
     which sessions then check), running ``package``'s model.
+
+    Given a :class:`~secure_ci.ledger.Deployment` instead, the device reads the registry
+    itself: every active edge with an allowed measurement (AuthorizationError if none), each
+    session checked against its registration and against the release registry (a cached
+    view, refreshed as :class:`~secure_ci.ledger.ReleaseCache` says) before a feature byte
+    is sent; the deployment's chain is then the ``ledger`` and its domain the ``domain``.
 
     The planner chooses among the package's batchable ``cuts`` (or those given), ``codecs``,
     edge-only (the edge must serve the whole model, as edges do for packages), device-only
@@ -85,6 +92,21 @@ async def open_device(
     answers: results looked up, tasks overdue by ``grace`` seconds and requests that got no
     result challenged (``device.stats["reconciled"]`` counts the passes).
     """
+    if isinstance(edges, Deployment):
+        async with _from_chain(edges, ledger) as (chain, found, releases), open_device(
+            found, package=package, identity=identity, policy=policy,
+            collateral=collateral, journal=journal, domain=edges.domain, cuts=cuts,
+            codecs=codecs, edge_only=edge_only, early_exits=early_exits,
+            accuracy_budget=accuracy_budget, deadline_ms=deadline_ms, margin=margin,
+            patience=patience, jump=jump, slowdown=slowdown, attempt_floor=attempt_floor,
+            probe_interval=probe_interval, attempt_cap=attempt_cap,
+            connect_timeout=connect_timeout, breaker=breaker,
+            ledger=chain if journal is not None else None,
+            reconcile_interval=reconcile_interval, grace=grace, clock=clock,
+            monotonic=monotonic, random_bytes=random_bytes, releases=releases,
+        ) as device:  # fmt: skip
+            yield device
+        return
     if ledger is not None and journal is None:
         raise ConfigError("reconciling with a ledger needs a journal")
     local = await asyncio.to_thread(LocalModel, package, cuts=cuts, exits=early_exits)
@@ -111,7 +133,7 @@ async def open_device(
             edge.name, policy=policy, collateral=collateral, identity=identity,
             model=local.head(plan.cut), plan=plan, ledger_domain=domain,
             timeout=connect_timeout, clock=clock, monotonic=monotonic,
-            random_bytes=random_bytes, registration=edge.registration,
+            random_bytes=random_bytes, registration=edge.registration, releases=releases,
             first_seq=int(clock() * 1e6) + (index << 40),
         )  # fmt: skip
 
@@ -151,3 +173,22 @@ async def open_device(
         for k in keepers:
             k.cancel()
         await asyncio.gather(*keepers, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def _from_chain(
+    deployment: Deployment, ledger: LedgerClient | None
+) -> AsyncIterator[tuple[LedgerClient, list[RegisteredEdge], ReleaseCache]]:
+    """The deployment's ledger (``ledger`` if given), its usable edges (most recently
+    registered first) and a release cache from the deployment block."""
+    async with contextlib.AsyncExitStack() as stack:
+        if ledger is None:
+            ledger = await stack.enter_async_context(
+                open_ledger(deployment.rpc, contract_address=deployment.contract_text)
+            )
+        if ledger.chain_id != deployment.chain_id:
+            raise ConfigError(f"the node runs chain {ledger.chain_id}, not the deployment's")
+        found = [e for e in await ledger.registered_edges() if e.usable][::-1]
+        if not found:
+            raise AuthorizationError("no edge on the ledger is active with an allowed measurement")
+        yield ledger, found, ReleaseCache(ledger, first_block=deployment.deployment_block)

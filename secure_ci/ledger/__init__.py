@@ -28,6 +28,7 @@ from secure_ci.ledger._connect import (
     deploy_contract,
     open_ledger,
 )
+from secure_ci.ledger._deployment import Deployment
 from secure_ci.ledger._governance import (
     RELEASE_MEASUREMENT,
     RELEASE_MODEL,
@@ -78,6 +79,7 @@ __all__ = [
     "BatchRecords",
     "ChallengeInfo",
     "ContractArtifact",
+    "Deployment",
     "DisputeInfo",
     "EdgeInfo",
     "EdgeState",

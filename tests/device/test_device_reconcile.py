@@ -16,8 +16,8 @@ from eth_utils import keccak
 
 from secure_ci.device import Device, DeviceIdentity, open_device
 from secure_ci.device._journal import DeviceJournal
-from secure_ci.exceptions import ChainError, ConfigError
-from secure_ci.ledger import LedgerClient, open_ledger
+from secure_ci.exceptions import AuthorizationError, ChainError, ConfigError
+from secure_ci.ledger import Deployment, LedgerClient, open_ledger
 from secure_ci.ledger._records import TaskRequest, task_id_for
 from secure_ci.package import ModelPackage, load_package
 from secure_ci.testing import DEV_NOW, LedgerWorld, ledger_world
@@ -132,3 +132,44 @@ async def test_a_ledger_without_a_journal_is_a_configuration_error(
             policy=policy, collateral=pki.collateral, ledger=world.ledger,
         ):  # fmt: skip
             pass
+
+
+def _deployment(ledger: LedgerClient) -> Deployment:
+    domain = ledger.domain
+    return Deployment(domain.chain_id, domain.contract, 0, "http://127.0.0.1:8545")
+
+
+async def test_a_device_given_a_deployment_reads_the_edges_from_the_registry(
+    package: ModelPackage, world: LedgerWorld, tmp_path: Path
+) -> None:
+    policy, pki = dev_fleet_policy()
+    registered = [e.endpoint for e in await world.ledger.registered_edges()]
+    with DeviceJournal.open(tmp_path / "d.db") as book:
+        async with open_device(
+            _deployment(world.ledger), package=package,
+            identity=DeviceIdentity(bytes(world.devices[0].key)), policy=policy,
+            collateral=pki.collateral, journal=book, ledger=world.ledger,
+            reconcile_interval=0.02, connect_timeout=2.0, clock=lambda: float(DEV_NOW),
+        ) as device:  # fmt: skip
+            # nothing listens at the registered endpoint: the task runs here
+            await device.infer(torch.zeros(package.input_shape))
+            async with asyncio.timeout(60):
+                while device.stats["reconciled"] == 0:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+    assert device.edges == tuple(registered[::-1])
+    assert device.healthy() == [] or set(device.healthy()) <= set(registered)
+
+
+async def test_a_deployment_without_a_usable_edge_is_refused(
+    package: ModelPackage, tmp_path: Path
+) -> None:
+    policy, pki = dev_fleet_policy()
+    async with open_ledger("inprocess") as ledger:
+        world = await ledger_world(ledger, edges=0, devices=1, seed=43)
+        with pytest.raises(AuthorizationError, match="no edge on the ledger"):
+            async with open_device(
+                _deployment(ledger), package=package,
+                identity=DeviceIdentity(bytes(world.devices[0].key)), policy=policy,
+                collateral=pki.collateral, ledger=ledger,
+            ):  # fmt: skip
+                pass
