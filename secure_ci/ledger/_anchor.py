@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from secure_ci.exceptions import JournalError, LedgerError
-from secure_ci.ledger._calldata import BatchRecords, encode_batch
+from secure_ci.ledger._calldata import MAX_BATCH_RECORDS, BatchRecords, encode_batch
 from secure_ci.ledger._journal import Batch, Journal, JournalEntry, verify_entry
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, records_hash
 from secure_ci.ledger._records import LedgerDomain
@@ -36,7 +36,7 @@ __all__ = ["MAX_ANCHOR_RECORDS", "AnchorLedger", "Anchorer"]
 log = logging.getLogger(__name__)
 _LINK_KEY = "epoch_link"  # value: batch id (8) || previous head (32) || previous epoch (4)
 _EPOCH_KEY = "epoch"
-MAX_ANCHOR_RECORDS = 2048
+MAX_ANCHOR_RECORDS = MAX_BATCH_RECORDS
 """The contract's ``MAX_BATCH_RECORDS``: a fraud proof decodes every record of a batch, so
 batches stay small enough for one to fit in a transaction."""
 

@@ -55,7 +55,8 @@ __all__ = [
     "signed_positions",
 ]
 
-MAX_BATCH_RECORDS = 20_000
+MAX_BATCH_RECORDS = 2048
+"""The contract's ``MAX_BATCH_RECORDS``: it refuses a larger batch, so none decodes."""
 SIGNATURE_INTERVAL = 32
 _VERSION = 2
 _FLAG_LINK = 1

@@ -178,7 +178,7 @@ def decode(data: bytes) -> Decoded:
     edge, first_seq, count = r.take(20, "header"), r.uint(8, "header"), r.uint(4, "header")
     if version != 2 or flags & ~1:
         raise Malformed("version or flags")
-    if not 0 < count <= 20_000 or first_seq + count > 1 << 64:
+    if not 0 < count <= 2048 or first_seq + count > 1 << 64:
         raise Malformed("count")
     epoch = (r.take(32, "epoch link"), r.uint(4, "epoch link")) if flags & 1 else None
     tables = []
