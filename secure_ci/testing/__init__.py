@@ -13,6 +13,7 @@ from secure_ci.testing._attestation import (
 from secure_ci.testing._edge import DevEnclave, RawDevice, dev_enclave, new_device_key
 from secure_ci.testing._ledger_world import LedgerWorld, ledger_world
 from secure_ci.testing._memory_ledger import MemoryLedger, sample_requests, sample_tasks
+from secure_ci.testing._netns import KernelShaper, TbfStats, in_namespace, inside_namespace
 from secure_ci.testing._protocol import connected_pair, pump, sample_events, sample_request
 from secure_ci.testing._quote_fuzz import FuzzReport, fuzz_verifier, mutate_quote, quote_regions
 from secure_ci.testing._shaper import (
@@ -30,12 +31,14 @@ __all__: list[str] = [
     "DEV_NOW",
     "DevEnclave",
     "FuzzReport",
+    "KernelShaper",
     "LedgerWorld",
     "Link",
     "LinkShaper",
     "MemoryLedger",
     "RawDevice",
     "ShaperStats",
+    "TbfStats",
     "ThreadedShaper",
     "connected_pair",
     "dev_enclave",
@@ -43,6 +46,8 @@ __all__: list[str] = [
     "dev_policy",
     "dev_provider",
     "fuzz_verifier",
+    "in_namespace",
+    "inside_namespace",
     "ledger_world",
     "mutate_quote",
     "new_device_key",
