@@ -53,5 +53,12 @@ def print_story(console: Console, story: dict[str, Any], plot: str | None) -> No
         f"auditor ({audit['findings']} findings); {audit['receipts_audited']} of "
         f"{audit['receipts']} results the cameras accepted found among them"
     )
+    moved = audit["reassignments"]
+    console.print(
+        f"reassignments on the ledger: {moved['reassigned_attempts']} attempts the camera sent "
+        f"to an edge and took elsewhere; {moved['anchored_by_first_edge']} anchored by that "
+        f"edge, {moved['request_challenged']} challenged on chain with the signed request, "
+        f"{moved['invisible']} invisible"
+    )
     if plot is not None:
         console.print(f"plot of the story: {plot}")

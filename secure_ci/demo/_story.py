@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from secure_ci.demo._story_rig import StoryEdge, StoryWorld, audit_edges, open_story_world
+from secure_ci.demo._story_ledger import reassignments_on_ledger
+from secure_ci.demo._story_rig import (
+    AUDIT_INDEX,
+    StoryEdge,
+    StoryWorld,
+    audit_edges,
+    open_story_world,
+)
 from secure_ci.demo._system import DEMO_MRENCLAVE, DEMO_MRSIGNER
 from secure_ci.device import Session, TaskOutcome, TaskReceipt, open_device, open_session
 from secure_ci.device._journal import DeviceJournal
@@ -52,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = ["StoryConfig", "run_story", "story_package"]
 
 Entry = dict[str, Any]
+JOURNAL = "camera-journal.sqlite"
 JUMP = 0.3
 CALIBRATIONS = 10
 ATTEMPT_FLOOR_S = 1.0
@@ -245,12 +253,12 @@ async def _baseline_task(
 
 async def _planned(
     world: StoryWorld, config: StoryConfig, package: ModelPackage, frames: _Frames,
-    receipts: list[TaskReceipt], killed: list[Entry],
+    receipts: list[TaskReceipt], killed: list[Entry], failed_over: list[TaskOutcome],
 ) -> tuple[list[Entry], int, int]:  # fmt: skip
     """The fleet device over both edges; kills the edge in use midway through the last
     phase. The trace, the planner's own switch count and the journal's unfinished tasks."""
     by_address = {e.address: e for e in world.edges}
-    with DeviceJournal.open(config.workdir / "camera-journal.sqlite") as journal:
+    with DeviceJournal.open(config.workdir / JOURNAL) as journal:
         async with open_device(
             [e.address for e in world.edges], package=package, identity=world.devices[0],
             policy=world.policy, collateral=world.pki.collateral, journal=journal,
@@ -274,6 +282,8 @@ async def _planned(
                 outcome = await device.run(frames[i])
                 if outcome.receipt is not None:
                     receipts.append(outcome.receipt)
+                if outcome.failovers:
+                    failed_over.append(outcome)
                 return _entry(package, outcome, by_address, frames.agrees(i, outcome.output))
 
             async def kill(start: float) -> None:
@@ -356,14 +366,22 @@ async def run_story(
         report("story: the fixed split, link stepping")
         baseline = await _fixed_split(world, config, package, frames, receipts[1])
         killed: list[Entry] = []
+        failed_over: list[TaskOutcome] = []
         report("story: the planner, link stepping, an edge killed")
         trace, planner_switches, unfinished = await _planned(
-            world, config, package, frames, receipts[0], killed
+            world, config, package, frames, receipts[0], killed, failed_over
         )
         report("story: anchoring")
         await world.anchor()
         report("story: audit")
         audit = await audit_edges(config.workdir, ledger, world.edges, receipts[0] + receipts[1])
+        report("story: every reassignment on the ledger")
+        with DeviceJournal.open(config.workdir / JOURNAL) as journal:
+            audit["reassignments"] = await reassignments_on_ledger(
+                ledger, config.workdir / AUDIT_INDEX,
+                {e.address: e.identity.address for e in world.edges}, failed_over, journal,
+                world.devices[0],
+            )  # fmt: skip
     answered = [e for e in trace if e["edge"] is not None]
     lost = sum(e["latency_ms"] is None for e in trace) + unfinished
     return {

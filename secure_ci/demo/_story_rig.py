@@ -37,9 +37,10 @@ from secure_ci.exceptions import SecureCIError
 from secure_ci.ledger import Anchorer, AuditIndex, Journal
 from secure_ci.testing import Link, LinkShaper, open_link_shaper
 
-__all__ = ["StoryEdge", "StoryWorld", "audit_edges", "open_story_world"]
+__all__ = ["AUDIT_INDEX", "StoryEdge", "StoryWorld", "audit_edges", "open_story_world"]
 
 ETHER = 10**18
+AUDIT_INDEX = "story-audit.sqlite"
 KILL_WAIT_SECONDS = 2.0
 """How long a kill waits for a request to be at the edge (so that it is lost mid-task)."""
 
@@ -136,6 +137,7 @@ async def open_story_world(
     await ledger.register_model(fleet, fleet_party, model_id)
     for camera in cameras:
         await ledger.register_device(fleet, fleet_party, camera)
+        await ledger.fund(camera.address_text, ETHER)  # a camera pays for its challenges
     allowed = frozenset(
         [c.address for c in cameras if await ledger.is_registered_device(c.address_text)]
     )
@@ -207,7 +209,7 @@ async def audit_edges(
     """Index every anchored task of ``edges`` from the chain's calldata and verify each; and
     find each device receipt (each task an edge answered) among the verified records."""
     addresses = ["0x" + e.identity.address.hex() for e in edges]
-    with AuditIndex(workdir / "story-audit.sqlite", ledger.domain) as index:
+    with AuditIndex(workdir / AUDIT_INDEX, ledger.domain) as index:
         await index.sync(ledger, addresses)
         tasks = index.tasks(limit=1_000_000)
         findings, verified = 0, set()

@@ -69,6 +69,15 @@ def _check_story(summary: dict[str, Any]) -> None:
     assert audit["tasks_recorded"] == audit["tasks_anchored"] == audit["tasks_verified"]
     assert audit["tasks_anchored"] >= on_edges  # the killed edge may have journalled one more
     assert audit["findings"] == 0
+    # every attempt the camera sent to the killed edge is on the ledger: anchored by that edge
+    # from its journal, or challenged there with the camera's signed request
+    moved_on_ledger = audit["reassignments"]
+    assert moved_on_ledger["reassigned_attempts"] >= 1
+    assert moved_on_ledger["invisible"] == 0
+    assert (
+        moved_on_ledger["anchored_by_first_edge"] + moved_on_ledger["request_challenged"]
+        == moved_on_ledger["reassigned_attempts"]
+    )
 
 
 def test_demo_refuses_bad_arguments() -> None:

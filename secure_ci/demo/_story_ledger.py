@@ -1,0 +1,73 @@
+"""Every reassignment of the story visible on the ledger.
+
+When a task fails over, its earlier attempt was a signed request to another edge. That
+attempt is on the ledger one of two ways: the edge journalled it before it died and anchored
+it (from disk), or it did not, and the device still holds the signed request (its journal's
+``unanswered`` table), with which it challenges that edge on chain once the request is
+overdue (a request-only challenge: the edge must answer with the anchored result or a signed
+refusal, else the omission is recorded against it). :func:`reassignments_on_ledger` checks
+that each attempt the device sent and did not accept is one or the other; ``invisible`` is
+what neither covers, and must be 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from secure_ci.device import DeviceIdentity, TaskOutcome
+from secure_ci.device._journal import DeviceJournal
+from secure_ci.device._reconcile import reconcile
+from secure_ci.ledger import AuditIndex
+
+__all__ = ["reassignments_on_ledger"]
+
+OVERDUE_MARGIN_S = 5
+
+
+async def reassignments_on_ledger(
+    ledger: Any,
+    index_path: Path,
+    enclaves: dict[str, bytes],
+    outcomes: Sequence[TaskOutcome],
+    journal: DeviceJournal,
+    identity: DeviceIdentity,
+) -> dict[str, Any]:
+    """``enclaves``: each edge's address as the device dials it -> its enclave address.
+    Call after every edge has anchored: it moves the chain's clock past the requests'
+    deadlines to challenge the unanswered ones."""
+    attempts = {
+        (o.receipt.request.task_id, enclaves[a.edge])
+        for o in outcomes
+        if o.receipt is not None
+        for a in o.attempts
+        if a.sent and a.outcome != "ok" and a.edge in enclaves
+    }
+    with AuditIndex(index_path, ledger.domain) as index:
+        await index.sync(ledger, ["0x" + e.hex() for e in enclaves.values()])
+        anchored = {(t.record.request.task_id, t.edge) for t in index.tasks(limit=1_000_000)}
+    held = {
+        (u.request.task_id, u.request.edge): u.request.deadline
+        for u in journal.unanswered()
+        if u.request.device == identity.address
+    }
+    challenged: set[tuple[bytes, bytes]] = set()
+    if held:
+        overdue = max(held.values()) - await ledger.timestamp() + OVERDUE_MARGIN_S
+        if overdue > 0:
+            await ledger.advance_time(overdue)
+        await reconcile(journal, ledger, identity, domain=ledger.domain, grace=0)
+        for u in journal.unanswered():
+            if u.challenge_id is None:
+                continue
+            info = await ledger.request_challenge_info(u.challenge_id)
+            if info.request_hash == u.request.struct_hash():
+                challenged.add((u.request.task_id, u.request.edge))
+    return {
+        "reassigned_attempts": len(attempts),
+        "anchored_by_first_edge": len(attempts & anchored),
+        "request_challenged": len((attempts - anchored) & challenged),
+        "invisible": len(attempts - anchored - challenged),
+        "unanswered_requests_challenged": len(challenged),
+    }
