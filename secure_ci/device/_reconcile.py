@@ -124,6 +124,9 @@ async def keep_reconciled(
             if not down:
                 log.warning("journal not reconciled with the ledger (will retry): %s", exc)
             down = True
+        except Exception as exc:  # a bug: said every time, and the device carries on
+            log.error("journal reconciliation failed (will retry): %r", exc)
+            down = True
         else:
             if down:
                 log.info("ledger reachable again; journal reconciled: %s", done)
