@@ -35,6 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from secure_ci.exceptions import ConfigError, ProofError, RecordError, SignatureError
+from secure_ci.ledger._audit_claims import (
+    add_receipts,
+    claim_findings,
+    has_claims,
+    receipt_omissions,
+)
+from secure_ci.ledger._audit_receipts import DeviceReceipt
 from secure_ci.ledger._audit_rules import all_stored_findings, stored_findings, stored_from
 from secure_ci.ledger._audit_store import (
     SELECT_TASK_ID,
@@ -125,6 +132,7 @@ class AuditIndex(IndexWriter):
             raise ConfigError("the anchoring grace must be a non-negative number of seconds")
         self.grace_seconds = int(grace_seconds)
         self._conn, self.domain = open_index(path, domain)
+        self._receipts: dict[tuple[bytes, int, bytes], DeviceReceipt] = {}
 
     def close(self) -> None:
         self._conn.close()
@@ -150,15 +158,23 @@ class AuditIndex(IndexWriter):
         """Every finding of one indexed record (indexed lookups, no scan)."""
         request, result = task.record.request, task.record.result
         stored = stored_findings(self._conn, task.edge, task.batch_id, request, result)
-        return self._findings(task, stored)
+        return self._findings(task, stored, has_claims(self._conn))
 
     def _findings(
-        self, task: IndexedTask, stored: list[tuple[FindingCode, str]]
+        self, task: IndexedTask, stored: list[tuple[FindingCode, str]], claims: bool
     ) -> tuple[Finding, ...]:
-        request, seq = task.record.request, task.record.result.edge_seq
+        request, result = task.record.request, task.record.result
+        seq = result.edge_seq
         late = late_anchoring(request.deadline, task.anchored_at, self.grace_seconds)
         if late is not None:
             stored = [*stored, (FindingCode.LATE_ANCHORING, late)]
+        if claims:
+            stored = [
+                *stored,
+                *claim_findings(
+                    self._conn, task.edge, seq, result.request_hash, result.digest(self.domain)
+                ),
+            ]
         return tuple(
             Finding(code, message, task.edge, task.batch_id, seq)
             for code, message in sorted(stored)
@@ -176,15 +192,38 @@ class AuditIndex(IndexWriter):
     def _with_findings(self, tasks: list[IndexedTask]) -> list[IndexedTask]:
         if len(tasks) <= _MANY:
             return [replace(t, findings=self.findings(t)) for t in tasks]
-        stored = all_stored_findings(self._conn)
+        stored, claims = all_stored_findings(self._conn), has_claims(self._conn)
         return [
             replace(
                 t,
                 findings=self._findings(
-                    t, stored_from(stored, t.edge, t.batch_id, t.record.request, t.record.result)
+                    t,
+                    stored_from(stored, t.edge, t.batch_id, t.record.request, t.record.result),
+                    claims,
                 ),
             )
             for t in tasks
+        ]
+
+    def add_receipts(self, receipts: list[DeviceReceipt]) -> int:
+        """Hold verified device receipts (``parse_receipts``) for this connection's audit:
+        records that differ from them get receipt-equivocation findings, and
+        :meth:`receipt_omissions` lists those never anchored. Returns how many are held."""
+        for r in receipts:
+            self._receipts[(r.edge, r.result.edge_seq, r.result.digest(self.domain))] = r
+        return add_receipts(self._conn, self.domain, receipts)
+
+    def receipt_omissions(self, now: int) -> list[tuple[DeviceReceipt, Finding]]:
+        """The receipts whose task no batch anchored, with a receipt-omission finding each,
+        once the chain's time ``now`` is past their deadline plus the grace."""
+        return [
+            (
+                self._receipts[(edge, seq, record_hash)],
+                Finding(FindingCode.RECEIPT_OMISSION, message, edge, -1, seq),
+            )
+            for edge, seq, record_hash, message in receipt_omissions(
+                self._conn, now, self.grace_seconds
+            )
         ]
 
     def show(self, task_id: bytes, device: bytes | None = None) -> list[IndexedTask]:
