@@ -26,6 +26,7 @@ more, no fewer, none twice); at most ``MAX_RECEIPTS_FILE_BYTES`` bytes and
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ __all__ = [
 
 RECEIPTS_FORMAT = "secure-ci/device-receipts/v1"
 MAX_RECEIPTS_FILE_BYTES = 64 << 20
-MAX_RECEIPTS = 100_000
+MAX_RECEIPTS = 40_000  # a receipt is about 1.5 KB of JSON
 
 # field -> (kind, size): "b" bytes of size, "a" 20-byte address, "u" unsigned of size bits
 _REQUEST = {
@@ -58,6 +59,21 @@ _RESULT = {
     "latency_ms": ("u", 32), "edge_seq": ("u", 64),
 }  # fmt: skip
 _HEX = frozenset("0123456789abcdef")
+_MAX_DEPTH = 8  # the format nests 4 deep; the C JSON scanner can overflow the stack on more
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than ``_MAX_DEPTH`` before the JSON parser sees it."""
+    depth = 0
+    for match in _TOKENS.finditer(text):
+        mark = match.group()
+        if mark in ("[", "{"):
+            depth += 1
+            if depth > _MAX_DEPTH:
+                raise RecordError(f"receipts file nests deeper than {_MAX_DEPTH} levels")
+        elif mark in ("]", "}"):
+            depth -= 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,17 +165,20 @@ def _receipt(value: object, domain: LedgerDomain, where: str) -> DeviceReceipt:
     return DeviceReceipt(request, result, device_sig, edge_sig)
 
 
-def parse_receipts(data: bytes, domain: LedgerDomain) -> list[DeviceReceipt]:
-    """The verified receipts of a receipts file for ``domain``.
+def parse_receipts(
+    data: bytes, domain: LedgerDomain, *, max_bytes: int = MAX_RECEIPTS_FILE_BYTES
+) -> list[DeviceReceipt]:
+    """The verified receipts of a receipts file for ``domain`` (at most ``max_bytes``).
 
     Raises RecordError when the file is oversized, not the format, or for another chain or
     contract, and SignatureError when a receipt's signature does not hold (each naming the
     receipt). Nothing is returned unless every receipt verifies.
     """
-    if len(data) > MAX_RECEIPTS_FILE_BYTES:
-        raise RecordError(f"receipts file is larger than {MAX_RECEIPTS_FILE_BYTES} bytes")
+    if len(data) > max_bytes:
+        raise RecordError(f"receipts file is larger than {max_bytes} bytes")
     try:
         text = data.decode("utf-8")
+        _check_depth(text)
         doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise RecordError(f"receipts file is not JSON: {exc}") from exc
