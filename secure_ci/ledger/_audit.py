@@ -269,6 +269,11 @@ class AuditIndex(IndexWriter):
             list(self._rows_to_tasks(self._conn.execute(sql, (*args, limit))))
         )
 
+    def last_anchored_at(self) -> int:
+        """The latest anchoring block time the index holds (-1 if none)."""
+        row = self._conn.execute("SELECT COALESCE(MAX(anchored_at), -1) FROM batches").fetchone()
+        return int(row[0])
+
     def count(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
 
