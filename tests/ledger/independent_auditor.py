@@ -4,7 +4,8 @@ It imports nothing of secure-ci: the format from :mod:`independent_format`, ABI 
 eth-abi, and the chain through a web3 object's JSON-RPC calls (``eth_call``, ``eth_getLogs``,
 ``eth_getTransactionByHash``, ``eth_getBlockByNumber``). Section numbers are the document's.
 :func:`audit` returns, per batch, its finding (if any) and, per task ``(edge, edgeSeq)``,
-whether it verifies and its finding codes.
+whether it verifies and its finding codes. Receipt findings (section 6.4) need the device's
+receipts file, which the document leaves to secure-ci's auditor; this one reads only the chain.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ _DEVICE_REGISTERED = _topic("DeviceRegistered(uint64,address)")
 _DEVICE_REVOKED = _topic("DeviceRevoked(uint64,address)")
 _EDGE_REGISTERED = _topic("EdgeRegistered(uint64,address,bytes32,bytes32,string)")
 _FRAUD_PROVEN = _topic("FraudProven(address,uint64,uint8,address)")
+_CHALLENGE_OPENED = _topic("ChallengeOpened(uint256,address,address,bytes32,bytes32,uint64,uint64)")
+_REQUEST_CHALLENGE_OPENED = _topic(
+    "RequestChallengeOpened(uint256,address,address,bytes32,bytes32,uint64)"
+)
+_REQUEST_REFUSED = _topic("RequestRefused(uint256,address,uint8)")
 
 
 class Chain:
@@ -102,6 +108,38 @@ class Audit:
     frauds: dict[tuple[bytes, int], int] = field(default_factory=dict)
     proofs: dict[tuple[bytes, int], tuple[int, list[bytes], bytes]] = field(default_factory=dict)
     """(edge, seq) -> (batch id, positional proof, record hash) of every indexed task."""
+
+
+@dataclass
+class _Claims:
+    """Section 6.3's enclave-signed statements from challenges: (edge, seq) -> record hashes
+    the enclave signed in ChallengeOpened; (edge, request hash) of every refused request."""
+
+    signed: dict[tuple[bytes, int], set[bytes]] = field(default_factory=dict)
+    refused: set[tuple[bytes, bytes]] = field(default_factory=set)
+
+
+async def _claims(chain: Chain) -> _Claims:
+    out = _Claims()
+    for log in await chain.logs(_CHALLENGE_OPENED):
+        _task, record_hash, seq, _deadline = abi_decode(
+            ["bytes32", "bytes32", "uint64", "uint64"], bytes(log["data"])
+        )
+        key = (_topic_address(log["topics"][2]), int(seq))
+        out.signed.setdefault(key, set()).add(bytes(record_hash))
+    opened: dict[int, tuple[bytes, bytes]] = {}
+    for log in await chain.logs(_REQUEST_CHALLENGE_OPENED):
+        _task, request_hash, _deadline = abi_decode(
+            ["bytes32", "bytes32", "uint64"], bytes(log["data"])
+        )
+        challenge_id = int.from_bytes(log["topics"][1], "big")
+        opened[challenge_id] = (_topic_address(log["topics"][2]), bytes(request_hash))
+    for log in await chain.logs(_REQUEST_REFUSED):
+        challenge_id = int.from_bytes(log["topics"][1], "big")
+        if challenge_id not in opened:
+            raise NodeInconsistent(f"RequestRefused for unknown request challenge {challenge_id}")
+        out.refused.add(opened[challenge_id])
+    return out
 
 
 _Event = tuple[int, int, str, bytes, bytes]
@@ -227,7 +265,7 @@ async def audit(w3: Any, contract: bytes, *, grace: int = 3600) -> Audit:
                 _Batch(edge, batch_id, root, first, count, block, measurement, times[block],
                        decoded)
             )  # fmt: skip
-    _verify_and_find(out, batches, registry, sep, grace)
+    _verify_and_find(out, batches, registry, sep, grace, await _claims(chain))
     return out
 
 
@@ -248,6 +286,7 @@ def _verify_and_find(
     registry: list[_Event],
     sep: bytes,
     grace: int,
+    claims: _Claims,
 ) -> None:
     groups = Counter(
         (r.request.task_id, r.request.device, b.edge) for b in batches for r in b.decoded.records
@@ -280,6 +319,11 @@ def _verify_and_find(
                 and (q.device, q.prev_request) not in requests
             ):
                 codes.add("request-chain-gap")
+            record_hash = out.proofs[(b.edge, s.edge_seq)][2]
+            if claims.signed.get((b.edge, s.edge_seq), set()) - {record_hash}:
+                codes.add("challenge-equivocation")
+            if (b.edge, s.request_hash) in claims.refused:
+                codes.add("refusal-equivocation")
             reason = _verify(b, recs, successor, i, out.proofs[(b.edge, s.edge_seq)][1], sep)
             out.tasks[(b.edge, s.edge_seq)] = TaskVerdict(not reason, reason, frozenset(codes))
 
