@@ -38,6 +38,7 @@ from secure_ci.exceptions import ConfigError, ProofError, RecordError, Signature
 from secure_ci.ledger._audit_claims import (
     add_receipts,
     claim_findings,
+    claim_keys,
     has_claims,
     receipt_omissions,
 )
@@ -192,14 +193,15 @@ class AuditIndex(IndexWriter):
     def _with_findings(self, tasks: list[IndexedTask]) -> list[IndexedTask]:
         if len(tasks) <= _MANY:
             return [replace(t, findings=self.findings(t)) for t in tasks]
-        stored, claims = all_stored_findings(self._conn), has_claims(self._conn)
+        stored, keys = all_stored_findings(self._conn), claim_keys(self._conn)
         return [
             replace(
                 t,
                 findings=self._findings(
                     t,
                     stored_from(stored, t.edge, t.batch_id, t.record.request, t.record.result),
-                    claims,
+                    (t.edge, t.record.result.edge_seq) in keys
+                    or (t.edge, t.record.result.request_hash) in keys,
                 ),
             )
             for t in tasks

@@ -38,6 +38,7 @@ __all__ = [
     "add_challenge_events",
     "add_receipts",
     "claim_findings",
+    "claim_keys",
     "has_claims",
     "receipt_omissions",
 ]
@@ -115,6 +116,20 @@ def has_claims(conn: sqlite3.Connection) -> bool:
     return _receipts_loaded(conn) and bool(
         conn.execute("SELECT EXISTS (SELECT 1 FROM receipts)").fetchone()[0]
     )
+
+
+def claim_keys(conn: sqlite3.Connection) -> set[tuple[bytes, int | bytes]]:
+    """Every (edge, seq) and (edge, request hash) some claim names: listing many records,
+    only those that match one are looked up (:func:`claim_findings`)."""
+    keys: set[tuple[bytes, int | bytes]] = set()
+    for edge, kind, value, seq in conn.execute(
+        "SELECT edge, kind, value, seq FROM challenges WHERE kind = 0 OR refusal != 0"
+    ):
+        keys.add((bytes(edge), int(seq)) if kind == 0 else (bytes(edge), bytes(value)))
+    if _receipts_loaded(conn):
+        for edge, seq, request_hash in conn.execute("SELECT edge, seq, request_hash FROM receipts"):
+            keys.update(((bytes(edge), int(seq)), (bytes(edge), bytes(request_hash))))
+    return keys
 
 
 def claim_findings(

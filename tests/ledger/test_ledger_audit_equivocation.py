@@ -6,7 +6,7 @@ an honest edge; and honest chains, challenges and receipts that give no finding.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -25,7 +25,7 @@ from secure_ci.ledger._records import (
     sign_digest,
     task_id_for,
 )
-from secure_ci.testing import LedgerWorld, ledger_world
+from secure_ci.testing import LedgerWorld, ledger_world, sample_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -260,3 +260,43 @@ async def test_a_forged_receipt_is_an_error_not_a_finding(world: LedgerWorld) ->
         parse_receipts(encode_receipts(domain, [bad_request]), domain)
     with await _index(world) as index:  # the honest edge anchored exactly what it signed
         assert _codes(index, honest) == []
+
+
+async def test_listing_many_tasks_finds_what_single_lookups_find(world: LedgerWorld) -> None:
+    """Over 256 tasks the index reads claims in bulk: the same findings as one by one."""
+    edge1 = world.edges[1]
+    domain = world.ledger.domain
+    entries = sample_tasks(
+        300, edge_key=bytes(edge1.key), domain=domain, devices=2, seed=4,
+        measurement=world.measurement, quote_id=world.quote_id,
+    )  # fmt: skip
+    records = tuple(e.anchored() for e in entries)
+    data = encode_batch(BatchRecords(_addr(edge1), 0, records))
+    tree = world.tree([r.result for r in records])
+    await world.ledger.anchor_batch(edge1, 0, tree.root, 0, len(records), bytes(32), data)
+    a = world.devices[0]
+    for seq in (7, 250):
+        other = replace(entries[seq].result, output_commitment=keccak256(b"other"))
+        await world.ledger.challenge(a, other, world.sign(edge1, other))
+    moved = replace(entries[120].result, output_commitment=keccak256(b"receipt"))
+    receipts = [
+        DeviceReceipt(
+            entries[120].request, moved, entries[120].device_sig, world.sign(edge1, moved)
+        ),
+        *(DeviceReceipt(e.request, e.result, e.device_sig, e.edge_sig) for e in entries[:5]),
+    ]
+    with await _index(world, receipts) as index:
+        listed = index.tasks()
+        assert len(listed) == 300
+        assert [t.findings for t in listed] == [index.findings(t) for t in listed]
+        flagged = {
+            t.record.result.edge_seq: sorted(
+                str(f.code) for f in t.findings if "equivocation" in f.code
+            )
+            for t in listed
+        }
+        assert {s: c for s, c in flagged.items() if c} == {
+            7: ["challenge-equivocation"],
+            120: ["receipt-equivocation"],
+            250: ["challenge-equivocation"],
+        }
