@@ -17,10 +17,14 @@ batches; equivocation findings compare anchored records with them (``_audit_clai
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-from secure_ci.exceptions import ChainError
+from eth_abi.abi import decode as abi_decode
+from eth_abi.exceptions import DecodingError
+
+from secure_ci.exceptions import ChainError, RecordError
+from secure_ci.ledger._records import LedgerDomain, TaskResult, keccak256
 from secure_ci.ledger._registry import LOG_CHUNK_BLOCKS
 from secure_ci.ledger._session import ContractSession
 
@@ -37,6 +41,7 @@ __all__ = [
     "RegistryHistory",
     "challenge_event",
     "challenge_history",
+    "challenged_request",
     "registry_event",
     "registry_history",
 ]
@@ -82,7 +87,9 @@ class ChallengeEvent:
 
     ``RESULT_CHALLENGE``: the edge's enclave signed the result with record hash ``value`` for
     edge sequence number ``seq`` (the contract checked the signature before it emitted the
-    event). ``REQUEST_CHALLENGE``: a device challenged the edge with its signed request of
+    event); ``request_hash`` is that result's ``requestHash`` when the challenge was a direct
+    call whose calldata holds it (else empty). ``REQUEST_CHALLENGE``: a device challenged the
+    edge with its signed request of
     struct hash ``value`` (no statement of the edge yet). ``REFUSAL``: the enclave signed a
     refusal (``reason``) of the request of challenge ``challenge_id``; ``value`` is empty.
     """
@@ -96,6 +103,7 @@ class ChallengeEvent:
     seq: int = 0
     task_id: bytes = bytes(32)
     reason: int = 0
+    request_hash: bytes = b""
 
 
 @runtime_checkable
@@ -219,7 +227,8 @@ class ChainHistory:
         return out
 
     async def challenge_events(self, first: int, last: int) -> list[ChallengeEvent]:
-        """Every challenge event in blocks ``first..last``, in chain order."""
+        """Every challenge event in blocks ``first..last``, in chain order; a result
+        challenge made by a direct call carries its result's request hash."""
         out: list[ChallengeEvent] = []
         for start in range(first, last + 1, LOG_CHUNK_BLOCKS):
             stop = min(last, start + LOG_CHUNK_BLOCKS - 1)
@@ -227,9 +236,44 @@ class ChainHistory:
                 event = getattr(self._contract.events, name)
                 with self._ledger._errors():
                     logs = await event.get_logs(from_block=start, to_block=stop)
-                out.extend(challenge_event(name, log) for log in logs)
+                for log in logs:
+                    found = challenge_event(name, log)
+                    if found.kind == RESULT_CHALLENGE:
+                        found = replace(found, request_hash=await self._request_of(log, found))
+                    out.append(found)
         out.sort(key=lambda e: (e.block, e.log_index))
         return out
+
+    async def _request_of(self, log: Mapping[str, Any], event: ChallengeEvent) -> bytes:
+        """The challenged result's request hash from the challenge transaction's calldata,
+        empty when it was not a direct ``challenge`` call or does not hash to the log's
+        record hash."""
+        with self._ledger._errors():
+            tx = await self._w3.eth.get_transaction(log["transactionHash"])
+        return challenged_request(
+            tx.get("to"), bytes(tx.get("input") or b""), self._ledger.domain, event.value
+        )
+
+
+_CHALLENGE_SELECTOR = keccak256(
+    b"challenge((bytes32,bytes32,bytes32,bytes32,bytes32,uint8,uint32,uint64),bytes)"
+)[:4]
+
+
+def challenged_request(to: object, data: bytes, domain: LedgerDomain, record_hash: bytes) -> bytes:
+    """The ``requestHash`` of the TaskResult a ``challenge`` call's calldata carries, or b""
+    when the transaction is not a direct call of the ledger's ``challenge`` or its result does
+    not hash to ``record_hash`` (what the log says the enclave signed)."""
+    if str(to or "").lower() != "0x" + domain.contract.hex() or data[:4] != _CHALLENGE_SELECTOR:
+        return b""
+    try:
+        fields, _sig = abi_decode(
+            ["(bytes32,bytes32,bytes32,bytes32,bytes32,uint8,uint32,uint64)", "bytes"], data[4:]
+        )
+        result = TaskResult(*fields)
+    except (DecodingError, RecordError, ValueError, TypeError):
+        return b""
+    return result.request_hash if result.digest(domain) == record_hash else b""
 
 
 def challenge_history(ledger: object) -> ChallengeHistory | None:

@@ -10,7 +10,8 @@ checked against all of them when its findings are read (indexed lookups by (edge
 (edge, request hash)), so challenges and receipts may arrive before or after the batches:
 
 - ``challenge-equivocation``: a challenge holds a result the enclave signed for this record's
-  sequence number whose record hash is not this record's;
+  sequence number, or (when the challenge's calldata shows it) for this record's request,
+  whose record hash is not this record's;
 - ``refusal-equivocation``: the enclave signed a refusal of this record's request;
 - ``receipt-equivocation``: a receipt holds a result the enclave signed for this record's
   sequence number, or for its request, whose record hash is not this record's;
@@ -47,9 +48,10 @@ CLAIMS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS challenges (
     challenge_id INTEGER PRIMARY KEY, kind INTEGER NOT NULL, edge BLOB NOT NULL,
     value BLOB NOT NULL, seq INTEGER NOT NULL, task_id BLOB NOT NULL,
-    refusal INTEGER NOT NULL DEFAULT 0);
+    refusal INTEGER NOT NULL DEFAULT 0, request BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS challenges_edge ON challenges (edge, seq, value);
 CREATE INDEX IF NOT EXISTS challenges_request ON challenges (edge, value);
+CREATE INDEX IF NOT EXISTS challenges_result_request ON challenges (edge, request);
 """
 _RECEIPTS_SCHEMA = """
 CREATE TEMP TABLE IF NOT EXISTS receipts (
@@ -76,8 +78,8 @@ def add_challenge_events(conn: sqlite3.Connection, events: Iterable[ChallengeEve
             )
         else:
             conn.execute(
-                "INSERT OR IGNORE INTO challenges VALUES (?, ?, ?, ?, ?, ?, 0)",
-                (e.challenge_id, e.kind, e.edge, e.value, e.seq, e.task_id),
+                "INSERT OR IGNORE INTO challenges VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                (e.challenge_id, e.kind, e.edge, e.value, e.seq, e.task_id, e.request_hash),
             )
 
 
@@ -122,10 +124,12 @@ def claim_keys(conn: sqlite3.Connection) -> set[tuple[bytes, int | bytes]]:
     """Every (edge, seq) and (edge, request hash) some claim names: listing many records,
     only those that match one are looked up (:func:`claim_findings`)."""
     keys: set[tuple[bytes, int | bytes]] = set()
-    for edge, kind, value, seq in conn.execute(
-        "SELECT edge, kind, value, seq FROM challenges WHERE kind = 0 OR refusal != 0"
+    for edge, kind, value, seq, request in conn.execute(
+        "SELECT edge, kind, value, seq, request FROM challenges WHERE kind = 0 OR refusal != 0"
     ):
         keys.add((bytes(edge), int(seq)) if kind == 0 else (bytes(edge), bytes(value)))
+        if kind == 0 and request:
+            keys.add((bytes(edge), bytes(request)))
     if _receipts_loaded(conn):
         for edge, seq, request_hash in conn.execute("SELECT edge, seq, request_hash FROM receipts"):
             keys.update(((bytes(edge), int(seq)), (bytes(edge), bytes(request_hash))))
@@ -141,16 +145,17 @@ def claim_findings(
 ) -> list[tuple[FindingCode, str]]:
     """The equivocation findings of the record anchored at (``edge``, ``seq``)."""
     out: list[tuple[FindingCode, str]] = []
-    for challenge_id, value, task_id in conn.execute(
-        "SELECT challenge_id, value, task_id FROM challenges WHERE edge = ? AND seq = ?"
-        " AND kind = 0 AND value != ?",
-        (edge, seq, record_hash),
+    for challenge_id, value, task_id, other_seq in conn.execute(
+        "SELECT challenge_id, value, task_id, seq FROM challenges WHERE edge = ? AND kind = 0"
+        " AND (seq = ? OR request = ?) AND value != ? ORDER BY challenge_id",
+        (edge, seq, request_hash, record_hash),
     ):
+        what = f"for seq {seq}" if other_seq == seq else f"for this request at seq {other_seq}"
         out.append((
             FindingCode.CHALLENGE_EQUIVOCATION,
-            f"in challenge {challenge_id} the enclave signed another result for seq {seq}"
-            f" (record hash 0x{bytes(value).hex()}, task 0x{bytes(task_id).hex()}) than the"
-            f" anchored one (record hash 0x{record_hash.hex()})",
+            f"in challenge {challenge_id} the enclave signed another result {what} (record"
+            f" hash 0x{bytes(value).hex()}, task 0x{bytes(task_id).hex()}) than the anchored"
+            f" one (record hash 0x{record_hash.hex()})",
         ))  # fmt: skip
     for challenge_id, refusal in conn.execute(
         "SELECT challenge_id, refusal FROM challenges WHERE edge = ? AND value = ?"

@@ -9,16 +9,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import pytest
+from eth_abi.abi import encode as abi_encode
 from eth_account.signers.local import LocalAccount
 
 from secure_ci.exceptions import SignatureError
 from secure_ci.ledger import open_ledger
 from secure_ci.ledger._audit import AuditIndex
+from secure_ci.ledger._audit_chain import challenged_request
 from secure_ci.ledger._audit_receipts import DeviceReceipt, encode_receipts, parse_receipts
 from secure_ci.ledger._calldata import AnchoredRecord, BatchRecords, encode_batch
 from secure_ci.ledger._findings import FindingCode
 from secure_ci.ledger._integrity import REFUSAL_NOT_RECEIVED, refusal_digest
 from secure_ci.ledger._records import (
+    LedgerDomain,
     TaskRequest,
     TaskResult,
     keccak256,
@@ -300,3 +303,44 @@ async def test_listing_many_tasks_finds_what_single_lookups_find(world: LedgerWo
             120: ["receipt-equivocation"],
             250: ["challenge-equivocation"],
         }
+
+
+async def test_a_challenged_result_for_the_same_request_at_another_seq(world: LedgerWorld) -> None:
+    """The enclave signed a result of a request for seq 5 (a device challenged with it) and
+    anchored another result of that request at seq 0: the anchored record's finding names
+    the request (read from the challenge's calldata), not only the sequence number."""
+    a, _ = world.devices
+    edge0 = world.edges[0]
+    far = await world.ledger.timestamp() + 600
+    anchored = _sign(world, a, edge0, 1, 0, far, output=b"anchored")
+    shown = _sign(world, a, edge0, 1, 5, far, output=b"shown")
+    await _anchor(world, edge0, [anchored])
+    await world.ledger.challenge(a, shown.result, shown.edge_sig)
+    with await _index(world) as index:
+        (task,) = index.show(anchored.request.task_id)
+        (finding,) = task.findings
+        assert finding.code == FindingCode.CHALLENGE_EQUIVOCATION
+        assert "for this request at seq 5" in finding.message
+
+
+def test_challenge_calldata_is_read_only_from_a_direct_call() -> None:
+    domain = LedgerDomain(31337, b"\x42" * 20)
+    result = TaskResult(*(keccak256(bytes([i])) for i in range(5)), 0, 7, 3)
+    args = abi_encode(
+        ["(bytes32,bytes32,bytes32,bytes32,bytes32,uint8,uint32,uint64)", "bytes"],
+        [tuple(getattr(result, f) for f in TaskResult.__slots__), b"\x01" * 65],
+    )
+    data = (
+        keccak256(
+            b"challenge((bytes32,bytes32,bytes32,bytes32,bytes32,uint8,uint32,uint64),bytes)"
+        )[:4]
+        + args
+    )
+    to, digest = "0x" + "42" * 20, result.digest(domain)
+    assert challenged_request(to, data, domain, digest) == result.request_hash
+    assert challenged_request(to.upper().replace("0X", "0x"), data, domain, digest)
+    assert challenged_request("0x" + "43" * 20, data, domain, digest) == b""
+    assert challenged_request(None, data, domain, digest) == b""
+    assert challenged_request(to, b"\x00" * 4 + args, domain, digest) == b""
+    assert challenged_request(to, data[:40], domain, digest) == b""
+    assert challenged_request(to, data, domain, keccak256(b"another record")) == b""
