@@ -23,6 +23,7 @@ from independent_format import (
     Decoded,
     Malformed,
     Record,
+    Result,
     decode,
     digest,
     encode,
@@ -112,21 +113,45 @@ class Audit:
 
 @dataclass
 class _Claims:
-    """Section 6.3's enclave-signed statements from challenges: (edge, seq) -> record hashes
-    the enclave signed in ChallengeOpened; (edge, request hash) of every refused request."""
+    """Section 6.3's enclave-signed statements from challenges: (edge, seq) and (edge, request
+    hash) -> record hashes the enclave signed in ChallengeOpened; (edge, request hash) of every
+    refused request."""
 
-    signed: dict[tuple[bytes, int], set[bytes]] = field(default_factory=dict)
+    signed: dict[tuple[bytes, int | bytes], set[bytes]] = field(default_factory=dict)
     refused: set[tuple[bytes, bytes]] = field(default_factory=set)
 
 
-async def _claims(chain: Chain) -> _Claims:
+_CHALLENGE = "challenge((bytes32,bytes32,bytes32,bytes32,bytes32,uint8,uint32,uint64),bytes)"
+
+
+async def _challenged_request(chain: Chain, log: Any, record_hash: bytes, sep: bytes) -> bytes:
+    """6.3: the request hash of a direct ``challenge`` call's result, if it hashes to the
+    log's record hash; else empty."""
+    tx = await chain.w3.eth.get_transaction(log["transactionHash"])
+    data = bytes(tx["input"])
+    if str(tx.get("to") or "").lower() != chain.to.lower() or data[:4] != _selector(_CHALLENGE):
+        return b""
+    try:
+        fields, _sig = abi_decode(
+            ["(bytes32,bytes32,bytes32,bytes32,bytes32,uint8,uint32,uint64)", "bytes"], data[4:]
+        )
+    except Exception:
+        return b""
+    result = Result(*(bytes(f) if isinstance(f, bytes) else int(f) for f in fields))
+    return result.request_hash if digest(sep, result.struct_hash()) == record_hash else b""
+
+
+async def _claims(chain: Chain, sep: bytes) -> _Claims:
     out = _Claims()
     for log in await chain.logs(_CHALLENGE_OPENED):
         _task, record_hash, seq, _deadline = abi_decode(
             ["bytes32", "bytes32", "uint64", "uint64"], bytes(log["data"])
         )
-        key = (_topic_address(log["topics"][2]), int(seq))
-        out.signed.setdefault(key, set()).add(bytes(record_hash))
+        edge = _topic_address(log["topics"][2])
+        out.signed.setdefault((edge, int(seq)), set()).add(bytes(record_hash))
+        request = await _challenged_request(chain, log, bytes(record_hash), sep)
+        if request:
+            out.signed.setdefault((edge, request), set()).add(bytes(record_hash))
     opened: dict[int, tuple[bytes, bytes]] = {}
     for log in await chain.logs(_REQUEST_CHALLENGE_OPENED):
         _task, request_hash, _deadline = abi_decode(
@@ -265,7 +290,7 @@ async def audit(w3: Any, contract: bytes, *, grace: int = 3600) -> Audit:
                 _Batch(edge, batch_id, root, first, count, block, measurement, times[block],
                        decoded)
             )  # fmt: skip
-    _verify_and_find(out, batches, registry, sep, grace, await _claims(chain))
+    _verify_and_find(out, batches, registry, sep, grace, await _claims(chain, sep))
     return out
 
 
@@ -320,7 +345,8 @@ def _verify_and_find(
             ):
                 codes.add("request-chain-gap")
             record_hash = out.proofs[(b.edge, s.edge_seq)][2]
-            if claims.signed.get((b.edge, s.edge_seq), set()) - {record_hash}:
+            signed = claims.signed.get((b.edge, s.edge_seq), set())
+            if (signed | claims.signed.get((b.edge, s.request_hash), set())) - {record_hash}:
                 codes.add("challenge-equivocation")
             if (b.edge, s.request_hash) in claims.refused:
                 codes.add("refusal-equivocation")

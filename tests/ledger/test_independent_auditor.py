@@ -268,7 +268,13 @@ async def _build(world: LedgerWorld) -> tuple[bytes, int, int]:
         r.result for r in _records(world, [signed_twice, refused, plain], seq)
     )
     shown = replace(twice, output_commitment=keccak256(b"shown to the device"))
-    for result in (shown, honest_result):
+    # the enclave also signed another result of `refused`'s request for a far seq: the
+    # challenge's calldata names the request
+    elsewhere = replace(
+        _records(world, [refused], seq + 1)[0].result, output_commitment=keccak256(b"far"),
+        edge_seq=seq + 1000,
+    )  # fmt: skip
+    for result in (shown, honest_result, elsewhere):
         await ledger.challenge(a.account, result, world.sign(edge0, result))
     for device, item in ((b, refused), (a, never)):
         challenge_id = await ledger.challenge_request(device.account, item.request, item.sig)
@@ -329,7 +335,9 @@ async def test_the_independent_auditor_agrees_with_audit_verify() -> None:
         equivocations = [
             code for _, task_codes in ours.values() for code in task_codes if "equivocation" in code
         ]
-        assert sorted(equivocations) == ["challenge-equivocation", "refusal-equivocation"]
+        assert sorted(equivocations) == [
+            "challenge-equivocation", "challenge-equivocation", "refusal-equivocation",
+        ]  # fmt: skip
         assert set(reference_batches.values()) == {
             "batch-malformed", "batch-non-canonical", "batch-wrong-edge",
             "batch-range-mismatch", "batch-root-mismatch",
