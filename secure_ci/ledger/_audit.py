@@ -41,6 +41,7 @@ from secure_ci.ledger._audit_claims import (
     claim_keys,
     has_claims,
     receipt_omissions,
+    stored_seq,
 )
 from secure_ci.ledger._audit_receipts import DeviceReceipt
 from secure_ci.ledger._audit_rules import all_stored_findings, stored_findings, stored_from
@@ -212,21 +213,24 @@ class AuditIndex(IndexWriter):
         records that differ from them get receipt-equivocation findings, and
         :meth:`receipt_omissions` lists those never anchored. Returns how many are held."""
         for r in receipts:
-            self._receipts[(r.edge, r.result.edge_seq, r.result.digest(self.domain))] = r
+            self._receipts[
+                (r.edge, stored_seq(r.result.edge_seq), r.result.digest(self.domain))
+            ] = r
         return add_receipts(self._conn, self.domain, receipts)
 
     def receipt_omissions(self, now: int) -> list[tuple[DeviceReceipt, Finding]]:
         """The receipts whose task no batch anchored, with a receipt-omission finding each,
         once the chain's time ``now`` is past their deadline plus the grace."""
-        return [
-            (
-                self._receipts[(edge, seq, record_hash)],
-                Finding(FindingCode.RECEIPT_OMISSION, message, edge, -1, seq),
+        out = []
+        for edge, seq, record_hash, message in receipt_omissions(
+            self._conn, now, self.grace_seconds
+        ):
+            receipt = self._receipts[(edge, seq, record_hash)]
+            finding = Finding(
+                FindingCode.RECEIPT_OMISSION, message, edge, -1, receipt.result.edge_seq
             )
-            for edge, seq, record_hash, message in receipt_omissions(
-                self._conn, now, self.grace_seconds
-            )
-        ]
+            out.append((receipt, finding))
+        return out
 
     def show(self, task_id: bytes, device: bytes | None = None) -> list[IndexedTask]:
         """Every indexed record of ``task_id`` (of ``device``, if given), ordered by device,

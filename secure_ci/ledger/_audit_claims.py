@@ -42,6 +42,7 @@ __all__ = [
     "claim_keys",
     "has_claims",
     "receipt_omissions",
+    "stored_seq",
 ]
 
 CLAIMS_SCHEMA = """
@@ -65,11 +66,17 @@ _MAX_ID = (1 << 63) - 1
 _REASONS = {1: "never received"}
 
 
+def stored_seq(seq: int) -> int:
+    """The index's sequence number for a signed u64 one: -1 past SQLite's integers (an edge may
+    sign any u64, but its batches count up from 0, so no record is ever there)."""
+    return seq if seq <= _MAX_ID else -1
+
+
 def add_challenge_events(conn: sqlite3.Connection, events: Iterable[ChallengeEvent]) -> None:
     """Store challenges (by id) and the refusals that answered request challenges."""
     for e in events:
-        if e.challenge_id > _MAX_ID or e.seq > _MAX_ID:
-            raise ChainError(f"challenge {e.challenge_id} is out of the index's range")
+        if e.challenge_id > _MAX_ID:  # ids count up from 1: a node that says otherwise lies
+            raise ChainError(f"challenge id {e.challenge_id} is out of the index's range")
         if e.kind == REFUSAL:
             conn.execute(
                 "UPDATE challenges SET refusal = ? WHERE challenge_id = ? AND kind = ?"
@@ -79,7 +86,15 @@ def add_challenge_events(conn: sqlite3.Connection, events: Iterable[ChallengeEve
         else:
             conn.execute(
                 "INSERT OR IGNORE INTO challenges VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
-                (e.challenge_id, e.kind, e.edge, e.value, e.seq, e.task_id, e.request_hash),
+                (
+                    e.challenge_id,
+                    e.kind,
+                    e.edge,
+                    e.value,
+                    stored_seq(e.seq),
+                    e.task_id,
+                    e.request_hash,
+                ),
             )
 
 
@@ -95,8 +110,9 @@ def add_receipts(
         " (SELECT COUNT(*) FROM receipts))",
         (
             (
-                r.edge, r.result.edge_seq, r.result.digest(domain), r.result.request_hash,
-                r.request.task_id, r.request.device, r.request.deadline,
+                r.edge, stored_seq(r.result.edge_seq), r.result.digest(domain),
+                r.result.request_hash, r.request.task_id, r.request.device,
+                min(r.request.deadline, _MAX_ID),
             )
             for r in receipts
         ),
@@ -209,8 +225,8 @@ def receipt_omissions(
             continue
         out.append((
             bytes(edge), int(seq), bytes(record_hash),
-            f"the edge signed this task's result for seq {seq} but anchored no record at that"
-            f" seq (chain time {now} is past the deadline {deadline} plus the grace {grace} s)",
+            f"the edge signed this task's result for its seq but anchored no record there"
+            f" (chain time {now} is past the deadline {deadline} plus the grace {grace} s)",
         ))  # fmt: skip
     return out
 

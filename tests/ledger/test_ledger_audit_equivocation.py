@@ -236,7 +236,7 @@ async def test_a_receipt_whose_task_was_never_anchored(world: LedgerWorld) -> No
         assert receipt == missing.receipt()
         assert finding.code == FindingCode.RECEIPT_OMISSION
         assert (finding.edge, finding.batch_id, finding.seq) == (_addr(edge0), -1, 2)
-        assert "anchored no record at that seq" in finding.message
+        assert "anchored no record there" in finding.message
 
 
 async def test_a_forged_receipt_is_an_error_not_a_finding(world: LedgerWorld) -> None:
@@ -344,3 +344,30 @@ def test_challenge_calldata_is_read_only_from_a_direct_call() -> None:
     assert challenged_request(to, b"\x00" * 4 + args, domain, digest) == b""
     assert challenged_request(to, data[:40], domain, digest) == b""
     assert challenged_request(to, data, domain, keccak256(b"another record")) == b""
+
+
+async def test_hostile_sequence_numbers_and_bad_batches_block_nothing(world: LedgerWorld) -> None:
+    """A Byzantine edge signs a result for seq 2^64-1 (a device files it in a challenge and
+    holds it as a receipt) and publishes a batch that does not decode: the audit goes on,
+    the receipt of the bad batch's seq is no omission (the batch finding stands), and the
+    impossible seq is an omission of the edge."""
+    a, b = world.devices
+    edge0 = world.edges[0]
+    far = await world.ledger.timestamp() + 60
+    in_bad = _sign(world, a, edge0, 1, 0, far)
+    state = await world.ledger.edge_state(edge0.address)
+    tree = world.tree([in_bad.result])
+    await world.ledger.anchor_batch(
+        edge0, 0, tree.root, 0, 1, state.head, b"\x02 not a batch"
+    )  # a batch finding against edge0
+    shown = _sign(world, a, edge0, 2, 1, far, output=b"shown")
+    anchored = _sign(world, a, edge0, 2, 1, far, output=b"anchored")
+    await _anchor(world, edge0, [anchored])
+    impossible = _sign(world, b, edge0, 3, (1 << 64) - 1, far)
+    await world.ledger.challenge(b, impossible.result, impossible.edge_sig)
+    await world.ledger.challenge(a, shown.result, shown.edge_sig)
+    with await _index(world, [in_bad.receipt(), impossible.receipt()]) as index:
+        assert [str(f.code) for f in index.batch_findings()] == ["batch-malformed"]
+        assert _codes(index, anchored) == ["challenge-equivocation"]
+        omissions = index.receipt_omissions(far + index.grace_seconds + 1)
+        assert [(r.result.edge_seq, f.seq) for r, f in omissions] == [((1 << 64) - 1,) * 2]
