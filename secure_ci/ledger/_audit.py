@@ -21,8 +21,9 @@ Findings are the rest of what an auditor must see (replays, unregistered devices
 mismatches, late anchoring, request-chain gaps, equivocation against a challenge or a device
 receipt; see ``_findings``): rules over several records are applied when a batch is indexed
 (``_audit_rules``), equivocation when a record is read (``_audit_claims``), so a task's
-findings are primary-key lookups. One bad batch (calldata that does not decode, is not canonical, does
-not rebuild the root, or was not anchored by a direct call) is a finding against its edge:
+findings are primary-key lookups. One bad batch (calldata that does not decode, is not
+canonical, does not rebuild the root, or was not anchored by a direct call) is a finding
+against its edge:
 :meth:`AuditIndex.sync` skips it and indexes the rest of that edge's chain and every other
 edge. Task ids are scoped by device everywhere: two devices' records under one task id are
 never merged.
