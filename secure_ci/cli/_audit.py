@@ -7,9 +7,13 @@ index (``--index PATH``, kept between runs; in memory without it). ``tasks``, ``
 
 Every task carries its findings (one code and a message each: replayed-request,
 device-not-registered, quote-id-mismatch, late-anchoring after ``--grace`` seconds,
-request-chain-gap); a batch that cannot be audited is a finding against its edge and the
-rest is audited. ``verify --all`` exits 1 when anything does not verify or has a finding.
-Task ids are scoped by device: ``--device`` picks one device's task.
+request-chain-gap, challenge-equivocation, refusal-equivocation); a batch that cannot be
+audited is a finding against its edge and the rest is audited. ``--receipts FILE`` (device
+receipts, ``secure-ci device receipts --export``) adds receipt-equivocation on anchored
+records and receipt-omission for receipts whose task was never anchored; a receipt whose
+signatures do not verify is an error (exit 1), never a finding. ``verify --all`` exits 1 when
+anything does not verify or has a finding. Task ids are scoped by device: ``--device`` picks
+one device's task.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from secure_ci.cli._audit_receipts import chain_time, load_receipts, omission_row
 from secure_ci.exceptions import ConfigError, SecureCIError
 
 app = typer.Typer(help="Audit tasks recorded on the ledger.", no_args_is_help=True)
@@ -42,6 +47,13 @@ Grace = Annotated[
         "--grace",
         min=0,
         help="Seconds after a request's deadline its batch may be anchored (then: late-anchoring).",
+    ),
+]
+Receipts = Annotated[
+    Path | None,
+    typer.Option(
+        "--receipts",
+        help="Device receipts file (`device receipts --export`): checked against the records.",
     ),
 ]
 TaskDevice = Annotated[
@@ -69,8 +81,10 @@ async def _opened(
     contract: str | None,
     index: Path | None,
     grace: int = _GRACE,
+    receipts: Path | None = None,
 ) -> AsyncIterator[Any]:
-    """Yield (index, ledger or None), syncing the index from the chain when one is given."""
+    """Yield (index, ledger or None), syncing the index from the chain when one is given and
+    loading the verified ``receipts`` into it."""
     from secure_ci.cli._common import load_deployment
     from secure_ci.ledger._audit import AuditIndex
     from secure_ci.ledger._deployment import Deployment
@@ -80,6 +94,7 @@ async def _opened(
         if index is None:
             raise ConfigError("give --deployment FILE (or --rpc URL --contract ADDR), or --index")
         with AuditIndex(index, grace_seconds=grace) as idx:
+            load_receipts(idx, receipts)
             yield idx, None
         return
     from secure_ci.ledger import open_ledger
@@ -99,6 +114,7 @@ async def _opened(
         ) as idx:
             edges = {str(ev.edge) for ev in await ledger.batches(from_block=first)}
             await idx.sync(ledger, sorted(edges), from_block=first)
+            load_receipts(idx, receipts)
             yield idx, ledger
 
 
@@ -222,13 +238,15 @@ def verify(
     index: Index = None,
     device: TaskDevice = None,
     grace: Grace = _GRACE,
+    receipts: Receipts = None,
 ) -> None:
     """Verify a task (or --all): leaf, proof against the chain, signatures, measurement, and
     report its findings.
 
-    TASK: exit 1 if a record does not verify; its findings are in the JSON.
-    --all: reports each failure, each finding and each batch that could not be audited, and
-    a summary, verifying everything else; exit 1 if there is any of them.
+    TASK: exit 1 if a record does not verify (or, with --receipts, a receipt's task was
+    never anchored); its findings are in the JSON.
+    --all: reports each failure, each finding (receipt omissions included) and each batch that
+    could not be audited, and a summary, verifying everything else; exit 1 if there is any.
     """
     if (task is None) == (not every):
         raise ConfigError("give one TASK id, or --all")
@@ -239,16 +257,30 @@ def verify(
     if every:
         if device_id is not None:
             raise ConfigError("--device goes with one TASK id")
-        summary = _run(_verify_all(deployment, rpc, contract, index, grace))
+        summary = _run(_verify_all(deployment, rpc, contract, index, grace, receipts))
         sys.stdout.write(summary.line() + "\n")
         if not summary.clean:
             raise SecureCIError(summary.line())
         return
 
-    async def go() -> list[dict[str, Any]]:
-        async with _opened(deployment, rpc, contract, index, grace) as (idx, ledger):
+    async def go() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        async with _opened(deployment, rpc, contract, index, grace, receipts) as (idx, ledger):
+            omitted = [
+                {
+                    "task_id": task,
+                    "device": "0x" + r.request.device.hex(),
+                    "edge": "0x" + r.edge.hex(),
+                    "seq": r.result.edge_seq,
+                    "verified": False,
+                    "findings": [{"code": str(f.code), "message": f.message}],
+                }
+                for r, f in idx.receipt_omissions(await chain_time(idx, ledger))
+                if r.request.task_id == task_id and device_id in (None, r.request.device)
+            ]
+            if omitted and not idx.show(task_id or b"", device_id):
+                return omitted, []
             verified = await idx.verify(task_id or b"", ledger, device_id)
-            return [
+            return omitted, [
                 {
                     "task_id": task,
                     "device": "0x" + v.task.record.request.device.hex(),
@@ -263,9 +295,12 @@ def verify(
                 for v in verified
             ]
 
-    rows = _run(go())
+    omitted, rows = _run(go())
+    rows += omitted
     _note_devices(task, rows)
     sys.stdout.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    if omitted:
+        raise SecureCIError(f"task {task} has a device receipt but was never anchored")
 
 
 @dataclass(frozen=True)
@@ -288,14 +323,19 @@ class _Summary:
 
 
 async def _verify_all(
-    deployment: Path | None, rpc: str | None, contract: str | None, index: Path | None, grace: int
+    deployment: Path | None,
+    rpc: str | None,
+    contract: str | None,
+    index: Path | None,
+    grace: int,
+    receipts: Path | None = None,
 ) -> _Summary:
     """Verify every indexed task against the roots just read from the chain (one pass);
-    print each failure (stderr) and each finding (stdout)."""
+    print each failure (stderr) and each finding (stdout), then each receipt omission."""
     from rich.progress import Progress
 
     failures = findings = flagged = 0
-    async with _opened(deployment, rpc, contract, index, grace) as (idx, _):
+    async with _opened(deployment, rpc, contract, index, grace, receipts) as (idx, ledger):
         bad = _batch_lines(idx)
         for line in bad:
             sys.stdout.write(line + "\n")
@@ -319,6 +359,13 @@ async def _verify_all(
                 findings += len(found)
                 flagged += bool(found)
                 progress.advance(bar)
+        for r, f in idx.receipt_omissions(await chain_time(idx, ledger)):
+            sys.stdout.write(
+                f"{f.code}  task 0x{r.request.task_id.hex()} device 0x{r.request.device.hex()}"
+                f" (edge 0x{f.edge.hex()} seq {f.seq}): {f.message}\n"
+            )
+            findings += 1
+            flagged += 1
     return _Summary(len(tasks), failures, findings, flagged, len(bad))
 
 
@@ -331,19 +378,23 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
     limit: Annotated[int, typer.Option(help="At most this many tasks.")] = 10_000_000,
     grace: Grace = _GRACE,
+    receipts: Receipts = None,
 ) -> None:
     """Write every indexed task to stdout as JSON lines or CSV, with its findings.
 
     JSON: ``findings`` is a list of {code, message}; CSV: ``findings`` holds the codes
     (space-separated) and ``finding_messages`` the messages (" | "-separated). Batches that
-    could not be audited are listed on stderr.
+    could not be audited are listed on stderr. With --receipts, a receipt whose task was
+    never anchored is a row of its own (``batch_id`` -1, finding receipt-omission).
     """
     if fmt not in ("jsonl", "csv"):
         raise ConfigError("--format must be jsonl or csv")
 
     async def go() -> tuple[list[dict[str, Any]], list[str]]:
-        async with _opened(deployment, rpc, contract, index, grace) as (idx, _):
-            return [t.as_json() for t in idx.tasks(limit=limit)], _batch_lines(idx)
+        async with _opened(deployment, rpc, contract, index, grace, receipts) as (idx, ledger):
+            rows = [t.as_json() for t in idx.tasks(limit=limit)]
+            omitted = idx.receipt_omissions(await chain_time(idx, ledger))
+            return rows + [omission_row(r, f) for r, f in omitted], _batch_lines(idx)
 
     rows, bad = _run(go())
     for line in bad:

@@ -325,6 +325,24 @@ def infer(
     asyncio.run(go())
 
 
+def _export_receipts(book: Any, path: Path) -> None:
+    """Write the journal's signed receipts (requests and results with both signatures, never
+    the salts) as a receipts file (docs/ledger-format.md 6.4); one chain per file."""
+    from secure_ci.ledger._audit_receipts import DeviceReceipt, encode_receipts
+
+    tasks = [t.receipt for t in book.tasks()]
+    domains = {r.domain for r in tasks}
+    if len(domains) > 1:
+        raise ConfigError("the journal holds receipts of several chains: one file per chain")
+    if not domains:
+        raise ConfigError("the journal holds no receipts to export")
+    receipts = [DeviceReceipt(r.request, r.result, r.device_sig, r.edge_sig) for r in tasks]
+    try:
+        path.write_bytes(encode_receipts(domains.pop(), receipts))
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 @app.command()
 def receipts(
     journal: Journal = DEFAULT_JOURNAL,
@@ -344,6 +362,13 @@ def receipts(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per task.")] = False,
     passphrase_file: PassphraseFile = None,
     passphrase_env: PassphraseEnv = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            "--export",
+            help="Write the signed receipts (no salts) for `audit verify --receipts` here.",
+        ),
+    ] = None,
 ) -> None:
     """The device journal's tasks and their state: answered, anchored or challenged; and
     the requests that got no result: unanswered, or request-challenged."""
@@ -352,6 +377,8 @@ def receipts(
     if not journal.exists():
         raise ConfigError(f"no device journal at {journal} (`device infer` writes it)")
     with DeviceJournal.open(journal) as book:
+        if export is not None:
+            _export_receipts(book, export)
         if check:
             if deployment is None or identity is None:
                 raise ConfigError("--check needs --deployment FILE and --identity FILE")

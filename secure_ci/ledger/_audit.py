@@ -18,10 +18,12 @@ does not rewrite history: the batch's existence proves the edge was registered, 
 allowed when it anchored).
 
 Findings are the rest of what an auditor must see (replays, unregistered devices, quote id
-mismatches, late anchoring, request-chain gaps; see ``_findings``): rules over several
-records are applied when a batch is indexed (``_audit_rules``), so a task's findings are
-primary-key lookups. One bad batch (calldata that does not decode, is not canonical, does
-not rebuild the root, or was not anchored by a direct call) is a finding against its edge:
+mismatches, late anchoring, request-chain gaps, equivocation against a challenge or a device
+receipt; see ``_findings``): rules over several records are applied when a batch is indexed
+(``_audit_rules``), equivocation when a record is read (``_audit_claims``), so a task's
+findings are primary-key lookups. One bad batch (calldata that does not decode, is not
+canonical, does not rebuild the root, or was not anchored by a direct call) is a finding
+against its edge:
 :meth:`AuditIndex.sync` skips it and indexes the rest of that edge's chain and every other
 edge. Task ids are scoped by device everywhere: two devices' records under one task id are
 never merged.
@@ -35,6 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from secure_ci.exceptions import ConfigError, ProofError, RecordError, SignatureError
+from secure_ci.ledger._audit_claims import (
+    add_receipts,
+    claim_findings,
+    claim_keys,
+    has_claims,
+    receipt_omissions,
+    stored_seq,
+)
+from secure_ci.ledger._audit_receipts import DeviceReceipt
 from secure_ci.ledger._audit_rules import all_stored_findings, stored_findings, stored_from
 from secure_ci.ledger._audit_store import (
     SELECT_TASK_ID,
@@ -125,6 +136,7 @@ class AuditIndex(IndexWriter):
             raise ConfigError("the anchoring grace must be a non-negative number of seconds")
         self.grace_seconds = int(grace_seconds)
         self._conn, self.domain = open_index(path, domain)
+        self._receipts: dict[tuple[bytes, int, bytes], DeviceReceipt] = {}
 
     def close(self) -> None:
         self._conn.close()
@@ -150,15 +162,23 @@ class AuditIndex(IndexWriter):
         """Every finding of one indexed record (indexed lookups, no scan)."""
         request, result = task.record.request, task.record.result
         stored = stored_findings(self._conn, task.edge, task.batch_id, request, result)
-        return self._findings(task, stored)
+        return self._findings(task, stored, has_claims(self._conn))
 
     def _findings(
-        self, task: IndexedTask, stored: list[tuple[FindingCode, str]]
+        self, task: IndexedTask, stored: list[tuple[FindingCode, str]], claims: bool
     ) -> tuple[Finding, ...]:
-        request, seq = task.record.request, task.record.result.edge_seq
+        request, result = task.record.request, task.record.result
+        seq = result.edge_seq
         late = late_anchoring(request.deadline, task.anchored_at, self.grace_seconds)
         if late is not None:
             stored = [*stored, (FindingCode.LATE_ANCHORING, late)]
+        if claims:
+            stored = [
+                *stored,
+                *claim_findings(
+                    self._conn, task.edge, seq, result.request_hash, result.digest(self.domain)
+                ),
+            ]
         return tuple(
             Finding(code, message, task.edge, task.batch_id, seq)
             for code, message in sorted(stored)
@@ -176,16 +196,43 @@ class AuditIndex(IndexWriter):
     def _with_findings(self, tasks: list[IndexedTask]) -> list[IndexedTask]:
         if len(tasks) <= _MANY:
             return [replace(t, findings=self.findings(t)) for t in tasks]
-        stored = all_stored_findings(self._conn)
+        stored, keys = all_stored_findings(self._conn), claim_keys(self._conn)
         return [
             replace(
                 t,
                 findings=self._findings(
-                    t, stored_from(stored, t.edge, t.batch_id, t.record.request, t.record.result)
+                    t,
+                    stored_from(stored, t.edge, t.batch_id, t.record.request, t.record.result),
+                    (t.edge, t.record.result.edge_seq) in keys
+                    or (t.edge, t.record.result.request_hash) in keys,
                 ),
             )
             for t in tasks
         ]
+
+    def add_receipts(self, receipts: list[DeviceReceipt]) -> int:
+        """Hold verified device receipts (``parse_receipts``) for this connection's audit:
+        records that differ from them get receipt-equivocation findings, and
+        :meth:`receipt_omissions` lists those never anchored. Returns how many are held."""
+        for r in receipts:
+            self._receipts[
+                (r.edge, stored_seq(r.result.edge_seq), r.result.digest(self.domain))
+            ] = r
+        return add_receipts(self._conn, self.domain, receipts)
+
+    def receipt_omissions(self, now: int) -> list[tuple[DeviceReceipt, Finding]]:
+        """The receipts whose task no batch anchored, with a receipt-omission finding each,
+        once the chain's time ``now`` is past their deadline plus the grace."""
+        out = []
+        for edge, seq, record_hash, message in receipt_omissions(
+            self._conn, now, self.grace_seconds
+        ):
+            receipt = self._receipts[(edge, seq, record_hash)]
+            finding = Finding(
+                FindingCode.RECEIPT_OMISSION, message, edge, -1, receipt.result.edge_seq
+            )
+            out.append((receipt, finding))
+        return out
 
     def show(self, task_id: bytes, device: bytes | None = None) -> list[IndexedTask]:
         """Every indexed record of ``task_id`` (of ``device``, if given), ordered by device,
@@ -229,6 +276,11 @@ class AuditIndex(IndexWriter):
         return self._with_findings(
             list(self._rows_to_tasks(self._conn.execute(sql, (*args, limit))))
         )
+
+    def last_anchored_at(self) -> int:
+        """The latest anchoring block time the index holds (-1 if none)."""
+        row = self._conn.execute("SELECT COALESCE(MAX(anchored_at), -1) FROM batches").fetchone()
+        return int(row[0])
 
     def count(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])

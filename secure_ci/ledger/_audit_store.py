@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_ci.exceptions import LedgerError
+from secure_ci.ledger._audit_claims import CLAIMS_SCHEMA
 from secure_ci.ledger._audit_rules import RULES_SCHEMA
 from secure_ci.ledger._merkle import MerkleTree
 from secure_ci.ledger._records import LedgerDomain
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 CACHE_KIB = 64 * 1024  # random-key index inserts (task ids, request hashes) stay in memory
-FORMAT = b"3"  # 3: findings (request hashes, anchoring times, registry history, bad batches)
+FORMAT = b"4"  # 3: findings (request hashes, anchoring times, registry, bad batches); 4: challenges
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -86,7 +87,7 @@ def open_index(
         if domain is None:
             raise LedgerError(f"audit index {path} is empty: give a chain to build it")
         with Transaction(conn):
-            for statement in (_SCHEMA + RULES_SCHEMA).split(";"):
+            for statement in (_SCHEMA + RULES_SCHEMA + CLAIMS_SCHEMA).split(";"):
                 if statement.strip():
                     conn.execute(statement)
             value = domain.contract + domain.chain_id.to_bytes(32, "big")

@@ -16,7 +16,13 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from secure_ci.exceptions import ChainError, ContractRevertError, LedgerError, RecordError
-from secure_ci.ledger._audit_chain import RegistryHistory, registry_history
+from secure_ci.ledger._audit_chain import (
+    ChallengeHistory,
+    RegistryHistory,
+    challenge_history,
+    registry_history,
+)
+from secure_ci.ledger._audit_claims import add_challenge_events
 from secure_ci.ledger._audit_rules import add_registry_events, apply_batch_rules, request_key
 from secure_ci.ledger._audit_store import (
     INSERT_BATCH,
@@ -159,6 +165,7 @@ class IndexWriter:
         *,
         history: RegistryHistory | None = None,
         from_block: int = 0,
+        challenges: ChallengeHistory | None = None,
     ) -> int:
         """Index every batch of ``edges`` the index lacks; return the number of records added.
 
@@ -166,8 +173,13 @@ class IndexWriter:
         node failures raise. ``history`` (default: read from ``ledger``'s contract) gives the
         registry events from ``from_block`` on and block times; a ledger without one (an
         in-memory fake) is indexed without the registry and late-anchoring rules.
+        ``challenges`` (default: read from ``ledger``'s contract, like ``history``) gives the
+        challenge events that equivocation findings compare records with.
         """
         reads = history if history is not None else registry_history(ledger)
+        claims = challenges if challenges is not None else challenge_history(ledger)
+        if claims is not None:
+            await self._sync_challenges(claims, from_block)
         pending = []
         for addr in edges:
             edge = address_bytes(addr)
@@ -212,6 +224,20 @@ class IndexWriter:
         return check_batch(
             self.domain, edge, calldata, bytes(info.root), int(info.first_seq), int(info.count)
         )
+
+    async def _sync_challenges(self, reads: ChallengeHistory, from_block: int) -> None:
+        """Store the challenge events up to the chain's latest block."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'challenge_block'").fetchone()
+        first = from_block if row is None else int(bytes(row[0])) + 1
+        last = await reads.block_number()
+        if last < first:
+            return
+        events = await reads.challenge_events(first, last)
+        with Transaction(self._conn):
+            add_challenge_events(self._conn, events)
+            self._conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('challenge_block', ?)", (str(last).encode(),)
+            )
 
     async def _sync_registry(self, reads: RegistryHistory, target: int, from_block: int) -> None:
         """Store the registry events up to at least block ``target``."""

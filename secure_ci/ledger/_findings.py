@@ -18,6 +18,16 @@ task findings (``seq`` is the record's edge sequence number)
                                plus the grace (default 3600 s)
     ``request-chain-gap``      the request's ``prevRequest`` is non-zero and names a request
                                of the same device that no indexed batch holds
+    ``challenge-equivocation`` a challenge on chain holds a result the edge's enclave signed
+                               for this sequence number with another record hash
+    ``refusal-equivocation``   the edge's enclave signed a refusal of this request in a
+                               request-only challenge, yet anchored a record of it
+    ``receipt-equivocation``   a device receipt (``--receipts``) holds a result the enclave
+                               signed for this sequence number or this request with another
+                               record hash
+    ``receipt-omission``       a device receipt's task was never anchored though its window
+                               passed (``seq`` is the receipt's; there is no anchored record,
+                               ``batch_id`` is -1)
 
 batch findings (``seq`` is -1; the batch's records are not indexed, the rest of the chain is)
     ``batch-not-direct-call``  the batch was not anchored by a direct ``anchorBatch`` call, so
@@ -62,6 +72,10 @@ class FindingCode(StrEnum):
     QUOTE_ID_MISMATCH = "quote-id-mismatch"
     LATE_ANCHORING = "late-anchoring"
     REQUEST_CHAIN_GAP = "request-chain-gap"
+    CHALLENGE_EQUIVOCATION = "challenge-equivocation"
+    REFUSAL_EQUIVOCATION = "refusal-equivocation"
+    RECEIPT_EQUIVOCATION = "receipt-equivocation"
+    RECEIPT_OMISSION = "receipt-omission"
     BATCH_NOT_DIRECT_CALL = "batch-not-direct-call"
     BATCH_MALFORMED = "batch-malformed"
     BATCH_NON_CANONICAL = "batch-non-canonical"

@@ -4,7 +4,8 @@ It imports nothing of secure-ci: the format from :mod:`independent_format`, ABI 
 eth-abi, and the chain through a web3 object's JSON-RPC calls (``eth_call``, ``eth_getLogs``,
 ``eth_getTransactionByHash``, ``eth_getBlockByNumber``). Section numbers are the document's.
 :func:`audit` returns, per batch, its finding (if any) and, per task ``(edge, edgeSeq)``,
-whether it verifies and its finding codes.
+whether it verifies and its finding codes. Receipt findings (section 6.4) need the device's
+receipts file, which the document leaves to secure-ci's auditor; this one reads only the chain.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from independent_format import (
     Decoded,
     Malformed,
     Record,
+    Result,
     decode,
     digest,
     encode,
@@ -60,6 +62,11 @@ _DEVICE_REGISTERED = _topic("DeviceRegistered(uint64,address)")
 _DEVICE_REVOKED = _topic("DeviceRevoked(uint64,address)")
 _EDGE_REGISTERED = _topic("EdgeRegistered(uint64,address,bytes32,bytes32,string)")
 _FRAUD_PROVEN = _topic("FraudProven(address,uint64,uint8,address)")
+_CHALLENGE_OPENED = _topic("ChallengeOpened(uint256,address,address,bytes32,bytes32,uint64,uint64)")
+_REQUEST_CHALLENGE_OPENED = _topic(
+    "RequestChallengeOpened(uint256,address,address,bytes32,bytes32,uint64)"
+)
+_REQUEST_REFUSED = _topic("RequestRefused(uint256,address,uint8)")
 
 
 class Chain:
@@ -102,6 +109,62 @@ class Audit:
     frauds: dict[tuple[bytes, int], int] = field(default_factory=dict)
     proofs: dict[tuple[bytes, int], tuple[int, list[bytes], bytes]] = field(default_factory=dict)
     """(edge, seq) -> (batch id, positional proof, record hash) of every indexed task."""
+
+
+@dataclass
+class _Claims:
+    """Section 6.3's enclave-signed statements from challenges: (edge, seq) and (edge, request
+    hash) -> record hashes the enclave signed in ChallengeOpened; (edge, request hash) of every
+    refused request."""
+
+    signed: dict[tuple[bytes, int | bytes], set[bytes]] = field(default_factory=dict)
+    refused: set[tuple[bytes, bytes]] = field(default_factory=set)
+
+
+_CHALLENGE = "challenge((bytes32,bytes32,bytes32,bytes32,bytes32,uint8,uint32,uint64),bytes)"
+
+
+async def _challenged_request(chain: Chain, log: Any, record_hash: bytes, sep: bytes) -> bytes:
+    """6.3: the request hash of a direct ``challenge`` call's result, if it hashes to the
+    log's record hash; else empty."""
+    tx = await chain.w3.eth.get_transaction(log["transactionHash"])
+    data = bytes(tx["input"])
+    if str(tx.get("to") or "").lower() != chain.to.lower() or data[:4] != _selector(_CHALLENGE):
+        return b""
+    try:
+        fields, _sig = abi_decode(
+            ["(bytes32,bytes32,bytes32,bytes32,bytes32,uint8,uint32,uint64)", "bytes"], data[4:]
+        )
+    except Exception:
+        return b""
+    result = Result(*(bytes(f) if isinstance(f, bytes) else int(f) for f in fields))
+    return result.request_hash if digest(sep, result.struct_hash()) == record_hash else b""
+
+
+async def _claims(chain: Chain, sep: bytes) -> _Claims:
+    out = _Claims()
+    for log in await chain.logs(_CHALLENGE_OPENED):
+        _task, record_hash, seq, _deadline = abi_decode(
+            ["bytes32", "bytes32", "uint64", "uint64"], bytes(log["data"])
+        )
+        edge = _topic_address(log["topics"][2])
+        out.signed.setdefault((edge, int(seq)), set()).add(bytes(record_hash))
+        request = await _challenged_request(chain, log, bytes(record_hash), sep)
+        if request:
+            out.signed.setdefault((edge, request), set()).add(bytes(record_hash))
+    opened: dict[int, tuple[bytes, bytes]] = {}
+    for log in await chain.logs(_REQUEST_CHALLENGE_OPENED):
+        _task, request_hash, _deadline = abi_decode(
+            ["bytes32", "bytes32", "uint64"], bytes(log["data"])
+        )
+        challenge_id = int.from_bytes(log["topics"][1], "big")
+        opened[challenge_id] = (_topic_address(log["topics"][2]), bytes(request_hash))
+    for log in await chain.logs(_REQUEST_REFUSED):
+        challenge_id = int.from_bytes(log["topics"][1], "big")
+        if challenge_id not in opened:
+            raise NodeInconsistent(f"RequestRefused for unknown request challenge {challenge_id}")
+        out.refused.add(opened[challenge_id])
+    return out
 
 
 _Event = tuple[int, int, str, bytes, bytes]
@@ -227,7 +290,7 @@ async def audit(w3: Any, contract: bytes, *, grace: int = 3600) -> Audit:
                 _Batch(edge, batch_id, root, first, count, block, measurement, times[block],
                        decoded)
             )  # fmt: skip
-    _verify_and_find(out, batches, registry, sep, grace)
+    _verify_and_find(out, batches, registry, sep, grace, await _claims(chain, sep))
     return out
 
 
@@ -248,6 +311,7 @@ def _verify_and_find(
     registry: list[_Event],
     sep: bytes,
     grace: int,
+    claims: _Claims,
 ) -> None:
     groups = Counter(
         (r.request.task_id, r.request.device, b.edge) for b in batches for r in b.decoded.records
@@ -280,6 +344,12 @@ def _verify_and_find(
                 and (q.device, q.prev_request) not in requests
             ):
                 codes.add("request-chain-gap")
+            record_hash = out.proofs[(b.edge, s.edge_seq)][2]
+            signed = claims.signed.get((b.edge, s.edge_seq), set())
+            if (signed | claims.signed.get((b.edge, s.request_hash), set())) - {record_hash}:
+                codes.add("challenge-equivocation")
+            if (b.edge, s.request_hash) in claims.refused:
+                codes.add("refusal-equivocation")
             reason = _verify(b, recs, successor, i, out.proofs[(b.edge, s.edge_seq)][1], sep)
             out.tasks[(b.edge, s.edge_seq)] = TaskVerdict(not reason, reason, frozenset(codes))
 

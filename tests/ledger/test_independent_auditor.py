@@ -3,13 +3,14 @@
 audit verify --all`` runs) on every task and batch of a chain built here with secure-ci:
 several edges and devices, honest records and tampered ones (forged calldata, replayed
 requests, unregistered and revoked devices, a forged device signature, a wrong measurement,
-a tree with leaves at the wrong positions, late anchoring, request-chain gaps, and a batch
-proven fraudulent on chain)."""
+a tree with leaves at the wrong positions, late anchoring, request-chain gaps, an edge that
+anchored another result than it signed to a challenger or refused a request it anchored, and
+a batch proven fraudulent on chain)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from eth_account import Account
@@ -34,12 +35,14 @@ from secure_ci.ledger._audit import AuditIndex
 from secure_ci.ledger._calldata import AnchoredRecord, BatchRecords, decode_batch, encode_batch
 from secure_ci.ledger._client import LedgerClient
 from secure_ci.ledger._findings import BadBatch, check_batch
+from secure_ci.ledger._integrity import REFUSAL_NOT_RECEIVED, refusal_digest
 from secure_ci.ledger._merkle import MerkleTree, leaf_hash
 from secure_ci.ledger._records import (
     LedgerDomain,
     TaskRequest,
     TaskResult,
     keccak256,
+    sign_digest,
     task_id_for,
 )
 from secure_ci.testing import LedgerWorld, ledger_world, sample_tasks
@@ -253,6 +256,32 @@ async def _build(world: LedgerWorld) -> tuple[bytes, int, int]:
     measured.measurement = keccak256(b"another measurement")
     await _anchor(world, edge0, [c.request(edge0, far), stranger.request(edge0, far), gap, forged])
     await _anchor(world, edge0, [measured])
+    # equivocation: edge0's enclave signed another result for a seq it anchored (a device
+    # filed it in a challenge), and a refusal ("never received") of a request it anchored;
+    # next to an honest challenge (what was anchored) and an honest refusal (never anchored)
+    signed_twice, refused, plain = (a.request(edge0, far), b.request(edge0, far),
+                                    a.request(edge0, far))  # fmt: skip
+    never = a.request(edge0, far)
+    seq = (await ledger.edge_state(edge0.address)).next_seq
+    await _anchor(world, edge0, [signed_twice, refused, plain])
+    twice, _, honest_result = (
+        r.result for r in _records(world, [signed_twice, refused, plain], seq)
+    )
+    shown = replace(twice, output_commitment=keccak256(b"shown to the device"))
+    # the enclave also signed another result of `refused`'s request for a far seq: the
+    # challenge's calldata names the request
+    elsewhere = replace(
+        _records(world, [refused], seq + 1)[0].result, output_commitment=keccak256(b"far"),
+        edge_seq=seq + 1000,
+    )  # fmt: skip
+    for result in (shown, honest_result, elsewhere):
+        await ledger.challenge(a.account, result, world.sign(edge0, result))
+    for device, item in ((b, refused), (a, never)):
+        challenge_id = await ledger.challenge_request(device.account, item.request, item.sig)
+        digest = refusal_digest(ledger.domain, item.request.struct_hash(), REFUSAL_NOT_RECEIVED)
+        await ledger.refuse_request(
+            edge0, challenge_id, REFUSAL_NOT_RECEIVED, sign_digest(bytes(edge0.key), digest)
+        )
     # edge1: bad batches of every kind, each followed by honest ones
     honest = sample_tasks(
         12, edge_key=bytes(edge1.key), domain=ledger.domain, devices=3, seed=7,
@@ -301,8 +330,14 @@ async def test_the_independent_auditor_agrees_with_audit_verify() -> None:
         codes = {code for _, task_codes in ours.values() for code in task_codes}
         assert codes == {
             "replayed-request", "device-not-registered", "quote-id-mismatch", "late-anchoring",
-            "request-chain-gap",
+            "request-chain-gap", "challenge-equivocation", "refusal-equivocation",
         }  # fmt: skip
+        equivocations = [
+            code for _, task_codes in ours.values() for code in task_codes if "equivocation" in code
+        ]
+        assert sorted(equivocations) == [
+            "challenge-equivocation", "challenge-equivocation", "refusal-equivocation",
+        ]  # fmt: skip
         assert set(reference_batches.values()) == {
             "batch-malformed", "batch-non-canonical", "batch-wrong-edge",
             "batch-range-mismatch", "batch-root-mismatch",
