@@ -32,6 +32,7 @@ from _plan_rig import EDGE, Device, Measurement, ModelRig
 
 from secure_ci.plan import (
     ConfigurationSpace,
+    Decision,
     EdgeEstimator,
     ModelCosts,
     Planner,
@@ -88,6 +89,7 @@ class PlannerRun:
     pings: list[float] = field(default_factory=list)
     last_probe: float = -math.inf
     sample: int = 0
+    last: Decision | None = None
 
     def __post_init__(self) -> None:
         self.planner = Planner(self.costs or self.rig.costs, [EDGE])
@@ -120,7 +122,11 @@ class PlannerRun:
             return
         space = self.planner.space
         want = self.edge.link.probe_bytes()
-        sized = min(self._remote, key=lambda i: abs(space.nbytes[i] - want))
+        # the smallest payload of at least the wanted size (a device would pad its probe to
+        # it): a smaller one may be as small as the ping, and then the slope goes unseen
+        big = [i for i in self._remote if space.nbytes[i] >= want]
+        sized = (min(big, key=lambda i: space.nbytes[i]) if big
+                 else max(self._remote, key=lambda i: space.nbytes[i]))  # fmt: skip
         for index in (self._ping, sized):
             m = await self.device.run(self.rig, space.configurations[index], self._x())
             self._observe(index, m)
@@ -136,6 +142,7 @@ class PlannerRun:
             {EDGE: self.edge.estimate()}, now=time.monotonic(), device_speed=self.speed.factor
         )
         self.cpu_ms.append((time.thread_time() - start) * 1e3)
+        self.last = decision
         m = await self.device.run(self.rig, decision.configuration, self._x())
         self._observe(decision.index, m)
         return decision.index, decision.switched, m

@@ -2,8 +2,9 @@
 
 **Setup.** The step must move the oracle, or it shows nothing. With every codec admitted,
 the resnet18's int4 input (1.5 kB) costs 0.6 ms at 20 Mbit/s and 6 ms at 2: edge-only int4
-wins at both rates. So the step's deployment admits only lossless-enough codecs
-(``step_codecs``, float32 and float16, as an accuracy budget of zero would), and the device
+wins at both rates. So the step's deployment admits only a lossless codec (``step_codecs``,
+float32, as an accuracy budget of zero would: the 12 kB input costs 5 ms at 20 Mbit/s and
+49 ms at 2), and the device
 slowdown is chosen by measurement in the same run: at slowdown 1 the oracle measures every
 configuration at both rates (latency and the device's part of it); the slowdown is the one
 that maximises the smaller of the two contrasts (the old rate's oracle against the new
@@ -26,28 +27,29 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import time
 from typing import Any
 
-from _plan_oracle import Oracle, PlannerRun, measure_oracle, shape, with_codecs
+from _plan_oracle import Oracle, PlannerRun, confirm, measure_oracle, shape, with_codecs
 from _plan_rig import Device, ModelRig
 
 from secure_ci.plan import ModelCosts
 from secure_ci.testing import LinkShaper
 
 RATES = (20.0, 2.0)
-SLOWDOWNS = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
+SLOWDOWNS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0)
 NOISE = 0.2
 NOISE_PERIOD_S = 0.1
 WITHIN = 1.1
 
 
 def _at(oracle: Oracle, slowdown: float) -> list[float]:
-    """Each configuration's latency predicted at ``slowdown`` from its runs at slowdown 1."""
-    out = []
-    for lat, dev in zip(oracle.samples, oracle.device_samples, strict=True):
-        out.append(min(lat) + (slowdown - 1.0) * min(dev))
-    return out
+    """Each configuration's latency predicted at ``slowdown`` from its runs at slowdown 1
+    (the device sleeps ``slowdown - 1`` times the profiled time of its part)."""
+    profiled = oracle.space.device_ms
+    return [statistics.median(lat) + (slowdown - 1.0) * float(profiled[i])
+            for i, lat in enumerate(oracle.samples)]  # fmt: skip
 
 
 def _contrast(fast: list[float], slow: list[float]) -> float:
@@ -59,64 +61,110 @@ def _contrast(fast: list[float], slow: list[float]) -> float:
     return min(slow[bf] / slow[bs], fast[bs] / fast[bf])
 
 
+def _belief(run: PlannerRun) -> dict[str, Any]:
+    """What the planner believed when it decided: its prediction, link and device speed."""
+    link, decision = run.edge.link, run.last
+    return {
+        "predicted_ms": None if decision is None else round(decision.expected_ms, 3),
+        "reason": None if decision is None else decision.reason,
+        "uplink_estimate_mbps": round(8e-3 / link.ms_per_byte, 3) if link.ms_per_byte else None,
+        "intercept_ms": round(link.intercept_ms, 3),
+        "device_speed": round(run.speed.factor, 3),
+        "link_steps": link.steps,
+    }
+
+
 async def _choose_slowdown(
     rig: ModelRig, device: Device, shaper: LinkShaper, costs: ModelCosts, rtt: float, reps: int
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, dict[str, Any]]:
     device.slowdown = 1.0
     found: dict[float, Oracle] = {}
     for mbps in RATES:
         shape(shaper, mbps, rtt)
         found[mbps] = await measure_oracle(rig, device, reps, costs=costs, seed=int(mbps))
     scores = {s: _contrast(_at(found[RATES[0]], s), _at(found[RATES[1]], s)) for s in SLOWDOWNS}
-    return max(scores, key=scores.__getitem__), {str(s): round(v, 3) for s, v in scores.items()}
+    labels = [str(c) for c in found[RATES[0]].space.configurations]
+    measured = {
+        str(mbps): {
+            label: [round(statistics.median(lat), 3), round(statistics.median(dev), 3)]
+            for label, lat, dev in zip(labels, o.samples, o.device_samples, strict=True)
+        }
+        for mbps, o in found.items()
+    }
+    return max(scores, key=scores.__getitem__), {
+        "contrast": {str(s): round(v, 3) for s, v in scores.items()},
+        "at_slowdown_1_median_latency_and_device_ms": measured,
+    }
 
 
 async def step(rig: ModelRig, device: Device, shaper: LinkShaper, size: Any) -> dict[str, Any]:
     """Square wave 20 <-> 2 Mbit/s on ``rig`` restricted to ``size.step_codecs``."""
     rtt, costs = size.step_rtt_ms, with_codecs(rig.costs, size.step_codecs)
-    slowdown, scores = await _choose_slowdown(rig, device, shaper, costs, rtt, size.reps)
+    slowdown, calibration = await _choose_slowdown(rig, device, shaper, costs, rtt, size.reps)
     device.slowdown = slowdown
-    tables: dict[float, list[float]] = {}
+    oracles: dict[float, Oracle] = {}
     for mbps in RATES:
         shape(shaper, mbps, rtt)
-        oracle = await measure_oracle(rig, device, size.reps, costs=costs, seed=7 + int(mbps))
-        tables[mbps] = oracle.table
+        oracles[mbps] = await measure_oracle(
+            rig, device, size.reps, costs=costs, seed=7 + int(mbps)
+        )
     labels = [str(c) for c in PlannerRun(rig, device, 1.0, costs).planner.configurations]
-    best = {m: min(range(len(t)), key=t.__getitem__) for m, t in tables.items()}
     shape(shaper, RATES[0], rtt)
     run = PlannerRun(rig, device, size.step_probe_s, costs)
     await run.probe(force=True)
     for _ in range(size.warmup + size.step_tasks):
         await run.task()
         await asyncio.sleep(size.step_interval_s)
-    timeline: list[dict[str, Any]] = []
-    steps: list[dict[str, Any]] = []
+    raw: list[tuple[float, int, list[dict[str, Any]]]] = []  # (rate, plan before, requests)
     origin = time.monotonic()
     for half in range(size.step_half_periods):
         mbps = RATES[(half + 1) % 2]
-        table, target = tables[mbps], tables[mbps][best[mbps]]
         before = run.planner.space.configurations.index(run.planner.current)
         shape(shaper, mbps, rtt)
         stepped_at = time.monotonic()
-        first_switch = back = measured_back = None
-        back_s = measured_back_s = None
-        picks = []
-        for n in range(1, size.step_tasks + 1):
+        requests = []
+        for _ in range(size.step_tasks):
             index, switched, m = await run.task()
             done = time.monotonic()
-            picks.append(index)
+            requests.append({"index": index, "switched": switched, "latency_ms": m.latency_ms,
+                             "since_step_s": done - stepped_at, "t_s": done - origin,
+                             **_belief(run)})  # fmt: skip
+            await asyncio.sleep(size.step_interval_s)
+        raw.append((mbps, before, requests))
+    # the load drifts: the plans the wave used are measured again beside each rate's best
+    for mbps in RATES:
+        shape(shaper, mbps, rtt)
+        used = {
+            i
+            for rate, before, rs in raw
+            if rate == mbps
+            for i in (before, *(r["index"] for r in rs))
+        }
+        await confirm(oracles[mbps], used)
+    tables = {m: o.table for m, o in oracles.items()}
+    best = {m: o.best for m, o in oracles.items()}
+    timeline: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
+    for mbps, before, requests in raw:
+        table, target = tables[mbps], tables[mbps][best[mbps]]
+        first_switch = back = measured_back = None
+        back_s = measured_back_s = None
+        for n, r in enumerate(requests, start=1):
+            index = r["index"]
             timeline.append({
-                "t_s": round(done - origin, 4), "mbps": mbps, "plan": labels[index],
-                "latency_ms": round(m.latency_ms, 3), "plan_oracle_ms": round(table[index], 3),
+                "t_s": round(r["t_s"], 4), "mbps": mbps, "plan": labels[index],
+                "latency_ms": round(r["latency_ms"], 3), "plan_oracle_ms": round(table[index], 3),
                 "oracle_ms": round(target, 3), "oracle": labels[best[mbps]],
+                **{k: v for k, v in r.items()
+                   if k not in {"index", "switched", "latency_ms", "since_step_s", "t_s"}},
             })  # fmt: skip
-            if switched and first_switch is None:
+            if r["switched"] and first_switch is None:
                 first_switch = n
             if back is None and table[index] <= WITHIN * target:
-                back, back_s = n, done - stepped_at
-            if measured_back is None and m.latency_ms <= WITHIN * target:
-                measured_back, measured_back_s = n, done - stepped_at
-            await asyncio.sleep(size.step_interval_s)
+                back, back_s = n, r["since_step_s"]
+            if measured_back is None and r["latency_ms"] <= WITHIN * target:
+                measured_back, measured_back_s = n, r["since_step_s"]
+        final = requests[-1]["index"]
         steps.append({
             "to_mbps": mbps, "requests_to_switch": first_switch,
             "old_plan_regret": table[before] / target - 1.0,
@@ -126,21 +174,22 @@ async def step(rig: ModelRig, device: Device, shaper: LinkShaper, size: Any) -> 
             "measured_requests_until_within_10pct": measured_back,
             "measured_seconds_until_within_10pct": (
                 None if measured_back_s is None else round(measured_back_s, 4)),
-            "final": labels[picks[-1]], "final_regret": table[picks[-1]] / target - 1.0,
-            "oracle": labels[best[mbps]], "final_is_oracle": picks[-1] == best[mbps],
+            "final": labels[final], "final_regret": table[final] / target - 1.0,
+            "oracle": labels[best[mbps]], "final_is_oracle": final == best[mbps],
         })  # fmt: skip
     needed = [s for s in steps if s["switch_needed"]]
     backs = [s["requests_until_within_10pct"] for s in steps]
     seconds = [s["seconds_until_within_10pct"] for s in steps]
     return {
         "rates_mbps": list(RATES), "rtt_ms": rtt, "slowdown": slowdown,
-        "codecs": list(size.step_codecs), "slowdown_contrast": scores,
+        "codecs": list(size.step_codecs), "slowdown_choice": calibration,
         "interval_s": size.step_interval_s, "probe_s": size.step_probe_s,
         "tasks_per_step": size.step_tasks,
         "oracle": {str(m): labels[i] for m, i in best.items()},
         "oracle_ms": {str(m): round(tables[m][i], 3) for m, i in best.items()},
         "oracle_differs": best[RATES[0]] != best[RATES[1]],
         "oracle_contrast": round(_contrast(tables[RATES[0]], tables[RATES[1]]), 3),
+        "oracle_noise_regret": {str(m): o.noise_regret for m, o in oracles.items()},
         "steps": steps,
         "steps_needing_a_switch": len(needed),
         "max_requests_to_switch": (
