@@ -4,11 +4,11 @@
 the resnet18's int4 input (1.5 kB) costs 0.6 ms at 20 Mbit/s and 6 ms at 2: edge-only int4
 wins at both rates. So the step's deployment admits only a lossless codec (``step_codecs``,
 float32, as an accuracy budget of zero would: the 12 kB input costs 5 ms at 20 Mbit/s and
-49 ms at 2), and the device
-slowdown is chosen by measurement in the same run: at slowdown 1 the oracle measures every
-configuration at both rates (latency and the device's part of it); the slowdown is the one
-that maximises the smaller of the two contrasts (the old rate's oracle against the new
-rate's, measured at the new rate), and then both oracles are measured again at that
+49 ms at 2), and the device slowdown is chosen by measurement in the same run: at slowdown
+1 the oracle measures every configuration at both rates; each one's latency at slowdown s
+is that plus (s - 1) x its profiled device time (what the emulated device sleeps); the
+slowdown is the one that maximises the smaller of the two contrasts (the old rate's oracle
+against the new rate's, at the new rate), and then both oracles are measured again at that
 slowdown. ``oracle_differs`` records whether they differ.
 
 **Square wave.** The planner (probing every ``step_probe_s``) settles at 20 Mbit/s, then the
@@ -16,7 +16,9 @@ link flips every ``step_tasks`` requests. Per step: ``requests_to_switch`` (1 = 
 request after the step was already a new plan), ``requests_until_within_10pct`` and
 ``seconds_until_within_10pct`` (the first request whose configuration's oracle latency at
 the new rate is within 10 % of the new oracle's; seconds from the step to its end), and
-the same judged by that request's own measured latency.
+the same judged by that request's own measured latency. The load on a shared machine drifts
+within a minute, so after the wave every plan it used is measured again beside each rate's
+best (:func:`_plan_oracle.confirm`) and the tables it is judged by hold both passes.
 
 **Noise.** A stationary link at each rate whose bandwidth is redrawn uniformly within
 ±20 % every ``NOISE_PERIOD_S``: a fresh planner warms up, then plan changes are counted

@@ -73,7 +73,7 @@ class Size:
     step_model: str = "resnet18"  # the first model when this one is not in the run
     step_rtt_ms: float = 5.0
     step_codecs: tuple[str, ...] = ("float32",)
-    step_probe_s: float = 0.2
+    step_probe_s: float = 0.1  # an idle device pings often; a probe precedes most requests
     noise_seconds: float = 12.0
 
 
