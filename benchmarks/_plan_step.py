@@ -261,20 +261,20 @@ def plot_step(ax_latency: Any, ax_plan: Any, step: dict[str, Any]) -> None:
     """Latency and chosen configuration against time beside the oracle's."""
     rows = step["timeline"]
     t = [r["t_s"] for r in rows]
+    # request i is drawn over (end of request i - 1, end of request i]: what served then
+    x = [0.0, *t]
+
+    def pre(key: str) -> list[Any]:
+        return [rows[0][key], *(r[key] for r in rows)]
+
     for ax in (ax_latency, ax_plan):
-        start = None
-        for r in rows:
-            if r["mbps"] == RATES[1] and start is None:
-                start = r["t_s"]
-            if r["mbps"] != RATES[1] and start is not None:
+        for start, r in zip(x, rows, strict=False):
+            if r["mbps"] == RATES[1]:
                 ax.axvspan(start, r["t_s"], color="0.9", lw=0)
-                start = None
-        if start is not None:
-            ax.axvspan(start, t[-1], color="0.9", lw=0)
     ax_latency.plot(t, [r["latency_ms"] for r in rows], "o", ms=3, label="planner, measured")
-    ax_latency.step(t, [r["plan_oracle_ms"] for r in rows], where="post",
+    ax_latency.step(x, pre("plan_oracle_ms"), where="pre",
                     label="planner's choice, oracle-measured")  # fmt: skip
-    ax_latency.step(t, [r["oracle_ms"] for r in rows], where="post", ls="--", color="k",
+    ax_latency.step(x, pre("oracle_ms"), where="pre", ls="--", color="k",
                     label="oracle")  # fmt: skip
     ax_latency.set_xlabel(f"time (s); grey: {RATES[1]:g} Mbit/s, white: {RATES[0]:g} Mbit/s")
     ax_latency.set_ylabel("latency (ms)")
@@ -284,8 +284,8 @@ def plot_step(ax_latency: Any, ax_plan: Any, step: dict[str, Any]) -> None:
     )
     ax_latency.legend(loc="upper right", fontsize=8)
     names = sorted({r["plan"] for r in rows} | {r["oracle"] for r in rows})
-    ax_plan.step(t, [names.index(r["plan"]) for r in rows], where="post", lw=2, label="planner")
-    ax_plan.step(t, [names.index(r["oracle"]) for r in rows], where="post", ls="--", color="k",
+    ax_plan.step(x, [names.index(p) for p in pre("plan")], where="pre", lw=2, label="planner")
+    ax_plan.step(x, [names.index(p) for p in pre("oracle")], where="pre", ls="--", color="k",
                  label="oracle")  # fmt: skip
     ax_plan.set_yticks(range(len(names)), names, fontsize=7)
     ax_plan.set_xlabel("time (s)")
