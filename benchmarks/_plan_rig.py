@@ -137,12 +137,19 @@ def build_rig(name: str, *, cut_count: int, repeats: int, samples: int = 16) -> 
                 dec.append(_median_ms(partial(decode_features, payload), repeats))
             rows[cut] = (sizes, enc, dec)
     order = (EDGE_ONLY_CUT, *cuts)
+    # the whole model, as the median of its run and of head + tail at every kept cut: the
+    # profile times each piece at another moment, and on a loaded machine a lone full run
+    # can come out slower than the last cut's head (which would make a split at the last
+    # cut look cheaper than running everything locally, though it is that plus a transfer)
+    full = statistics.median(
+        [measured.full_ms, *(by_index[c].head_ms + by_index[c].tail_ms for c in cuts)]
+    )
     costs = ModelCosts(
         cuts=order,
         codecs=CODECS,
         head_ms=(0.0, *(by_index[c].head_ms for c in cuts)),
-        tail_ms=(measured.full_ms, *(by_index[c].tail_ms for c in cuts)),
-        device_full_ms=measured.full_ms,
+        tail_ms=(full, *(by_index[c].tail_ms for c in cuts)),
+        device_full_ms=full,
         nbytes=tuple(tuple(rows[c][0]) for c in order),
         encode_ms=tuple(tuple(rows[c][1]) for c in order),
         decode_ms=tuple(tuple(rows[c][2]) for c in order),
@@ -205,11 +212,16 @@ class Device:
             for codec in CODECS:
                 await self.session(rig, cut, codec)
 
-    def _slow(self, started: float) -> float:
-        """Sleep off the emulated slowdown of the device work since ``started``; its ms."""
-        spent = time.perf_counter() - started
+    def _slow(self, started: float, profiled_ms: float) -> float:
+        """Sleep off the emulated slowdown of the device work since ``started``; its ms.
+
+        The emulated device is ``slowdown`` times slower than the profile says, steadily:
+        it sleeps ``slowdown - 1`` times the *profiled* time of the work it just did. (Times
+        the time the work took here would multiply this shared machine's load jitter by the
+        slowdown: a 10x device would swing by ten times the host's hiccups.)
+        """
         if self.slowdown > 1.0:
-            time.sleep((self.slowdown - 1.0) * spent)
+            time.sleep((self.slowdown - 1.0) * profiled_ms * 1e-3)
         return (time.perf_counter() - started) * 1e3
 
     async def run(
@@ -219,13 +231,17 @@ class Device:
         if configuration.cut == DEVICE_ONLY_CUT:
             with torch.inference_mode():
                 rig.partitioner.model(x)
-            device_ms = self._slow(start)
+            device_ms = self._slow(start, rig.costs.device_full_ms)
             return Measurement(device_ms, device_ms)
         if configuration.codec is None:  # pragma: no cover - Configuration forbids it
             raise SecureCIError("a split needs a codec")
         session = await self.session(rig, configuration.cut, configuration.codec)
         payload = session.encode_input(x)
-        device_ms = self._slow(start)
+        row, col = (
+            rig.costs.position(configuration.cut),
+            rig.costs.codecs.index(configuration.codec),
+        )
+        device_ms = self._slow(start, rig.costs.head_ms[row] + rig.costs.encode_ms[row][col])
         sent = time.perf_counter()
         rig.compute_ms.clear()
         await session.infer_encoded(payload)

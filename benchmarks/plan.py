@@ -5,13 +5,16 @@ signed requests and results, the tails in its worker thread), one device with a 
 session per (cut, codec), and the link shaper of ``secure_ci.testing`` between them (token
 bucket each way at the cell's rate, half the cell's RTT as one-way delay each way). The
 device's slowdown is emulated: after running the head (and the encoder, or the whole model
-for device-only) the device sleeps ``slowdown - 1`` times the time that took.
+for device-only) the device sleeps ``slowdown - 1`` times their profiled time.
 
-In each cell of uplink x RTT x slowdown, the **oracle** runs every configuration (device-only,
-edge-only and every kept cut, with every codec) ``reps`` times and keeps the median latency of
-each; its choice is the least. The **planner** (``secure_ci.plan.Planner``, fresh in each
-cell, fed like a device feeds it: ``EdgeEstimator.observe_result`` from each task's send-to-
-result time and the edge's compute time, a ``SpeedEstimator`` from the device's own head
+In each cell of uplink x RTT x slowdown, the **oracle** measures every configuration (device-
+only, edge-only and every kept cut, with every codec) and keeps the median latency of each;
+its choice is the least. It screens every configuration, gives the contenders ``reps`` more
+runs, and after the planner ran confirms the planner's choices beside its best and runners-
+up with ``reps`` more, every pass interleaved in a shuffled order (``_plan_oracle``). The
+**planner** (``secure_ci.plan.Planner``, fresh in each cell, fed like a device feeds it:
+``EdgeEstimator.observe_result`` from each task's send-to-result time and the edge's compute
+time, a ``SpeedEstimator`` from the device's own head
 times, and probes: a smallest-payload task and a task sized by ``LinkEstimator.probe_bytes``
 every ``probe_s`` seconds, not charged) then runs ``warmup + tasks`` real tasks; its regret is
 the oracle's measured latency of what it chose, averaged over the tasks after warmup, over the
@@ -20,7 +23,10 @@ it: a plan **fixed** once (the planner's choice at the end of the first cell) an
 **RTT-only** planner refreshed every 60 s (cells last ``CELL_SECONDS`` of simulated time; it
 knows the RTT measured at its last refresh, assumes the link at the estimator's 10 Mbit/s
 prior and the device at its profiled speed, like a ping-based router). The **bandwidth step**
-runs a square wave 20 <-> 2 Mbit/s and counts requests until the plan changes.
+runs a square wave 20 <-> 2 Mbit/s in a setup chosen (and checked) by measurement so that the
+oracle differs between the rates, and counts requests until the plan changes and until the
+latency is back within 10 % of the new oracle; the **noise** test counts plan changes on a
+stationary link with ±20 % bandwidth noise (``_plan_step``).
 """
 
 from __future__ import annotations
@@ -29,29 +35,23 @@ import asyncio
 import math
 import statistics
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _common import percentile
-from _plan_rig import EDGE, Device, Measurement, ModelRig, build_rig, open_edge_for
+from _plan_oracle import PlannerRun, confirm, measure_oracle, shape
+from _plan_rig import EDGE, Device, ModelRig, build_rig, open_edge_for
+from _plan_step import noise, plot_step, step
 
-from secure_ci.plan import (
-    EdgeEstimate,
-    EdgeEstimator,
-    LinkEstimator,
-    Planner,
-    SpeedEstimator,
-)
-from secure_ci.testing import Link, LinkShaper, open_link_shaper
+from secure_ci.plan import EdgeEstimate, LinkEstimator, Planner
+from secure_ci.testing import LinkShaper, open_link_shaper
 
 CELL_SECONDS = 20.0
-SPEED_FLOOR = 0.2
-"""Device work profiled below this share of the whole model does not feed the speed factor."""
 RTT_ONLY_REFRESH_S = 60.0
 TARGETS = {"regret_p50": 0.05, "regret_p95": 0.10, "oracle_share": 0.80, "step_requests": 3,
+           "step_within_s": 1.0, "noise_changes_per_10s": 1.0,
            "decision_cpu_p99_ms": 1.0}  # fmt: skip
 
 
@@ -71,126 +71,24 @@ class Size:
     probe_s: float = 0.5
     step_interval_s: float = 0.05
     step_model: str = "resnet18"  # the first model when this one is not in the run
-    step_slowdown: float = 4.0
     step_rtt_ms: float = 5.0
+    step_codecs: tuple[str, ...] = ("float32",)
+    step_probe_s: float = 0.1  # an idle device pings often; a probe precedes most requests
+    noise_seconds: float = 12.0
 
 
 SIZES = {
-    "smoke": Size(("digits_cnn",), (2.0, 50.0), (5.0,), (10.0,), 2, 3, 1, 3, 3, 2, 3),
+    "smoke": Size(("digits_cnn",), (2.0, 50.0), (5.0,), (10.0,), 2, 3, 1, 3, 3, 2, 3,
+                  noise_seconds=1.0),
     "quick": Size(
         ("digits_cnn", "resnet18"), (0.5, 5.0, 50.0), (2.0, 20.0, 100.0), (1.0, 10.0),
-        4, 8, 3, 7, 20, 4, 10,
+        4, 8, 3, 7, 20, 6, 10,
     ),
     "full": Size(
         ("digits_cnn", "resnet18", "transformer_encoder"), (0.5, 2.0, 10.0, 100.0),
         (2.0, 20.0, 100.0), (1.0, 3.0, 10.0), 4, 12, 3, 9, 30, 6, 12,
     ),
 }  # fmt: skip
-
-
-def _link(mbps: float, rtt_ms: float) -> Link:
-    rate = mbps * 1e6
-    return Link(rate, rtt_ms / 2, max(1024, min(1 << 20, int(rate / 8 * 1e-3))))
-
-
-def _shape(shaper: LinkShaper, mbps: float, rtt_ms: float) -> None:
-    shaper.shape(uplink=_link(mbps, rtt_ms), downlink=_link(mbps, rtt_ms))
-
-
-@dataclass
-class PlannerRun:
-    """A planner with the estimators a device keeps, fed by real tasks and probes."""
-
-    rig: ModelRig
-    device: Device
-    probe_s: float
-    planner: Planner = field(init=False)
-    edge: EdgeEstimator = field(default_factory=EdgeEstimator)
-    speed: SpeedEstimator = field(default_factory=SpeedEstimator)
-    cpu_ms: list[float] = field(default_factory=list)
-    pings: list[float] = field(default_factory=list)
-    last_probe: float = -math.inf
-    sample: int = 0
-
-    def __post_init__(self) -> None:
-        self.planner = Planner(self.rig.costs, [EDGE])
-        space = self.planner.space
-        remote = [i for i, c in enumerate(space.configurations) if c.edge is not None]
-        self._remote = remote
-        self._ping = min(remote, key=lambda i: space.nbytes[i])
-
-    def _x(self) -> Any:
-        self.sample += 1
-        return self.rig.inputs[self.sample % len(self.rig.inputs)]
-
-    def _observe(self, index: int, m: Measurement) -> None:
-        space, now = self.planner.space, time.monotonic()
-        profiled = float(space.device_ms[index])
-        if profiled >= SPEED_FLOOR * self.rig.costs.device_full_ms:
-            # a tiny head's time is mostly fixed overhead the profile does not hold: as a
-            # ratio it would make the device look many times slower than it is
-            self.speed.update(m.device_ms, profiled, now)
-        if space.configurations[index].edge is not None:
-            self.edge.observe_result(
-                nbytes=m.nbytes, round_trip_ms=m.round_trip_ms, queue_ms=0.0,
-                compute_ms=m.compute_ms, profiled_compute_ms=float(space.edge_ms[index]),
-                now=now,
-            )  # fmt: skip
-
-    async def probe(self, force: bool = False) -> None:
-        """A smallest-payload task and one sized by ``probe_bytes``, when due (not charged)."""
-        if not force and time.monotonic() - self.last_probe < self.probe_s:
-            return
-        space = self.planner.space
-        want = self.edge.link.probe_bytes()
-        sized = min(self._remote, key=lambda i: abs(space.nbytes[i] - want))
-        for index in (self._ping, sized):
-            m = await self.device.run(self.rig, space.configurations[index], self._x())
-            self._observe(index, m)
-            if index == self._ping:
-                self.pings.append(m.round_trip_ms - m.compute_ms)
-        self.last_probe = time.monotonic()
-
-    async def task(self) -> tuple[int, bool, Measurement]:
-        """Decide (timed, CPU of this thread) and run one task; (index, switched, measurement)."""
-        await self.probe()
-        start = time.thread_time()
-        decision = self.planner.decide(
-            {EDGE: self.edge.estimate()}, now=time.monotonic(), device_speed=self.speed.factor
-        )
-        self.cpu_ms.append((time.thread_time() - start) * 1e3)
-        m = await self.device.run(self.rig, decision.configuration, self._x())
-        self._observe(decision.index, m)
-        return decision.index, decision.switched, m
-
-
-@dataclass(frozen=True)
-class Oracle:
-    """Every configuration's median measured latency (``table``), and the oracle's own noise:
-    the regret of the best of the even repetitions judged by the odd ones."""
-
-    table: list[float]
-    noise_regret: float
-
-    @property
-    def best(self) -> int:
-        return int(np.argmin(self.table))
-
-
-async def _oracle(rig: ModelRig, device: Device, reps: int) -> Oracle:
-    """Measure every configuration of the planner's space ``reps`` times (interleaved)."""
-    space = Planner(rig.costs, [EDGE]).space
-    samples: list[list[float]] = [[] for _ in space.configurations]
-    for rep in range(reps):
-        for i, configuration in enumerate(space.configurations):
-            x = rig.inputs[(rep * 7 + i) % len(rig.inputs)]
-            samples[i].append((await device.run(rig, configuration, x)).latency_ms)
-    table = [statistics.median(s) for s in samples]
-    if reps < 2:
-        return Oracle(table, math.nan)
-    even = [statistics.median(s[0::2]) for s in samples]
-    odd = [statistics.median(s[1::2]) for s in samples]
-    return Oracle(table, odd[int(np.argmin(even))] / min(odd) - 1.0)
 
 
 def _rtt_only_choice(rig: ModelRig, rtt_ms: float) -> int:
@@ -208,12 +106,11 @@ async def _grid(rig: ModelRig, device: Device, shaper: LinkShaper, size: Size) -
     cpu: list[float] = []
     grid = [(u, r, s) for s in size.slowdowns for r in size.rtts for u in size.uplinks]
     for k, (mbps, rtt, slowdown) in enumerate(grid):
-        _shape(shaper, mbps, rtt)
+        shape(shaper, mbps, rtt)
         device.slowdown = slowdown
         print(f"plan: {rig.name} cell {k + 1}/{len(grid)}: {mbps:g} Mbit/s, {rtt:g} ms, "
               f"{slowdown:g}x", file=sys.stderr, flush=True)  # fmt: skip
-        oracle = await _oracle(rig, device, size.reps)
-        table, best = oracle.table, oracle.best
+        oracle = await measure_oracle(rig, device, size.reps, seed=k)
         run = PlannerRun(rig, device, size.probe_s)
         await run.probe(force=True)
         chosen, latencies = [], []
@@ -223,6 +120,8 @@ async def _grid(rig: ModelRig, device: Device, shaper: LinkShaper, size: Size) -
                 chosen.append(index)
                 latencies.append(m.latency_ms)
         cpu.extend(run.cpu_ms)
+        await confirm(oracle, set(chosen))
+        table, best = oracle.table, oracle.best
         final = chosen[-1]
         if fixed is None:
             fixed = final
@@ -237,7 +136,8 @@ async def _grid(rig: ModelRig, device: Device, shaper: LinkShaper, size: Size) -
             "regret": planner_ms / table[best] - 1.0,
             "realised_regret": statistics.median(latencies) / table[best] - 1.0,
             "same_choice": final == best,
-            "oracle_noise_regret": oracle.noise_regret,
+            "oracle_noise_regret": oracle.noise_regret, "oracle_runs": oracle.runs,
+            "contenders": len(oracle.contenders),
             "switches": run.planner.switches,
             "fixed": labels[fixed], "fixed_regret": table[fixed] / table[best] - 1.0,
             "rtt_only": labels[rtt_only], "rtt_only_regret": table[rtt_only] / table[best] - 1.0,
@@ -276,65 +176,6 @@ def _summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-async def _step(rig: ModelRig, device: Device, shaper: LinkShaper, size: Size) -> dict[str, Any]:
-    """Square wave 20 <-> 2 Mbit/s (``size.step_rtt_ms``, ``size.step_slowdown``)."""
-    rates, rtt = (20.0, 2.0), size.step_rtt_ms
-    device.slowdown = size.step_slowdown
-    labels = [str(c) for c in Planner(rig.costs, [EDGE]).configurations]
-    tables: dict[float, list[float]] = {}
-    for mbps in rates:
-        _shape(shaper, mbps, rtt)
-        tables[mbps] = (await _oracle(rig, device, size.reps)).table
-    best = {m: int(np.argmin(t)) for m, t in tables.items()}
-    _shape(shaper, rates[0], rtt)
-    run = PlannerRun(rig, device, size.probe_s)
-    await run.probe(force=True)
-    for _ in range(size.warmup + size.step_tasks):
-        await run.task()
-        await asyncio.sleep(size.step_interval_s)
-    steps = []
-    for half in range(size.step_half_periods):
-        mbps = rates[(half + 1) % 2]
-        table, target = tables[mbps], tables[mbps][best[mbps]]
-        before = run.planner.space.configurations.index(run.planner.current)
-        _shape(shaper, mbps, rtt)
-        first_switch = back = None
-        picks = []
-        for n in range(1, size.step_tasks + 1):
-            index, switched, _ = await run.task()
-            picks.append(index)
-            if switched and first_switch is None:
-                first_switch = n
-            if back is None and table[index] <= 1.1 * target:
-                back = n - 1
-            await asyncio.sleep(size.step_interval_s)
-        steps.append({
-            "to_mbps": mbps, "requests_to_switch": first_switch,
-            "old_plan_regret": table[before] / target - 1.0,
-            "switch_needed": table[before] > 1.1 * target,
-            "requests_until_within_10pct": back,
-            "final": labels[picks[-1]], "final_regret": table[picks[-1]] / target - 1.0,
-            "oracle": labels[best[mbps]], "final_is_oracle": picks[-1] == best[mbps],
-        })  # fmt: skip
-    needed = [s for s in steps if s["switch_needed"]]
-    backs = [s["requests_until_within_10pct"] for s in steps]
-    return {
-        "rates_mbps": list(rates), "rtt_ms": rtt, "slowdown": size.step_slowdown,
-        "interval_s": size.step_interval_s, "probe_s": size.probe_s,
-        "tasks_per_step": size.step_tasks,
-        "oracle": {str(m): labels[i] for m, i in best.items()},
-        "oracle_ms": {str(m): round(tables[m][i], 3) for m, i in best.items()},
-        "steps": steps,
-        "steps_needing_a_switch": len(needed),
-        "max_requests_to_switch": (
-            None if not needed or any(s["requests_to_switch"] is None for s in needed)
-            else max(s["requests_to_switch"] for s in needed)
-        ),
-        "max_requests_until_within_10pct": None if None in backs else max(backs),
-        "_cpu": run.cpu_ms,
-    }  # fmt: skip
-
-
 async def _run(size: Size) -> dict[str, Any]:
     rigs = [
         await asyncio.to_thread(
@@ -354,28 +195,38 @@ async def _run(size: Size) -> dict[str, Any]:
                 cpu.extend(result.pop("_cpu"))
                 out["models"][rig.name] = result
             stepped = next((r for r in rigs if r.name == size.step_model), rigs[0])
-            step = await _step(stepped, device, shaper, size)
-            cpu.extend(step.pop("_cpu"))
-            out["step"] = {"model": stepped.name, **step}
+            wave = await step(stepped, device, shaper, size)
+            cpu.extend(wave.pop("_cpu"))
+            out["step"] = {"model": stepped.name, **wave}
+            noisy = await noise(stepped, device, shaper, size, wave["slowdown"])
+            cpu.extend(noisy.pop("_cpu"))
+            out["noise"] = {"model": stepped.name, **noisy}
         finally:
             await device.aclose()
     cells = [c for m in out["models"].values() for c in m["cells"]]
     summary = _summary(cells)
     summary["decision_cpu_ms"] = {"p50": percentile(cpu, 50), "p99": percentile(cpu, 99),
                                   "decisions": len(cpu)}  # fmt: skip
-    step, limit = out["step"], TARGETS["step_requests"]
-    within, switch = step["max_requests_until_within_10pct"], step["max_requests_to_switch"]
-    step_ok = (
-        None
-        if within is None
-        else within <= limit
-        and (step["steps_needing_a_switch"] == 0 or (switch is not None and switch <= limit))
-    )
+    wave, limit = out["step"], TARGETS["step_requests"]
+    switched = all(
+        s["requests_to_switch"] is not None and s["requests_to_switch"] <= limit
+        for s in wave["steps"] if s["switch_needed"]
+    )  # fmt: skip
+    back = all(
+        s["requests_until_within_10pct"] is not None
+        and (s["requests_until_within_10pct"] <= limit
+             or s["seconds_until_within_10pct"] <= TARGETS["step_within_s"])
+        for s in wave["steps"]
+    )  # fmt: skip
+    # a wave whose oracle does not move demonstrates nothing: it cannot meet the target
+    step_ok = wave["oracle_differs"] and wave["steps_needing_a_switch"] > 0 and switched and back
     summary["meets_targets"] = {
         "regret_p50": summary["regret"]["p50"] <= TARGETS["regret_p50"],
         "regret_p95": summary["regret"]["p95"] <= TARGETS["regret_p95"],
         "oracle_share": summary["oracle_share"] >= TARGETS["oracle_share"],
         "step_requests": step_ok,
+        "noise_changes_per_10s": out["noise"]["max_changes_per_10s"]
+        <= TARGETS["noise_changes_per_10s"],
         "decision_cpu_p99": summary["decision_cpu_ms"]["p99"] <= TARGETS["decision_cpu_p99_ms"],
     }
     out["summary"] = summary
@@ -392,7 +243,7 @@ def run(*, quick: bool, size: str = "full") -> dict[str, Any]:
             "probe_s": chosen.probe_s, "cell_seconds_simulated": CELL_SECONDS}  # fmt: skip
     result = asyncio.run(_run(chosen))
     return {"size": size, "grid": grid,
-            "slowdown_emulation": "sleep (slowdown - 1) x the measured head+encode "
+            "slowdown_emulation": "sleep (slowdown - 1) x the profiled head+encode "
             "(or whole-model) time after running it", **result}  # fmt: skip
 
 
@@ -405,7 +256,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     cells = [c for m in result["models"].values() for c in m["cells"]]
     models = list(result["models"].items())
     fig, axes = plt.subplots(
-        1, 1 + len(models), figsize=(6.5 * (1 + len(models)), 5.5), dpi=100, squeeze=False
+        2, 1 + len(models), figsize=(6.5 * (1 + len(models)), 11.0), dpi=100, squeeze=False
     )
     cdf = axes[0][0]
     for key, label, style in (
@@ -433,6 +284,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     cdf.legend(loc="lower right")
     for heat, (name, model) in zip(axes[0][1:], models, strict=True):
         _heat(heat, fig, name, model["cells"])
+    if result.get("step", {}).get("timeline"):
+        plot_step(axes[1][0], axes[1][1], result["step"])
+    for ax in axes[1][2 if result.get("step", {}).get("timeline") else 0 :]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

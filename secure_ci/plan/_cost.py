@@ -264,6 +264,8 @@ class EdgeEstimate:
 
     The network time of ``b`` bytes is ``intercept_ms + b * ms_per_byte`` with predictive
     variance ``var_coeffs[0] + var_coeffs[1] * b + var_coeffs[2] * b**2`` (ms²).
+    ``link_steps`` counts the link's detected steps: when it moves, the planner knows the
+    link changed (not noise) and takes a gain without waiting out its patience.
     """
 
     intercept_ms: float
@@ -272,8 +274,13 @@ class EdgeEstimate:
     speed_factor: float = 1.0
     var_coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
     queue_var: float = 0.0
+    link_steps: int = 0
+    """How many steps the link's detector has seen (the planner notices when it moves)."""
 
     def __post_init__(self) -> None:
+        steps = self.link_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"link_steps must be an integer >= 0, got {steps!r}")
         for name in ("intercept_ms", "ms_per_byte", "queue_ms", "speed_factor", "queue_var"):
             value = _finite(getattr(self, name), name)
             if math.isinf(value):

@@ -331,4 +331,5 @@ class EdgeEstimator:
             speed_factor=self.speed.factor,
             var_coeffs=self.link.var_coeffs(),
             queue_var=self.queue.var,
+            link_steps=self.link.steps,
         )

@@ -10,7 +10,10 @@ Hysteresis keeps noise from flapping the plan: the planner moves off its current
 configuration only when the best one is predicted cheaper by more than ``margin`` (a
 fraction) on ``patience`` consecutive decisions, but at once when the current one is no
 longer feasible (deadline broken, edge gone, budget tightened) or when the best one is
-predicted cheaper by more than ``jump`` (default half: a step of the link, not noise). With
+predicted cheaper by more than ``jump`` (default half: a step of the link, not noise), or by
+more than ``margin`` right after an edge's step detector fired (its
+:attr:`~secure_ci.plan.EdgeEstimate.link_steps` moved: the link changed, so the gain is not
+noise and waiting ``patience`` decisions would only serve the old plan longer). With
 ``margin=0`` and ``patience=1`` every decision is the argmin of the model.
 
 CPU per decision (numpy 2.4, one core of a shared AMD EPYC, ``timeit`` of ``decide`` on a
@@ -38,7 +41,8 @@ class Decision:
     """The configuration for one task, and why.
 
     ``reason`` is one of ``initial``, ``hold``, ``gain`` (hysteresis let a cheaper plan in),
-    ``jump`` (a much cheaper plan, taken at once),
+    ``jump`` (a much cheaper plan, taken at once), ``step`` (a cheaper plan by the margin,
+    taken at once because an edge's link step detector fired since the last decision),
     ``deadline``, ``unavailable`` or ``accuracy`` (the current plan became infeasible), and
     ``best-effort`` (nothing meets the deadline: the one most likely to, i.e. the least
     full path plus ``deadline_z`` deviations; kept unless another is better by ``margin``).
@@ -98,6 +102,7 @@ class Planner:
         self.deadline_z = deadline_z
         self._current: int | None = None
         self._streak = 0
+        self._link_steps: dict[str, int] = {}
         self.switches = 0
 
     @property
@@ -137,6 +142,7 @@ class Planner:
         else:
             best = int(np.argmin(np.where(usable, risk, np.inf)))
         current = self._current
+        stepped = self._link_stepped(estimates)
         if current is None:
             reason = "initial" if feasible[best] else "best-effort"
         elif not feasible[current]:
@@ -152,6 +158,8 @@ class Planner:
                 reason = "deadline"
         elif expected[best] < (1.0 - self.jump) * expected[current]:
             reason = "jump"
+        elif stepped and expected[best] < (1.0 - self.margin) * expected[current]:
+            reason = "step"
         elif expected[best] < (1.0 - self.margin) * expected[current]:
             self._streak += 1
             reason = "gain" if self._streak >= self.patience else "hold"
@@ -176,6 +184,15 @@ class Planner:
             table=table,
             feasible_mask=feasible,
         )
+
+    def _link_stepped(self, estimates: Mapping[str, EdgeEstimate]) -> bool:
+        """Whether any edge's link step count moved since it was last seen (and note it)."""
+        stepped = False
+        for name, estimate in estimates.items():
+            seen = self._link_steps.get(name)
+            stepped |= seen is not None and estimate.link_steps != seen
+            self._link_steps[name] = estimate.link_steps
+        return stepped
 
 
 def _budget(value: float) -> float:

@@ -33,6 +33,7 @@ def _check_cell(cell: dict[str, Any]) -> None:
     assert cell["same_choice"] == (cell["planner"] == cell["oracle"])
     assert cell["measured_rtt_ms"] > 0
     assert cell["device_speed_estimate"] > 0
+    assert 1 <= cell["contenders"] <= cell["oracle_runs"]
 
 
 @pytest.mark.slow
@@ -63,18 +64,39 @@ def test_bench_plan_smoke(tmp_path: Path) -> None:
     assert cpu["decisions"] >= cells_expected * (grid["tasks"] + grid["warmup"])
     assert 0 < cpu["p50"] <= cpu["p99"]
     assert set(summary["meets_targets"]) == {
-        "regret_p50", "regret_p95", "oracle_share", "step_requests", "decision_cpu_p99",
+        "regret_p50", "regret_p95", "oracle_share", "step_requests", "noise_changes_per_10s",
+        "decision_cpu_p99",
     }  # fmt: skip
+    targets = figures["targets"]
     step = figures["step"]
     assert step["rates_mbps"] == [20.0, 2.0]
     assert len(step["steps"]) == 2
     assert step["steps_needing_a_switch"] == sum(s["switch_needed"] for s in step["steps"])
+    assert step["oracle_differs"] == (step["oracle"]["20.0"] != step["oracle"]["2.0"])
+    assert step["oracle_contrast"] >= 1.0
+    assert str(step["slowdown"]) in step["slowdown_choice"]["contrast"]
     for s in step["steps"]:
         assert s["requests_to_switch"] is None or s["requests_to_switch"] >= 1
         back = s["requests_until_within_10pct"]
-        assert back is None or 0 <= back < step["tasks_per_step"]
+        assert back is None or 1 <= back <= step["tasks_per_step"]
+        assert (back is None) == (s["seconds_until_within_10pct"] is None)
         assert s["old_plan_regret"] >= -1e-9
         assert s["final_regret"] >= -1e-9
+    timeline = step["timeline"]
+    assert len(timeline) == len(step["steps"]) * step["tasks_per_step"]
+    assert [r["t_s"] for r in timeline] == sorted(r["t_s"] for r in timeline)
+    assert all(r["plan_oracle_ms"] >= r["oracle_ms"] - 1e-6 for r in timeline)
+    if not step["oracle_differs"]:  # a wave that does not move the oracle shows nothing
+        assert summary["meets_targets"]["step_requests"] is False
+    noise = figures["noise"]
+    assert [r["mbps"] for r in noise["rates"]] == step["rates_mbps"]
+    for r in noise["rates"]:
+        assert r["requests"] >= 1
+        assert r["seconds"] > 0
+        assert r["plan_changes"] >= 0
+    assert summary["meets_targets"]["noise_changes_per_10s"] == (
+        noise["max_changes_per_10s"] <= targets["noise_changes_per_10s"]
+    )
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(data[16:20], "big") >= 600
