@@ -46,7 +46,7 @@ from _plan_rig import EDGE, Device, ModelRig, build_rig, open_edge_for
 from _plan_step import noise, plot_step, step
 
 from secure_ci.plan import EdgeEstimate, LinkEstimator, Planner
-from secure_ci.testing import LinkShaper, open_link_shaper
+from secure_ci.testing import KernelShaper, LinkShaper, open_link_shaper
 
 CELL_SECONDS = 20.0
 RTT_ONLY_REFRESH_S = 60.0
@@ -176,7 +176,7 @@ def _summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-async def _run(size: Size) -> dict[str, Any]:
+async def _run(size: Size, link: str) -> dict[str, Any]:
     rigs = [
         await asyncio.to_thread(
             build_rig, name, cut_count=size.cut_count, repeats=size.profile_repeats
@@ -185,7 +185,9 @@ async def _run(size: Size) -> dict[str, Any]:
     ]
     out: dict[str, Any] = {"models": {}}
     cpu: list[float] = []
-    async with open_edge_for(rigs) as (port, enclave, identity), open_link_shaper(port) as shaper:
+    async with open_edge_for(rigs) as (port, enclave, identity), open_link_shaper(port) as inner:
+        # kernel: tc tbf enforces the rate, the user-space shaper keeps only the delay
+        shaper: Any = KernelShaper(inner) if link == "kernel" else inner
         device = Device(shaper.address, enclave, identity)
         try:
             for rig in rigs:
@@ -234,15 +236,16 @@ async def _run(size: Size) -> dict[str, Any]:
     return out
 
 
-def run(*, quick: bool, size: str = "full") -> dict[str, Any]:
-    """The grid, the comparison policies and the bandwidth step at ``size``."""
+def run(*, quick: bool, size: str = "full", link: str = "user") -> dict[str, Any]:
+    """The grid, the comparison policies and the bandwidth step at ``size``; ``link``
+    "kernel" shapes the rate with tc tbf (inside a network namespace of its own)."""
     chosen = SIZES[size if size in SIZES else ("quick" if quick else "full")]
     grid = {"uplink_mbps": list(chosen.uplinks), "rtt_ms": list(chosen.rtts),
             "slowdown": list(chosen.slowdowns), "reps": chosen.reps, "tasks": chosen.tasks,
             "warmup": chosen.warmup, "cut_count": chosen.cut_count,
             "probe_s": chosen.probe_s, "cell_seconds_simulated": CELL_SECONDS}  # fmt: skip
-    result = asyncio.run(_run(chosen))
-    return {"size": size, "grid": grid,
+    result = asyncio.run(_run(chosen, link))
+    return {"size": size, "grid": grid, "link": link,
             "slowdown_emulation": "sleep (slowdown - 1) x the profiled head+encode "
             "(or whole-model) time after running it", **result}  # fmt: skip
 

@@ -35,6 +35,9 @@ from secure_ci.cli._app import app
 from secure_ci.exceptions import ConfigError
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+LINKS = ("user", "kernel")
+"""``user``: the in-process link shaper; ``kernel``: tc tbf in a network namespace of the
+benchmark's own (rate), with the delay left to the user-space shaper (no netem here)."""
 SIZES = ("smoke", "quick", "full")
 """``smoke``: the smallest run that still exercises every part (the tests use it); ``quick``:
 minutes at most; ``full``: the figures for the record. A benchmark without a ``size``
@@ -94,12 +97,19 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def run_benchmark(name: str, *, size: str = "full") -> dict[str, Any]:
-    """Run benchmark ``name`` at ``size``; its JSON-ready result with a ``run`` record."""
+def run_benchmark(name: str, *, size: str = "full", link: str = "user") -> dict[str, Any]:
+    """Run benchmark ``name`` at ``size``; its JSON-ready result with a ``run`` record.
+    ``link="kernel"``: links are shaped by the kernel (the caller runs in its own network
+    namespace, see :func:`secure_ci.testing.in_namespace`), for benchmarks that shape one."""
     if size not in SIZES:
         raise ConfigError(f"unknown size {size!r}; one of {', '.join(SIZES)}")
+    if link not in LINKS:
+        raise ConfigError(f"unknown link {link!r}; one of {', '.join(LINKS)}")
     module = load(name)
-    takes_size = "size" in inspect.signature(module.run).parameters
+    parameters = inspect.signature(module.run).parameters
+    takes_size = "size" in parameters
+    if link != "user" and "link" not in parameters:
+        raise ConfigError(f"benchmark {name!r} shapes no link: --link kernel does not apply")
     status = _git("status", "--porcelain", "--untracked-files=no")
     record: dict[str, Any] = {
         "benchmark": name,
@@ -112,9 +122,11 @@ def run_benchmark(name: str, *, size: str = "full") -> dict[str, Any]:
     }
     start = time.perf_counter()
     quick = size != "full"
-    result: dict[str, Any] = (
-        module.run(quick=quick, size=size) if takes_size else module.run(quick=quick)
-    )
+    options: dict[str, Any] = {"size": size} if takes_size else {}
+    if link != "user":
+        options["link"] = link
+    record["link"] = link
+    result: dict[str, Any] = module.run(quick=quick, **options)
     record["wall_seconds"] = round(time.perf_counter() - start, 2)
     record["load_avg_end"] = _load()
     record["platform"] = platform.platform()
@@ -153,6 +165,13 @@ def bench(
     plot_path: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG plot of the results.")
     ] = None,
+    link: Annotated[
+        str,
+        typer.Option(
+            help="user: the in-process link shaper; kernel: tc tbf on the loopback of a network"
+            " namespace of the benchmark's own (unshare -rn; for benchmarks that shape a link)."
+        ),
+    ] = "user",
 ) -> None:
     """Run a benchmark and print its figures (targets are in ARCHITECTURE.md).
 
@@ -160,7 +179,12 @@ def bench(
     """
     if quick and size not in (None, "quick"):
         raise ConfigError("--quick means --size quick; give one of them")
-    result = run_benchmark(name, size=size or ("quick" if quick else "full"))
+    if link == "kernel":
+        from secure_ci.testing._netns import inside_namespace
+
+        if not inside_namespace():
+            raise typer.Exit(_in_namespace())
+    result = run_benchmark(name, size=size or ("quick" if quick else "full"), link=link)
     text = json.dumps(result, indent=2, sort_keys=True)
     Console().print_json(text)
     if json_path is not None:
@@ -168,3 +192,14 @@ def bench(
         json_path.write_text(text + "\n")
     if plot_path is not None:
         plot_benchmark(name, result, plot_path)
+
+
+def _in_namespace() -> int:
+    """Run this very command again in a network namespace of its own; its exit status."""
+    from secure_ci.testing._netns import in_namespace
+
+    argv, env = in_namespace([sys.executable, "-m", "secure_ci", *sys.argv[1:]])
+    try:
+        return subprocess.run(argv, env=env, check=False).returncode  # noqa: S603
+    except KeyboardInterrupt:
+        return 130

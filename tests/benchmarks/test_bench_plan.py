@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from secure_ci.cli import app
+from secure_ci.testing._netns import namespace_unavailable
 
 runner = CliRunner()
 
@@ -101,3 +104,23 @@ def test_bench_plan_smoke(tmp_path: Path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(data[16:20], "big") >= 600
     assert int.from_bytes(data[20:24], "big") >= 400
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(namespace_unavailable() is not None, reason="no network namespaces here")
+def test_bench_plan_smoke_with_the_kernel_shaping_the_link(tmp_path: Path) -> None:
+    """``--link kernel``: the command runs itself again under ``unshare -rn`` and tc tbf
+    carries the rate (a separate process: the namespace is the child's, never this one's)."""
+    out = tmp_path / "plan-kernel.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "secure_ci", "bench", "plan", "--size", "smoke", "--link",
+         "kernel", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["link"] == result["run"]["link"] == "kernel"
+    cells = [c for m in result["models"].values() for c in m["cells"]]
+    assert cells
+    for cell in cells:
+        _check_cell(cell)

@@ -69,6 +69,16 @@ def test_unknown_size_and_benchmark_are_config_errors(toy_benchmarks: Path) -> N
         _bench.run_benchmark("_helper")
 
 
+def test_a_kernel_link_only_for_benchmarks_that_shape_one(toy_benchmarks: Path) -> None:
+    from secure_ci.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown link"):
+        _bench.run_benchmark("toy", size="smoke", link="radio")
+    with pytest.raises(ConfigError, match="shapes no link"):
+        _bench.run_benchmark("toy", size="smoke", link="kernel")
+    assert _bench.run_benchmark("toy", size="smoke")["run"]["link"] == "user"
+
+
 def test_figures_sorts_rates_and_latencies_and_skips_the_rest() -> None:
     result = {
         "batching": [{"devices": 1, "requests_per_s": 50.0}, {"devices": 32, "requests_per_s": 80}],
