@@ -72,12 +72,12 @@ class EdgeLink:
                             await self._probe(session, monotonic)
                     for waiter in (failed, stop):
                         waiter.cancel()
+                    if failed.done() and not failed.cancelled():  # said first: it is news
+                        log.warning("session with edge %s failed: %s", self.name, failed.result())
+                        self.breaker.failure(monotonic())
                     if on_end is not None:
                         session.fail(ChannelError("the session is closed"))  # no-op if failed
                         on_end(session)
-                    if failed.done() and not failed.cancelled():
-                        log.warning("session with edge %s failed: %s", self.name, failed.result())
-                        self.breaker.failure(monotonic())
             except (SecureCIError, OSError) as exc:
                 log.warning("cannot connect to edge %s: %s", self.name, exc)
                 self.breaker.failure(monotonic())

@@ -17,6 +17,7 @@ from secure_ci.testing._protocol import connected_pair, pump, sample_events, sam
 from secure_ci.testing._quote_fuzz import FuzzReport, fuzz_verifier, mutate_quote, quote_regions
 from secure_ci.testing._shaper import (
     Link,
+    LinkClose,
     LinkShaper,
     ShaperStats,
     ThreadedShaper,
@@ -32,6 +33,7 @@ __all__: list[str] = [
     "FuzzReport",
     "LedgerWorld",
     "Link",
+    "LinkClose",
     "LinkShaper",
     "MemoryLedger",
     "RawDevice",
