@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,8 +77,12 @@ def edges(package_path: Path) -> Iterator[list[EdgeProcess]]:
 
 
 async def test_a_killed_edge_fails_its_task_over_on_connection_lost_before_any_timeout(
-    edges: list[EdgeProcess], package: ModelPackage, tmp_path: Path
+    edges: list[EdgeProcess],
+    package: ModelPackage,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="secure_ci.device._fleet")
     xs = [x.unsqueeze(0) for x in trained().data.test_x[:5]]
     policy, pki = dev_fleet_policy()
     async with contextlib.AsyncExitStack() as stack:
@@ -123,6 +128,16 @@ async def test_a_killed_edge_fails_its_task_over_on_connection_lost_before_any_t
         async with asyncio.timeout(GUARD):
             outcome = await task
         closes = link.closes()
+    said = [
+        (r.msg.split(" ")[0], r.args[0])
+        for r in caplog.records
+        if r.name == "secure_ci.device._fleet" and isinstance(r.args, tuple)
+        and r.msg.startswith(("task failed over", "session with edge %s failed"))
+    ]  # fmt: skip
+    # the session's failure is reported as the reader sees the connection end, before the
+    # task it failed wakes up; the other edge's session, closed by us, never "failed"
+    assert said[:2] == [("session", planned.edge), ("task", planned.edge)]
+    assert all(edge == planned.edge for _, edge in said)
     first, last = outcome.attempts[0], outcome.attempts[-1]
     assert first.edge == planned.edge
     assert first.outcome == "failed"  # the connection ended: not "timeout"
