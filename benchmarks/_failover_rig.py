@@ -189,21 +189,26 @@ def tape_fleet_log() -> Any:
 @dataclass
 class HeadCounter:
     """Calls of the device's head (``encode``), whole model (``run``) and local tail
-    (``finish``) per input tensor: a task whose head ran twice would show here."""
+    (``finish``) per input tensor: a task whose head ran twice would show here. Every
+    counted tensor is kept alive, so that its ``id`` is never reused by a later stream's
+    input (which would count another task's head run as this one's)."""
 
     encode: Counter[int] = field(default_factory=Counter)
     run: Counter[int] = field(default_factory=Counter)
     finish: int = 0
+    seen: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def install(self, device: Device) -> None:
         local = device.local
         encode, run, finish = local.encode, local.run, local.finish
 
         def counted_encode(inputs: tuple[torch.Tensor, ...], cut: int, codec: str) -> Any:
+            self.seen[id(inputs[0])] = inputs[0]
             self.encode[id(inputs[0])] += 1
             return encode(inputs, cut, codec)
 
         def counted_run(inputs: tuple[torch.Tensor, ...]) -> Any:
+            self.seen[id(inputs[0])] = inputs[0]
             self.run[id(inputs[0])] += 1
             return run(inputs)
 
