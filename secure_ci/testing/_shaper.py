@@ -21,10 +21,12 @@ for: then each chunk's serialisation and delay are scaled by ``1 ± jitter`` dra
 ``random.Random(seed)``. :func:`shaper_thread` runs one on its own event loop for sync code.
 
 When the target ends a connection (a crashed edge: its kernel closes the socket), the device
-side ends as well: a reset at once, an orderly close (EOF) after the data before it and the
-downlink's delay, as a FIN would travel. :meth:`LinkShaper.closes` tells when each happened
-(the loop's clock): the moment a crash became observable on the wire, for benchmarks that
-time how fast a device notices.
+side ends as well: a reset at once (data still queued is dropped, as a reset does), an
+orderly close (EOF) right behind the data queued before it, so at most the downlink's delay
+later, never overtaking data; a close is not itself delayed (on a real link it would take the
+one-way delay more). :meth:`LinkShaper.closes` tells when each happened (the loop's clock):
+the moment a crash became observable on the wire, and when the device side was ended, for
+benchmarks that time how fast a device notices.
 """
 
 from __future__ import annotations
