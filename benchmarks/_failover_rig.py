@@ -114,37 +114,63 @@ def matches(output: torch.Tensor, expected: torch.Tensor, atol: float = 0.05) ->
 
 
 class LogTape(logging.Handler):
-    """Every record of the fleet device's logger, with its wall time."""
+    """Every record of the fleet device's logger, with the monotonic time it was emitted
+    (the clock of the event loop, the shapers and the fault driver)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
+        self.records: list[tuple[float, logging.LogRecord]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        self.records.append((time.monotonic(), record))
 
     def failed_attempts(self, edge: str, outcomes: set[str], after: float) -> list[float]:
-        """Wall times of attempts at ``edge`` that ended in one of ``outcomes`` after
-        ``after``."""
+        """Times of attempts at ``edge`` that ended in one of ``outcomes`` after ``after``."""
         return [
-            r.created for r in self.records
+            t for t, r in self.records
             if r.msg.startswith("task failed over") and isinstance(r.args, tuple)
-            and r.args[0] == edge and r.args[1] in outcomes and r.created >= after
+            and r.args[0] == edge and r.args[1] in outcomes and t >= after
         ]  # fmt: skip
 
     def connect_failures(self, edge: str, after: float, before: float) -> int:
         return sum(
             r.msg.startswith("cannot connect") and isinstance(r.args, tuple)
-            and r.args[0] == edge and after <= r.created <= before
-            for r in self.records
+            and r.args[0] == edge and after <= t <= before
+            for t, r in self.records
         )  # fmt: skip
 
     def session_failures(self, edge: str, after: float) -> list[float]:
         return [
-            r.created for r in self.records
+            t for t, r in self.records
             if r.msg.startswith("session with edge") and "failed" in r.msg
-            and isinstance(r.args, tuple) and r.args[0] == edge and r.created >= after
+            and isinstance(r.args, tuple) and r.args[0] == edge and t >= after
         ]  # fmt: skip
+
+
+class LoopWatch:
+    """How late the event loop (device, shapers, driver: one loop) wakes a 1 ms sleeper:
+    a stall delays everything on it, a crash's detection too."""
+
+    def __init__(self, period: float = 0.001) -> None:
+        self.period = period
+        self.stalls: list[tuple[float, float]] = []
+        """(monotonic time the sleeper woke, ms it woke late), for stalls over 1 ms."""
+
+    async def run(self, done: asyncio.Event) -> None:
+        while not done.is_set():
+            asked = time.monotonic()
+            await asyncio.sleep(self.period)
+            woke = time.monotonic()
+            late_ms = (woke - asked - self.period) * 1e3
+            if late_ms > 1.0:
+                self.stalls.append((woke, late_ms))
+
+    def worst(self, start: float, end: float) -> float:
+        """The longest stall (ms) overlapping [start, end]; 0 if none."""
+        return max(
+            (ms for woke, ms in self.stalls if woke >= start and woke - ms / 1e3 <= end),
+            default=0.0,
+        )
 
 
 @contextlib.contextmanager
@@ -163,21 +189,26 @@ def tape_fleet_log() -> Any:
 @dataclass
 class HeadCounter:
     """Calls of the device's head (``encode``), whole model (``run``) and local tail
-    (``finish``) per input tensor: a task whose head ran twice would show here."""
+    (``finish``) per input tensor: a task whose head ran twice would show here. Every
+    counted tensor is kept alive, so that its ``id`` is never reused by a later stream's
+    input (which would count another task's head run as this one's)."""
 
     encode: Counter[int] = field(default_factory=Counter)
     run: Counter[int] = field(default_factory=Counter)
     finish: int = 0
+    seen: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def install(self, device: Device) -> None:
         local = device.local
         encode, run, finish = local.encode, local.run, local.finish
 
         def counted_encode(inputs: tuple[torch.Tensor, ...], cut: int, codec: str) -> Any:
+            self.seen[id(inputs[0])] = inputs[0]
             self.encode[id(inputs[0])] += 1
             return encode(inputs, cut, codec)
 
         def counted_run(inputs: tuple[torch.Tensor, ...]) -> Any:
+            self.seen[id(inputs[0])] = inputs[0]
             self.run[id(inputs[0])] += 1
             return run(inputs)
 

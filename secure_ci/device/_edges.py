@@ -58,26 +58,15 @@ class EdgeLink:
                     self.breaker.success(monotonic())
                     self.ready.set()
                     log.info("session with edge %s is up", self.name)
-                    failed = asyncio.ensure_future(session.wait_failed())
-                    stop = asyncio.ensure_future(closing.wait())
-                    while not (failed.done() or stop.done()):
-                        await asyncio.wait(
-                            {failed, stop}, timeout=probe_interval,
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )  # fmt: skip
-                        idle = probe_interval is not None and (
-                            monotonic() - self.last_used >= probe_interval
-                        )
-                        if idle and not (failed.done() or stop.done()):
-                            await self._probe(session, monotonic)
-                    for waiter in (failed, stop):
-                        waiter.cancel()
+                    noticed = _Noticer(self, monotonic)
+                    session.on_failure(noticed)  # at once, not when this keeper wakes up
+                    try:
+                        await self._hold(session, closing, monotonic, probe_interval)
+                    finally:
+                        noticed.ended = True  # from here on, we end it ourselves
                     if on_end is not None:
                         session.fail(ChannelError("the session is closed"))  # no-op if failed
                         on_end(session)
-                    if failed.done() and not failed.cancelled():
-                        log.warning("session with edge %s failed: %s", self.name, failed.result())
-                        self.breaker.failure(monotonic())
             except (SecureCIError, OSError) as exc:
                 log.warning("cannot connect to edge %s: %s", self.name, exc)
                 self.breaker.failure(monotonic())
@@ -88,6 +77,30 @@ class EdgeLink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await closing.wait()
+
+    async def _hold(
+        self,
+        session: Session,
+        closing: asyncio.Event,
+        monotonic: Callable[[], float],
+        probe_interval: float | None,
+    ) -> None:
+        """Until the session fails or ``closing`` is set, probing it while it is idle."""
+        failed = asyncio.ensure_future(session.wait_failed())
+        stop = asyncio.ensure_future(closing.wait())
+        try:
+            while not (failed.done() or stop.done()):
+                await asyncio.wait(
+                    {failed, stop}, timeout=probe_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                idle = probe_interval is not None and (
+                    monotonic() - self.last_used >= probe_interval
+                )
+                if idle and not (failed.done() or stop.done()):
+                    await self._probe(session, monotonic)
+        finally:
+            for waiter in (failed, stop):
+                waiter.cancel()
 
     async def _probe(self, session: Session, monotonic: Callable[[], float]) -> None:
         """Ping the edge, every other time padded to the link's probe size: the round trip
@@ -103,3 +116,18 @@ class EdgeLink:
         now = monotonic()
         nbytes = padding + self.estimator.ping_bytes
         self.estimator.observe_ping((now - sent) * 1e3, now, nbytes=nbytes)
+
+
+class _Noticer:
+    """Says that a session failed, and opens the edge's breaker, the moment it fails (the
+    session calls it from its reader), unless the keeper ended the session itself."""
+
+    def __init__(self, edge: EdgeLink, monotonic: Callable[[], float]) -> None:
+        self.edge = edge
+        self.monotonic = monotonic
+        self.ended = False
+
+    def __call__(self, why: SecureCIError) -> None:
+        if not self.ended:  # the edge crashed, closed, went silent or lied
+            log.warning("session with edge %s failed: %s", self.edge.name, why)
+            self.edge.breaker.failure(self.monotonic())

@@ -101,6 +101,7 @@ class Device:
         self._slowdown = slowdown
         self._floor, self._cap = attempt_floor, attempt_cap
         self._clock, self._monotonic, self._random = clock, monotonic, random_bytes
+        self._evidence: set[asyncio.Future[None]] = set()
 
     @property
     def edges(self) -> tuple[str, ...]:
@@ -323,11 +324,30 @@ class Device:
         """Journal the signed requests ``session`` sent that got no verified result (the
         edge refused, failed, went silent or lied): the device can challenge the edge with
         each once it is overdue (a request-only challenge), so a dropped task leaves a trace.
-        A request whose result comes later anyway is recorded as superseded, not challenged."""
+        A request whose result comes later anyway is recorded as superseded, not challenged.
+
+        The rows are written by a worker thread (each is an fsync: on a fail-over's path it
+        would stall every task and connection of this device's event loop); a task's outcome
+        is journalled only after them (:meth:`flush_evidence`), so a device killed meanwhile
+        loses neither."""
         pending, session.unanswered = session.unanswered, []
-        if self.journal is not None:
+        if self.journal is None or not pending:
+            return
+        journal, domain = self.journal, session.domain
+
+        def write() -> None:
             for request, signature in pending:
-                self.journal.record_unanswered(request, signature, session.domain)
+                journal.record_unanswered(request, signature, domain)
+
+        future = asyncio.ensure_future(asyncio.to_thread(write))
+        self._evidence.add(future)
+        future.add_done_callback(self._evidence.discard)
+
+    async def flush_evidence(self) -> None:
+        """Wait until every request handed to :meth:`keep_evidence` is on disk (raises the
+        journal's error if a write failed)."""
+        while self._evidence:
+            await asyncio.gather(*list(self._evidence))
 
     def _failed(
         self,
@@ -338,11 +358,11 @@ class Device:
         detail: str,
         future: asyncio.Future[tuple[InferResult, TaskReceipt]] | None,
     ) -> Attempt:
-        self.keep_evidence(session)
         now = self._monotonic()
+        log.info("task failed over from %s (%s): %s", edge.name, outcome, detail)
         edge.breaker.failure(now)
         self.stats["failovers"] += 1
-        log.info("task failed over from %s (%s): %s", edge.name, outcome, detail)
+        self.keep_evidence(session)  # in the background: the next attempt goes out first
         return Attempt(edge.name, outcome, (now - sent) * 1e3, detail, sent=future is not None)
 
     def _abandon(
@@ -400,6 +420,7 @@ class Device:
         edge: str | None = None,
     ) -> TaskOutcome:
         if self.journal is not None and key is not None:
+            await self.flush_evidence()  # a failed attempt's request is on disk first
             tried = json.dumps([[a.edge, a.outcome, round(a.ms, 3)] for a in attempts])
             await asyncio.to_thread(
                 self.journal.finish, key, mode=mode, edge=edge, attempts=tried,

@@ -173,6 +173,7 @@ async def open_device(
         for k in keepers:
             k.cancel()
         await asyncio.gather(*keepers, return_exceptions=True)
+        await device.flush_evidence()  # the journal outlives the device: every row is in
 
 
 @contextlib.asynccontextmanager

@@ -128,6 +128,7 @@ class Session:
         self._slots = asyncio.Semaphore(stream.connection.max_in_flight)
         self._failure: SecureCIError | None = None
         self._failed = asyncio.Event()
+        self._on_failure: list[Callable[[SecureCIError], None]] = []
         self._pong: asyncio.Future[None] | None = None
         self._closing = False
 
@@ -210,6 +211,16 @@ class Session:
     @property
     def failed(self) -> bool:
         return self._failure is not None
+
+    def on_failure(self, callback: Callable[[SecureCIError], None]) -> None:
+        """Call ``callback(why)`` the moment the session fails (when the reader sees the
+        connection end, in the same step that fails the tasks in flight), or now if it has
+        failed. For a fleet that must stop planning onto a dead edge without waiting for a
+        task of its own to wake up."""
+        if self._failure is not None:
+            callback(self._failure)
+        else:
+            self._on_failure.append(callback)
 
     async def wait_failed(self) -> SecureCIError:
         """Wait until the session fails (the edge closed, crashed or went silent); why."""
@@ -376,7 +387,8 @@ class Session:
             )
 
     def _fail(self, exc: SecureCIError) -> None:
-        if self._failure is None:
+        first = self._failure is None
+        if first:
             log.debug("session with %s ended: %s", self.binding.address.hex(), exc)
             self._failure = exc
             self._failed.set()
@@ -387,6 +399,10 @@ class Session:
         self._tasks.clear()
         if self._pong is not None and not self._pong.done():
             self._pong.set_exception(exc)
+        if first:  # after the tasks in flight: theirs is the fail-over that waits
+            callbacks, self._on_failure = self._on_failure, []
+            for callback in callbacks:
+                callback(exc)
 
     async def _close(self) -> None:
         """Say Close, let the edge answer what is in flight (bounded), then disconnect."""

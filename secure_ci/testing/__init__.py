@@ -18,6 +18,7 @@ from secure_ci.testing._protocol import connected_pair, pump, sample_events, sam
 from secure_ci.testing._quote_fuzz import FuzzReport, fuzz_verifier, mutate_quote, quote_regions
 from secure_ci.testing._shaper import (
     Link,
+    LinkClose,
     LinkShaper,
     ShaperStats,
     ThreadedShaper,
@@ -34,6 +35,7 @@ __all__: list[str] = [
     "KernelShaper",
     "LedgerWorld",
     "Link",
+    "LinkClose",
     "LinkShaper",
     "MemoryLedger",
     "RawDevice",

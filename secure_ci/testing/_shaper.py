@@ -19,6 +19,14 @@ reset) or blackholes (accept and never answer) new ones; with ``drop=False`` est
 connections freeze instead (a silent link). Nothing is random unless ``jitter`` is asked
 for: then each chunk's serialisation and delay are scaled by ``1 ± jitter`` drawn from a
 ``random.Random(seed)``. :func:`shaper_thread` runs one on its own event loop for sync code.
+
+When the target ends a connection (a crashed edge: its kernel closes the socket), the device
+side ends as well: a reset at once (data still queued is dropped, as a reset does), an
+orderly close (EOF) right behind the data queued before it, so at most the downlink's delay
+later, never overtaking data; a close is not itself delayed (on a real link it would take the
+one-way delay more). :meth:`LinkShaper.closes` tells when each happened (the loop's clock):
+the moment a crash became observable on the wire, and when the device side was ended, for
+benchmarks that time how fast a device notices.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import random
 import socket
 import struct
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -39,6 +48,7 @@ from secure_ci.exceptions import ConfigError
 
 __all__ = [
     "Link",
+    "LinkClose",
     "LinkShaper",
     "ShaperStats",
     "ThreadedShaper",
@@ -50,6 +60,7 @@ T = TypeVar("T")
 CutMode = Literal["refuse", "blackhole"]
 _QUANTUM = 16 * 1024
 _QUEUE_CHUNKS = 512  # per direction: at most 8 MiB held between bucket and delivery
+_CLOSES_KEPT = 4096  # connections whose end is remembered (oldest forgotten first)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,36 @@ class ShaperStats:
     dropped: int
     bytes_up: int
     bytes_down: int
+
+
+@dataclass(frozen=True)
+class LinkClose:
+    """How the target ended one relayed connection (times on the shaper loop's clock, which
+    is ``time.monotonic`` for the default event loop)."""
+
+    target_at: float
+    """When the shaper read the target's end (EOF or reset): the target's kernel closed it."""
+    how: Literal["eof", "reset"]
+    device_at: float | None
+    """When the device side was ended in turn (EOF written, or reset); None while the EOF
+    still waits behind data, the delay, or a frozen link."""
+
+
+class _Ends:
+    """The target side's end of one connection, stamped as it happens."""
+
+    def __init__(self) -> None:
+        self.target_at: float | None = None
+        self.how: Literal["eof", "reset"] = "eof"
+        self.device_at: float | None = None
+
+    def target(self, at: float, how: Literal["eof", "reset"]) -> None:
+        if self.target_at is None:
+            self.target_at, self.how = at, how
+
+    def device(self, at: float) -> None:
+        if self.target_at is not None and self.device_at is None:
+            self.device_at = at
 
 
 class _Bucket:
@@ -170,6 +211,7 @@ class LinkShaper:
         self._conns: set[asyncio.Task[None]] = set()
         self._held: set[asyncio.StreamWriter] = set()
         self._counts = {"connections": 0, "refused": 0, "dropped": 0}
+        self._ends: deque[_Ends] = deque(maxlen=_CLOSES_KEPT)
         self.port = 0
 
     @property
@@ -222,6 +264,14 @@ class LinkShaper:
             bytes_down=self._down.bytes,
         )
 
+    def closes(self) -> list[LinkClose]:
+        """Every connection the target ended (crashed, closed or reset), oldest first."""
+        return [
+            LinkClose(e.target_at, e.how, e.device_at)
+            for e in self._ends
+            if e.target_at is not None
+        ]
+
     # -- relaying -----------------------------------------------------------------------
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -244,11 +294,13 @@ class LinkShaper:
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: asyncio.StreamWriter | None = None
         clean = False
+        ends = _Ends()
         try:
             their_reader, upstream = await asyncio.open_connection(*self._target)
+            self._ends.append(ends)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._pipe(reader, upstream, self._up))
-                group.create_task(self._pipe(their_reader, writer, self._down))
+                group.create_task(self._pipe(their_reader, writer, self._down, ends))
             clean = True
         except (OSError, ExceptionGroup):
             pass  # a reset or an unreachable edge: both ends are reset below
@@ -260,17 +312,32 @@ class LinkShaper:
                     end.close()
                 else:
                     _abort(end)
+            ends.device(self._clock())
 
     async def _pipe(
-        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, way: _Direction
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        way: _Direction,
+        ends: _Ends | None = None,
     ) -> None:
+        """Relay ``source`` to ``sink`` through ``way``; ``ends`` (downlink only: the source
+        is the target) is stamped when the target ends the connection. A reset raises out at
+        once (the relay resets the device side); an EOF follows the data already queued."""
         queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(_QUEUE_CHUNKS)
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._deliver(queue, sink))
+            group.create_task(self._deliver(queue, sink, ends))
             while True:
                 await self._open.wait()
-                data = await source.read(way.bucket.link.quantum)
+                try:
+                    data = await source.read(way.bucket.link.quantum)
+                except OSError:
+                    if ends is not None:
+                        ends.target(self._clock(), "reset")
+                    raise
                 if not data:
+                    if ends is not None:
+                        ends.target(self._clock(), "eof")
                     await queue.put(None)
                     return
                 quantum = way.bucket.link.quantum
@@ -286,7 +353,10 @@ class LinkShaper:
                     way.bytes += len(chunk)
 
     async def _deliver(
-        self, queue: asyncio.Queue[tuple[float, bytes] | None], sink: asyncio.StreamWriter
+        self,
+        queue: asyncio.Queue[tuple[float, bytes] | None],
+        sink: asyncio.StreamWriter,
+        ends: _Ends | None = None,
     ) -> None:
         due = -math.inf
         while (item := await queue.get()) is not None:
@@ -299,6 +369,8 @@ class LinkShaper:
             await sink.drain()
         if sink.can_write_eof():
             sink.write_eof()
+        if ends is not None:
+            ends.device(self._clock())
 
     def _reset_held(self) -> None:
         for writer in self._held:
@@ -367,6 +439,9 @@ class ThreadedShaper:
 
     def stats(self) -> ShaperStats:
         return self.call(LinkShaper.stats)
+
+    def closes(self) -> list[LinkClose]:
+        return self.call(LinkShaper.closes)
 
 
 @contextmanager

@@ -51,8 +51,20 @@ def _check_chaos(chaos: dict[str, Any]) -> None:
     )
     assert chaos["latency_p50_ratio"] > 0
     detect = chaos["crash_detect_ms"]
-    for key in ("first_failed_attempt", "session_failed", "failed_attempt_ms"):
+    for key in ("first_reaction", "first_failed_attempt", "session_failed"):
         _sane(detect[key])
+    _sane(detect["failed_attempt_duration_ms"])
+    for key in ("first_failed_attempt", "session_failed"):
+        _sane(detect["from_kill_signal"][key])
+    breakdown = detect["breakdown"]
+    for key in ("kill_to_death", "kill_to_reaped", "kill_to_socket_closed",
+                "close_relayed_to_device", "device_reaction", "loop_stall_max"):  # fmt: skip
+        _sane(breakdown[key])
+    assert set(breakdown["closes"]) <= {"eof", "reset"}
+    kills = [f for f in chaos["fault_log"] if f["kind"] == "kill"]
+    for f in kills:  # a death is seen (socket closed or reaped), never before the signal
+        assert f["kill_to_death_ms"] is not None
+        assert f["kill_to_death_ms"] >= 0
     hang = chaos["hang_detect"]
     _sane(hang["timeout_attempt_ms"])
     _sane(hang["adaptive_timeout_ms"])

@@ -346,3 +346,106 @@ async def test_an_attested_session_is_relayed_end_to_end() -> None:
         async with session(link) as s:  # type: ignore[attr-defined]
             y = await s.infer(xs[1])
             assert y.shape == (1, 10)
+
+
+# -- a target that ends the connection (a crashed edge) ---------------------------------------
+
+HOUR_MS = 3.6e6  # a delay no test waits for: whatever arrives came without it
+
+
+def _reset_after_one_byte(got: asyncio.Event) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()  # RST, as a killed process with unread data would send
+        got.set()
+
+    return handler
+
+
+async def _say_bye_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readexactly(1)
+    writer.write(b"bye")
+    await writer.drain()
+    writer.close()  # FIN after the data, as a killed process with nothing unread sends
+
+
+async def test_a_target_reset_resets_the_device_side_without_the_downlink_delay() -> None:
+    got = asyncio.Event()
+    async for port in _server(_reset_after_one_byte(got)):
+        async with open_link_shaper(port, downlink=Link(delay_ms=HOUR_MS)) as link:
+            reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+            writer.write(b"x")
+            assert await _is_reset(reader)  # within the guard: not an hour later
+            writer.close()
+            closes = link.closes()
+    assert got.is_set()
+    assert len(closes) == 1
+    (close,) = closes
+    assert close.how == "reset"
+    assert close.device_at is not None
+    assert close.device_at >= close.target_at
+
+
+async def test_a_target_close_comes_right_behind_its_delayed_data() -> None:
+    delay_ms = 50.0
+    async for port in _server(_say_bye_and_close):
+        async with open_link_shaper(
+            port, uplink=Link(delay_ms=0.0), downlink=Link(delay_ms=delay_ms)
+        ) as link:
+            reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+            writer.write(b"x")
+            async with asyncio.timeout(GUARD):
+                assert await reader.read() == b"bye"  # the data, then EOF
+            closes = link.closes()
+            writer.close()
+    (close,) = closes
+    assert close.how == "eof"
+    assert close.device_at is not None
+    assert close.device_at >= close.target_at  # after the data (read above), never before
+
+
+async def test_a_target_close_is_not_held_by_data_stuck_in_the_other_direction() -> None:
+    close_now = asyncio.Event()
+
+    async def close_when_told(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)
+        writer.write(b"hi")
+        await close_now.wait()
+        writer.close()
+
+    async for port in _server(close_when_told):
+        async with open_link_shaper(port) as link:
+            reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+            writer.write(b"x")
+            async with asyncio.timeout(GUARD):
+                assert await reader.readexactly(2) == b"hi"
+            link.shape(uplink=Link(delay_ms=HOUR_MS))  # the device's next bytes: an hour out
+            writer.write(b"more")
+            close_now.set()
+            async with asyncio.timeout(GUARD):
+                assert await reader.read() == b""  # the target's close still comes through
+            writer.close()
+            (close,) = link.closes()
+    assert close.how == "eof"
+    assert close.device_at is not None
+
+
+async def test_a_target_close_with_nothing_queued_is_not_delayed() -> None:
+    async def close_after_one_byte(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(1)
+        writer.close()
+
+    async for port in _server(close_after_one_byte):
+        async with open_link_shaper(port, downlink=Link(delay_ms=HOUR_MS)) as link:
+            reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+            writer.write(b"x")
+            async with asyncio.timeout(GUARD):  # within the guard: not an hour later
+                assert await reader.read() == b""
+            writer.close()
+            (close,) = link.closes()
+    assert close.how == "eof"
+    assert close.device_at is not None
