@@ -406,6 +406,12 @@ class LedgerClient(GovernanceCalls, RegistryReads, IntegrityCalls):
         revert ``SameOutput``; with a strict majority every other edge gets a dissent.
         Anyone holding the openings may file.
         """
+        return (await self.dispute_gas(caller, evidence))[0]
+
+    async def dispute_gas(
+        self, caller: LocalAccount, evidence: Sequence[object]
+    ) -> tuple[int, int]:
+        """:meth:`dispute` and the gas its transaction used (a metric)."""
         requests, results, signatures, openings = [], [], [], []
         for item in evidence:
             if isinstance(item, tuple | list):
@@ -423,7 +429,9 @@ class LedgerClient(GovernanceCalls, RegistryReads, IntegrityCalls):
             openings.append(as_opening(opening))
         fn = self._contract.functions.dispute(requests, results, signatures, openings)
         receipt = await self._transact(caller, fn)
-        return int(self._event_args("DisputeRecorded", receipt)["disputeId"])
+        return int(self._event_args("DisputeRecorded", receipt)["disputeId"]), int(
+            receipt["gasUsed"]
+        )
 
     async def dissents(self, edge: object) -> int:
         """Tasks on which a dispute found ``edge`` outside a strict majority."""
