@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from secure_ci.exceptions import ContractRevertError, RecordError
 from secure_ci.ledger import LedgerClient, OutputOpening, canonical_digest, open_ledger
+from secure_ci.ledger._chain import as_opening, as_task_request, as_task_result
 from secure_ci.ledger._records import keccak256
 from secure_ci.testing import LedgerWorld, ledger_world
 from secure_ci.testing._ledger_world import DisputeEvidence
@@ -154,6 +155,12 @@ async def test_results_of_different_inputs_cannot_be_disputed(world: LedgerWorld
     unknown = world.redundant((a, stranger), task=b"stranger", outputs=(b"cat", b"dog"))
     await reverts("UnknownEdge", ledger.dispute(device, unknown))
     await reverts("DisputeSize", ledger.dispute(device, one[:1]))
+    requests = [as_task_request(e[0]) for e in one]
+    openings = [as_opening(e[3]) for e in one]
+    short = ledger._contract.functions.dispute(  # one result for two requests
+        requests, [as_task_result(one[0][1])], [e[2] for e in one], openings
+    )
+    await reverts("DisputeSize", ledger._transact(device, short))
     await reverts("DisputeSize", ledger.dispute(device, [one[0], one[1]] * 4 + [one[0]]))
 
 

@@ -198,3 +198,55 @@ def test_topk_survives_the_noise_of_another_batch_size() -> None:
         pair: list[Any] = [batched[i : i + 1], alone[i : i + 1]]
         codes = [canonical_bytes(DEFAULT_CANONICAL, encode_features([t], "float32")) for t in pair]
         assert codes[0] == codes[1]
+
+
+def _slow(rule: CanonicalRule, payload: bytes) -> bytes:
+    from secure_ci.partition import decode_features
+
+    return rule.encode([t.numpy() for t in decode_features(payload)])
+
+
+RULES = st.sampled_from(
+    [DEFAULT_CANONICAL, CanonicalRule("topk", k=3), CanonicalRule("quantize", step=0.01)]
+)
+
+
+@given(
+    RULES,
+    st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 5), max_size=3),
+            st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64]),
+        ),
+        max_size=3,
+    ),
+    st.sampled_from(["float32", "float16", "int8", "float32+lz4"]),
+    st.integers(0, 2**32 - 1),
+)
+def test_the_fast_path_gives_the_decoders_bytes(
+    rule: CanonicalRule, specs: list[tuple[list[int], torch.dtype]], codec: str, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [(torch.randn(shape, generator=generator) * 4).to(dtype) for shape, dtype in specs]
+    payload = encode_features(tensors, codec)
+    assert canonical_bytes(rule, payload) == _slow(rule, payload)
+
+
+@given(RULES, st.binary(max_size=8), st.integers(0, 200), st.sampled_from(["cut", "flip", "add"]))
+def test_damaged_payloads_agree_with_the_decoder(
+    rule: CanonicalRule, junk: bytes, where: int, how: str
+) -> None:
+    payload = encode_features([torch.tensor([[0.5, math.nan, -math.inf, 2.0]])], "float32")
+    pos = where % len(payload)
+    damaged = {
+        "cut": payload[:pos],
+        "flip": payload[:pos] + bytes([payload[pos] ^ 0xFF]) + payload[pos + 1 :],
+        "add": payload + junk,
+    }[how]
+    try:
+        expected = _slow(rule, damaged)
+    except CodecError:
+        with pytest.raises(CodecError):
+            canonical_bytes(rule, damaged)
+    else:
+        assert canonical_bytes(rule, damaged) == expected
