@@ -121,7 +121,10 @@ def pack(
     if exits is not None and no_exits:
         raise ConfigError("give at most one of --exits CUTS or --no-exits")
     exit_cuts = () if no_exits else None if exits is None else parse_exits(exits)
-    rule = None if canonical is None else parse_canonical(canonical)
+    try:
+        rule = None if canonical is None else parse_canonical(canonical)
+    except PackageError as exc:
+        raise ConfigError(f"bad --canonical: {exc}") from None
     entry = zoo.get(model)
     shape = parse_shape(input_shape) if input_shape is not None else entry.input_shape
     torch.set_num_threads(1)  # profiles are measured with one thread, as a device runs
