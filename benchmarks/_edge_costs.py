@@ -4,12 +4,13 @@ The parts are what one request and its answer cost on the secure path, timed in 
 on the setup's own payload and output: TLS 1.3 (both ends, both directions: what an asyncio
 TLS connection adds to a TCP one over loopback), framing and CBOR (both ends), the edge's
 request check (record hash, input commitment, signature recovery; it runs beside the tail),
-the result record (output commitment, hash, signature), a journal group commit with fsync
-(SQLite on this machine's disk; alone and shared by a full batch), and one event loop ->
-worker thread -> event loop hand-off. ``in_baseline`` marks the parts the plaintext edge pays
-too; the others are the security overhead. Device-side record work (signing a request,
-checking a result) is listed apart: the benchmark's devices prepare requests before the clock
-starts and do not check results, as it measures the edge.
+the result record (output commitment, hash, signature; ``output_commitment`` is its first
+part alone: the canonical output under the model's rule and the opened commitment), a
+journal group commit with fsync (SQLite on this machine's disk; alone and shared by a full
+batch), and one event loop -> worker thread -> event loop hand-off. ``in_baseline`` marks
+the parts the plaintext edge pays too; the others are the security overhead. Device-side
+record work (signing a request, checking a result) is listed apart: the benchmark's devices
+prepare requests before the clock starts and do not check results, as it measures the edge.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from typing import Any
 from secure_ci.channel import server_context
 from secure_ci.device import DeviceIdentity, EnclaveBinding, sign_request, verify_result
 from secure_ci.edge import TailEntry, create_identity
+from secure_ci.ledger._canonical import open_output
 from secure_ci.ledger._journal import Journal, JournalEntry
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment
+from secure_ci.partition import canonical_bytes
 from secure_ci.protocol import InferResult, Limits, decode_event, encode_event, encode_frame
 from secure_ci.protocol._frames import FrameBuffer
 from secure_ci.testing import DEV_NOW, DevEnclave
@@ -134,10 +137,14 @@ async def breakdown(
 
     salt = os.urandom(32)
 
+    def output_commitment() -> bytes:  # the canonical output, its digests and the commitment
+        opening = open_output(salt, request.salt, canonical_bytes(tail.canonical, output), output)
+        return opening.commitment()
+
     def result_record() -> tuple[TaskResult, bytes, bytes]:
         result = TaskResult(
             task_id=record.task_id, request_hash=record.struct_hash(),
-            output_commitment=commitment(salt, output), measurement=edge.measurement,
+            output_commitment=output_commitment(), measurement=edge.measurement,
             quote_id=edge.quote_id, status=0, latency_ms=1, edge_seq=0,
         )  # fmt: skip
         digest = result.digest(DOMAIN)
@@ -207,9 +214,13 @@ async def breakdown(
                               "in_baseline": False}  # fmt: skip
     costs["thread_handoff"] = {"us": await _handoff_us(repeats), "in_baseline": True}
     costs["device_sign_request"] = {"us": _median_us(signed, repeats), "in_round_trip": False}
+    costs["output_commitment"] = {"us": _median_us(output_commitment, repeats),
+                                  "in_baseline": False}  # fmt: skip
     costs["device_verify_result"] = {
         "us": _median_us(
-            lambda: verify_result(answer, request, record, enclave=binding, domain=DOMAIN),
+            lambda: verify_result(
+                answer, request, record, enclave=binding, domain=DOMAIN, canonical=tail.canonical
+            ),
             repeats,
         ),
         "in_round_trip": False,

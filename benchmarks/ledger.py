@@ -33,6 +33,8 @@ device's signed request and answered with the anchored record and its positional
 ``BATCH``-record batch.
 ``governance``: gas per governance step (propose, approve, execute, suspend, lift) and the
 time a warm release check adds to a device's connect (see ``_governance``).
+``dispute_gas``: gas of a dispute that opens the output commitments of k = 2, 3 and 8
+results of one task (see ``_dispute``).
 Sizes (records anchored for throughput, records in the audit index, audits timed): ``full``
 (20,000, 1,000,000, 200), ``quick`` (10,000, 20,000, 200), ``smoke`` (2,000, 2,000, 20: one
 full batch each, the smallest run that still anchors a batch, builds the index and audits).
@@ -50,6 +52,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from _dispute import dispute_gas
 from _governance import governance_figures
 from eth_abi import encode as abi_encode
 from eth_account import Account
@@ -354,10 +357,12 @@ async def _main(size: str) -> dict[str, Any]:
                 by_backend["anvil"] = await _throughput(node.url, n, workdir)
                 out.update(await _audit(node.url, audit_records, samples, workdir))
                 out["integrity_gas"] = await _integrity_gas(node.url)
+                out["dispute_gas"] = await dispute_gas(node.url)
             cancun = await _cancun_gas(min(n, 5 * BATCH), workdir)
         else:
             out.update(await _audit("inprocess", audit_records, samples, workdir))
             out["integrity_gas"] = await _integrity_gas("inprocess")
+            out["dispute_gas"] = await dispute_gas("inprocess")
     main = by_backend["anvil"] or by_backend["inprocess"]
     assert main is not None
     for key in ("records_per_s", "records_per_cpu_s"):

@@ -6,12 +6,13 @@ import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {BatchCalldata} from "./BatchCalldata.sol";
 import {BatchChecker} from "./BatchChecker.sol";
 import {BatchMerkle} from "./BatchMerkle.sol";
+import {DisputeChecker} from "./DisputeChecker.sol";
 import {Governance} from "./Governance.sol";
 
 /// @title SecureCILedger
 /// @notice Shared ledger of secure-ci: a registry of parties, devices, edges (enclave keys)
 /// and models; per-edge hash-chained batches of task records (Merkle root on chain, records
-/// in calldata); forced inclusion (challenges) and disputes between disagreeing edges.
+/// in calldata); forced inclusion (challenges) and disputes that open output commitments.
 /// @dev Records are EIP-712 typed data (domain "secure-ci", version "1"). A Merkle leaf is
 /// keccak256(bytes.concat(keccak256(abi.encode(uint64 seq, bytes32 recordHash)))) where
 /// recordHash is the EIP-712 digest of the TaskResult; trees and proofs are positional (see
@@ -87,11 +88,17 @@ contract SecureCILedger is EIP712, Governance {
     struct Dispute {
         bytes32 taskId;
         bytes32 inputKey; // keccak256(abi.encode(device, inputCommitment))
-        address edgeA;
-        address edgeB;
-        bytes32 outputA;
-        bytes32 outputB;
+        bytes32 majority; // the strict majority's canonical digest, zero without one
         address reporter;
+        uint8 edges; // results compared
+        uint8 dissenters; // edges whose canonical digest is not the majority's
+    }
+
+    /// @dev Opens a TaskResult's outputCommitment = keccak256(salt || canonical || payload).
+    struct Opening {
+        bytes32 salt;
+        bytes32 canonical;
+        bytes32 payload;
     }
 
     bytes32 public constant TASK_REQUEST_TYPEHASH = keccak256(
@@ -125,6 +132,8 @@ contract SecureCILedger is EIP712, Governance {
     uint64 public immutable challengeWindow;
     /// @notice The fraud-proof decoder (see BatchChecker), created with the ledger.
     BatchChecker public immutable batchChecker;
+    /// @notice The dispute checker (see DisputeChecker), created with the ledger.
+    DisputeChecker public immutable disputeChecker;
 
     uint256 public challengeCount;
     uint256 public disputeCount;
@@ -141,6 +150,9 @@ contract SecureCILedger is EIP712, Governance {
     mapping(bytes32 requestHash => uint256 challengeId) public requestChallengeOf;
     mapping(uint256 disputeId => Dispute) private _disputes;
     mapping(bytes32 key => uint256 disputeId) public disputeOf;
+    /// @notice Tasks on which a dispute found the edge outside a strict majority.
+    mapping(address edge => uint64 count) public dissents;
+    mapping(bytes32 taskEdge => bool) private _dissented;
     address[] public edgeKeys;
     /// @notice Fraud proofs against each edge; an edge with one is faulty for good: it cannot
     /// anchor, cannot answer challenges, and its open challenges can be finalized at once.
@@ -180,13 +192,9 @@ contract SecureCILedger is EIP712, Governance {
     event OmissionRecorded(uint256 indexed challengeId, address indexed edge, bytes32 recordHash, uint64 seq);
     event FraudProven(address indexed edge, uint64 indexed batchId, uint8 fault, address prover);
     event DisputeRecorded(
-        uint256 indexed disputeId,
-        bytes32 indexed taskId,
-        address edgeA,
-        address edgeB,
-        bytes32 outputA,
-        bytes32 outputB
+        uint256 indexed disputeId, bytes32 indexed taskId, bytes32 inputKey, bytes32 majority, uint8 edges
     );
+    event DissentRecorded(uint256 indexed disputeId, address indexed edge);
 
     error DeviceTaken(address device, uint64 partyId);
     error EdgeTaken(address edge, uint64 partyId);
@@ -211,7 +219,10 @@ contract SecureCILedger is EIP712, Governance {
     error ChallengeNotOpen(uint256 challengeId);
     error ChallengeWindowClosed(uint256 challengeId);
     error ChallengeWindowOpen(uint256 challengeId);
+    // raised by DisputeChecker, passed through by dispute
+    error DisputeSize(uint256 results);
     error DisputeTaskMismatch();
+    error BadOpening(uint256 index);
     error SameOutput();
     error SameEdge();
     error DisputeExists(uint256 disputeId);
@@ -232,6 +243,7 @@ contract SecureCILedger is EIP712, Governance {
     {
         challengeWindow = challengeWindow_;
         batchChecker = new BatchChecker();
+        disputeChecker = new DisputeChecker();
     }
 
     modifier onlyPartyAdmin(uint64 partyId) {
@@ -492,52 +504,54 @@ contract SecureCILedger is EIP712, Governance {
 
     // ---------------------------------------------------------------- disputes
 
-    /// @notice Record two conflicting results for one task that a device sent to two edges.
-    /// @dev Each result commits to its own request (whose `edge` field names that edge), so
-    /// the requests are passed too: they must be the same task from the same device on the
-    /// same input, model and cut, and each must be answered by the edge it names. Whether the
-    /// outputs disagree is the device's judgement (outputs are salted commitments, nothing
-    /// secret goes on chain), so only that device may file it; the record is the two edges'
-    /// signed, conflicting commitments.
+    /// @notice Record k (2..8) results of one task a device sent to k edges, with the
+    /// openings of their output commitments, and the dissenters among them.
+    /// @dev DisputeChecker checks the evidence (same task, device, model, cut and input;
+    /// each result signed by the edge its request names; distinct edges; each opening opens
+    /// its commitment; not all canonical digests equal, else SameOutput). A strict majority
+    /// makes every edge with another canonical digest a dissenter (counted once per task
+    /// and edge); without one the dispute is recorded with no dissenter. The openings make it
+    /// objective, so anyone holding them may file; a set of edges is disputed once per task.
     function dispute(
-        TaskRequest calldata reqA,
-        TaskResult calldata a,
-        bytes calldata sigA,
-        TaskRequest calldata reqB,
-        TaskResult calldata b,
-        bytes calldata sigB
+        TaskRequest[] calldata requests,
+        TaskResult[] calldata results,
+        bytes[] calldata signatures,
+        Opening[] calldata openings
     ) external returns (uint256 disputeId) {
-        if (
-            hashTaskRequest(reqA) != a.requestHash || hashTaskRequest(reqB) != b.requestHash
-                || a.taskId != reqA.taskId || b.taskId != reqB.taskId || reqA.taskId != reqB.taskId
-                || reqA.device != reqB.device || reqA.modelId != reqB.modelId || reqA.cut != reqB.cut
-                || reqA.inputCommitment != reqB.inputCommitment
-        ) revert DisputeTaskMismatch();
-        if (msg.sender != reqA.device) revert NotTaskDevice(msg.sender);
-        if (a.outputCommitment == b.outputCommitment) revert SameOutput();
-        address edgeA = _recoverEdge(hashTaskResult(a), sigA);
-        address edgeB = _recoverEdge(hashTaskResult(b), sigB);
-        if (edgeA != reqA.edge || edgeB != reqB.edge) revert DisputeTaskMismatch();
-        if (edgeA == edgeB) revert SameEdge();
-        bytes32 input = keccak256(abi.encode(reqA.device, reqA.inputCommitment));
-        disputeId = _recordDispute(a.taskId, input, edgeA, edgeB, a.outputCommitment, b.outputCommitment);
-    }
-
-    function _recordDispute(
-        bytes32 taskId,
-        bytes32 inputKey,
-        address edgeA,
-        address edgeB,
-        bytes32 outputA,
-        bytes32 outputB
-    ) private returns (uint256 disputeId) {
-        (address lo, address hi) = edgeA < edgeB ? (edgeA, edgeB) : (edgeB, edgeA);
-        bytes32 key = keccak256(abi.encode(taskId, inputKey, lo, hi));
-        if (disputeOf[key] != 0) revert DisputeExists(disputeOf[key]);
+        (requests, results, signatures, openings); // checked by DisputeChecker
+        DisputeChecker.Verdict memory v;
+        address checker = address(disputeChecker);
+        bytes32 separator = _domainSeparatorV4();
+        assembly ("memory-safe") {
+            // calldata || separator to the checker; its revert data passes through as is
+            let data := mload(0x40)
+            calldatacopy(data, 0, calldatasize())
+            mstore(add(data, calldatasize()), separator)
+            if iszero(staticcall(gas(), checker, data, add(calldatasize(), 32), 0, 0)) {
+                returndatacopy(data, 0, returndatasize())
+                revert(data, returndatasize())
+            }
+            returndatacopy(v, 0, 0xc0) // the Verdict's six words, then its edges
+            returndatacopy(mload(add(v, 0xc0)), 0xc0, 0x100)
+        }
+        if (disputeOf[v.key] != 0) revert DisputeExists(disputeOf[v.key]);
         disputeId = ++disputeCount;
-        _disputes[disputeId] = Dispute(taskId, inputKey, edgeA, edgeB, outputA, outputB, msg.sender);
-        disputeOf[key] = disputeId;
-        emit DisputeRecorded(disputeId, taskId, edgeA, edgeB, outputA, outputB);
+        disputeOf[v.key] = disputeId;
+        uint8 dissenters;
+        for (uint256 i = 0; i < v.count; ++i) {
+            address edge = v.edges[i];
+            if (!_edges[edge].registered) revert UnknownEdge(edge);
+            if (v.dissent & (1 << i) == 0) continue;
+            ++dissenters;
+            bytes32 once = keccak256(abi.encode(v.inputKey, edge));
+            if (_dissented[once]) continue; // already counted for this task
+            _dissented[once] = true;
+            dissents[edge] += 1;
+            emit DissentRecorded(disputeId, edge);
+        }
+        _disputes[disputeId] =
+            Dispute(v.taskId, v.inputKey, v.majority, msg.sender, uint8(v.count), dissenters);
+        emit DisputeRecorded(disputeId, v.taskId, v.inputKey, v.majority, uint8(v.count));
     }
 
     // ---------------------------------------------------------------- views

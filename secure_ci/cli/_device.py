@@ -189,6 +189,7 @@ async def _infer(
     clock: Callable[[], float],
 ) -> int:
     from secure_ci.device import DEFAULT_DOMAIN, open_session
+    from secure_ci.partition import DEFAULT_CANONICAL
 
     domain = deployment.domain if deployment is not None else DEFAULT_DOMAIN
     failures = []
@@ -199,6 +200,7 @@ async def _infer(
                 model=model.head_source, plan=model.plan, example_input=model.example,
                 ledger_domain=domain, timeout=request_timeout, clock=clock,
                 registration=registration,
+                canonical=DEFAULT_CANONICAL if model.package is None else model.package.canonical,
             ) as session:  # fmt: skip
                 window = asyncio.Semaphore(session.max_in_flight)
                 jobs = [

@@ -95,6 +95,15 @@ def pack(
         ),
     ] = None,
     no_exits: Annotated[bool, typer.Option("--no-exits", help="Pack no exit heads.")] = False,
+    canonical: Annotated[
+        str | None,
+        typer.Option(
+            "--canonical",
+            metavar="RULE",
+            help="The canonical output disputes compare: topk:K or quantize:STEP (default: "
+            "topk:1 for a classifier, else quantize:0.015625).",
+        ),
+    ] = None,
 ) -> None:
     """Pack MODEL with its weights into one file (digits_cnn: calibrated on held-out data,
     with exit heads trained on the training split and calibrated on the held-out one)."""
@@ -102,6 +111,7 @@ def pack(
 
     from secure_ci import zoo
     from secure_ci.package import build_zoo_model, pack_model
+    from secure_ci.partition import parse_canonical
     from secure_ci.zoo._train import load_digits_data, load_trained_digits
 
     if (weights is None) == (not train):
@@ -111,6 +121,10 @@ def pack(
     if exits is not None and no_exits:
         raise ConfigError("give at most one of --exits CUTS or --no-exits")
     exit_cuts = () if no_exits else None if exits is None else parse_exits(exits)
+    try:
+        rule = None if canonical is None else parse_canonical(canonical)
+    except PackageError as exc:
+        raise ConfigError(f"bad --canonical: {exc}") from None
     entry = zoo.get(model)
     shape = parse_shape(input_shape) if input_shape is not None else entry.input_shape
     torch.set_num_threads(1)  # profiles are measured with one thread, as a device runs
@@ -144,6 +158,7 @@ def pack(
             exits=exit_cuts,
             exit_training=exit_training,
             exit_training_source=DIGITS_TRAINING,
+            canonical=rule,
         )
     elapsed = time.perf_counter() - start
     accuracy = package.calibration.accuracy if package.calibration is not None else None

@@ -225,7 +225,7 @@ async def _fixed_split(
     async with open_session(
         edge.address, policy=world.policy, collateral=world.pki.collateral,
         identity=world.devices[1], model=package.partitioner().model, plan=plan,
-        example_input=frames[0], ledger_domain=world.ledger.domain,
+        example_input=frames[0], ledger_domain=world.ledger.domain, canonical=package.canonical,
     ) as session:  # fmt: skip
 
         async def task(i: int) -> Entry:

@@ -19,7 +19,7 @@ One session with one edge, split and codec fixed (:func:`open_session`)::
     session.receipts  # every signed request/result pair, for the ledger
 
     result = await infer_redundant([s1, s2, s3], x)   # one task, three edges, majority
-    result.disputes()  # (majority receipt, dissenting receipt) pairs for the ledger
+    result.disputes()  # the opened receipts of one k-way dispute for the ledger
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from secure_ci.ledger._governance import RELEASE_MEASUREMENT
 from secure_ci.ledger._records import LedgerDomain
 from secure_ci.ledger._registry import RegisteredEdge
 from secure_ci.ledger._releases import ReleaseCache
-from secure_ci.partition import PartitionPlan
+from secure_ci.partition import DEFAULT_CANONICAL, CanonicalRule, PartitionPlan
 from secure_ci.protocol import (
     PROTOCOL_VERSIONS,
     Authenticate,
@@ -78,6 +78,7 @@ async def open_session(
     first_seq: int | None = None,
     registration: RegisteredEdge | None = None,
     releases: ReleaseCache | None = None,
+    canonical: CanonicalRule = DEFAULT_CANONICAL,
 ) -> AsyncIterator[Session]:
     """Open an attested, authenticated session with the edge at ``HOST:PORT``.
 
@@ -96,6 +97,9 @@ async def open_session(
     ``releases`` is the device's cached view of the ledger's release registry: the session is
     refused (AuthorizationError, before a feature byte is sent) unless the attested
     measurement is a release valid on chain as of the view's last refresh.
+
+    ``canonical`` is the model's canonical output rule (``ModelPackage.canonical``): each
+    result's output commitment must open to it (the receipt keeps the opening for disputes).
     """
     host, port = parse_edge_address(address)
     view = await releases.view() if releases is not None else None
@@ -139,6 +143,7 @@ async def open_session(
             clock=clock,
             random_bytes=random_bytes,
             first_seq=int(clock() * 1e6) if first_seq is None else first_seq,
+            canonical=canonical,
         )
         async with asyncio.TaskGroup() as tasks:
             reader = tasks.create_task(session._read())

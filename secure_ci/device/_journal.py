@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from secure_ci.device._tasks import TaskReceipt
-from secure_ci.exceptions import JournalError
+from secure_ci.exceptions import JournalError, RecordError
+from secure_ci.ledger._canonical import OutputOpening
 from secure_ci.ledger._records import REQUEST_ROW, RESULT_ROW, LedgerDomain, TaskRequest, TaskResult
 
 __all__ = ["DeviceJournal", "JournalTask", "UnansweredRequest"]
@@ -42,7 +43,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     request BLOB NOT NULL, result BLOB NOT NULL, device_sig BLOB NOT NULL,
     edge_sig BLOB NOT NULL, input_salt BLOB NOT NULL, output_salt BLOB NOT NULL,
     chain_id INTEGER NOT NULL, contract BLOB NOT NULL, deadline INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'answered', receipt BLOB, challenge_id INTEGER,
+    state TEXT NOT NULL DEFAULT 'answered', receipt BLOB, challenge_id INTEGER, opening BLOB,
     PRIMARY KEY (device, task_id, edge));
 CREATE TABLE IF NOT EXISTS pending (
     task_key INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, inputs BLOB NOT NULL,
@@ -57,7 +58,7 @@ CREATE TABLE IF NOT EXISTS requests (
 """
 _COLUMNS = (
     "request, result, device_sig, edge_sig, input_salt, output_salt, chain_id, contract,"
-    " state, receipt, challenge_id"
+    " state, receipt, challenge_id, opening"
 )
 
 
@@ -99,6 +100,9 @@ class DeviceJournal:
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
+            if "opening" not in {c[1] for c in conn.execute("PRAGMA table_info(tasks)")}:
+                # a journal from before output openings: its receipts have none
+                conn.execute("ALTER TABLE tasks ADD COLUMN opening BLOB")
             row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
@@ -254,8 +258,8 @@ class DeviceJournal:
 
 _INSERT = (
     "INSERT OR IGNORE INTO tasks (device, task_id, edge, edge_seq, request, result, device_sig,"
-    " edge_sig, input_salt, output_salt, chain_id, contract, deadline, state)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " edge_sig, input_salt, output_salt, chain_id, contract, deadline, state, opening)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -267,19 +271,25 @@ def _row(receipt: TaskReceipt, state: str) -> tuple[object, ...]:
         RESULT_ROW.pack(*(getattr(r, f) for f in TaskResult.__slots__)),
         receipt.device_sig, receipt.edge_sig, receipt.input_salt, receipt.output_salt,
         receipt.domain.chain_id, receipt.domain.contract, q.deadline, state,
+        None if receipt.opening is None else receipt.opening.canonical + receipt.opening.payload,
     )  # fmt: skip
 
 
 def _task(row: Any) -> JournalTask:
-    req, res, dsig, esig, isalt, osalt, chain_id, contract, state, receipt, challenge = row
+    req, res, dsig, esig, isalt, osalt, chain_id, contract, state, receipt, challenge, op = row
     try:
         request = TaskRequest(*REQUEST_ROW.unpack(bytes(req)))
         result = TaskResult(*RESULT_ROW.unpack(bytes(res)))
-    except (struct.error, TypeError, ValueError) as exc:
+        opening = (
+            None if op is None else OutputOpening(bytes(osalt), bytes(op[:32]), bytes(op[32:]))
+        )
+    except (struct.error, TypeError, ValueError, RecordError) as exc:
         raise JournalError(f"device journal row is corrupt: {exc}") from exc
     domain = LedgerDomain(int(chain_id), bytes(contract))
     return JournalTask(
-        TaskReceipt(request, result, bytes(dsig), bytes(esig), bytes(isalt), bytes(osalt), domain),
+        TaskReceipt(
+            request, result, bytes(dsig), bytes(esig), bytes(isalt), bytes(osalt), domain, opening
+        ),
         str(state),
         None if receipt is None else bytes(receipt),
         None if challenge is None else int(challenge),

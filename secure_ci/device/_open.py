@@ -134,7 +134,7 @@ async def open_device(
             model=local.head(plan.cut), plan=plan, ledger_domain=domain,
             timeout=connect_timeout, clock=clock, monotonic=monotonic,
             random_bytes=random_bytes, registration=edge.registration, releases=releases,
-            first_seq=int(clock() * 1e6) + (index << 40),
+            first_seq=int(clock() * 1e6) + (index << 40), canonical=package.canonical,
         )  # fmt: skip
 
     # Not a TaskGroup: an error in the caller's block must reach it as itself, not wrapped.

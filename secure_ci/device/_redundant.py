@@ -3,10 +3,10 @@
 The head runs once; the same encoded features go to every session with the same salt, so
 every edge sees the same input commitment and (default) task id: the k results are answers
 to one task, which is what the ledger's ``dispute`` needs. An edge whose output differs from
-the majority's is a dissenter; :meth:`RedundantResult.disputes` pairs each dissenter's signed
-receipt with a majority receipt for ``LedgerClient.dispute``. Without a strict majority
-(e.g. two edges that disagree) nothing is accepted: :class:`DisagreementError` carries all
-receipts.
+the majority's is a dissenter; :meth:`RedundantResult.disputes` gives the receipts (with the
+openings of their output commitments) for one k-way ``LedgerClient.dispute``, where the
+contract compares the results' canonical outputs. Without a strict majority (e.g. two edges
+that disagree) nothing is accepted: :class:`DisagreementError` carries all receipts.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from secure_ci.device._session import Input, Output, Session
 from secure_ci.device._tasks import TaskReceipt
 from secure_ci.exceptions import ConfigError, DisagreementError, SecureCIError
 
-__all__ = ["RedundantResult", "infer_redundant", "outputs_agree"]
+__all__ = ["MAX_DISPUTE_RESULTS", "RedundantResult", "infer_redundant", "outputs_agree"]
+
+MAX_DISPUTE_RESULTS = 8
+"""The most results one ledger dispute compares (the contract's MAX_RESULTS)."""
 
 
 def outputs_agree(a: Output, b: Output, *, rtol: float = 1e-3, atol: float = 1e-4) -> bool:
@@ -56,11 +59,20 @@ class RedundantResult:
     dissenters: tuple[int, ...]
     failures: dict[int, SecureCIError]
 
-    def disputes(self) -> list[tuple[TaskReceipt, TaskReceipt]]:
-        """(majority receipt, dissenting receipt) for each dissenter: dispute evidence."""
-        witness = self.receipts[self.majority[0]]
-        pairs = [(witness, self.receipts[i]) for i in self.dissenters]
-        return [(a, b) for a, b in pairs if a is not None and b is not None]
+    def disputes(self) -> tuple[TaskReceipt, ...]:
+        """The evidence of one k-way dispute: every opened receipt (at most
+        :data:`MAX_DISPUTE_RESULTS`, dissenters first, then enough of the majority to stay
+        a strict majority), or () when their canonical digests all agree (outputs within
+        tolerance, or that differ below the model's canonical rule: the chain would refuse
+        them as ``SameOutput``)."""
+        opened = {
+            i: r for i, r in enumerate(self.receipts) if r is not None and r.opening is not None
+        }
+        dissent = [i for i in self.dissenters if i in opened][: (MAX_DISPUTE_RESULTS - 1) // 2]
+        chosen = dissent + [i for i in self.majority if i in opened]
+        evidence = tuple(opened[i] for i in sorted(chosen[:MAX_DISPUTE_RESULTS]))
+        digests = {r.opening.canonical for r in evidence if r.opening is not None}
+        return evidence if len(digests) > 1 else ()
 
 
 async def infer_redundant(

@@ -39,7 +39,7 @@ from secure_ci.exceptions import (
     SecureCIError,
 )
 from secure_ci.ledger._records import LedgerDomain, TaskRequest
-from secure_ci.partition import PartitionPlan
+from secure_ci.partition import DEFAULT_CANONICAL, CanonicalRule, PartitionPlan
 from secure_ci.partition._codec import decode_features, encode_features
 from secure_ci.protocol import (
     Close,
@@ -103,11 +103,14 @@ class Session:
         clock: Callable[[], float],
         random_bytes: Callable[[int], bytes],
         first_seq: int,
+        canonical: CanonicalRule = DEFAULT_CANONICAL,
     ) -> None:
         self.enclave = enclave
         self.binding = binding
         self.identity = identity
         self.plan = plan
+        self.canonical = canonical
+        """The model's canonical output rule, which every result's commitment must open to."""
         self.domain = domain
         self.timeout = timeout
         self.receipts: deque[TaskReceipt] = deque(maxlen=RECEIPT_WINDOW)
@@ -373,8 +376,10 @@ class Session:
         elif isinstance(event, InferResult):
             try:
                 receipt = verify_result(
-                    event, task.request, task.record, enclave=self.binding, domain=self.domain
-                )
+                    event, task.request, task.record, enclave=self.binding, domain=self.domain,
+                    canonical=self.canonical,
+                    max_bytes=self._stream.connection.limits.max_payload_bytes,
+                )  # fmt: skip
             except SecureCIError as exc:
                 self.unanswered.append((task.record, task.request.signature))
                 task.future.set_exception(exc)

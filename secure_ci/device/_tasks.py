@@ -1,8 +1,11 @@
 """Signed task records on the device side: build a signed request, check a signed result.
 
-Sans-IO and torch-free: the session feeds encoded bytes in and gets events and records out.
-Every request/result pair that verified is kept as a :class:`TaskReceipt`, which the ledger
-side (``secure_ci.ledger.ReceiptBook.track``) turns into an anchored receipt later.
+Sans-IO: the session feeds encoded bytes in and gets events and records out. Every
+request/result pair that verified is kept as a :class:`TaskReceipt`, which the ledger side
+(``secure_ci.ledger.ReceiptBook.track``) turns into an anchored receipt later. A result's
+output commitment opens to the output's canonical digest under the model's rule (the device
+decodes the payload to recompute it) and its payload digest: the receipt keeps that opening,
+which a dispute reveals.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from secure_ci.device._identity import DeviceIdentity
-from secure_ci.exceptions import RecordError, SignatureError
+from secure_ci.exceptions import CodecError, RecordError, SignatureError
+from secure_ci.ledger._canonical import OutputOpening, open_output
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment, task_id_for
+from secure_ci.partition._canonical import DEFAULT_CANONICAL, CanonicalRule, canonical_bytes
 from secure_ci.protocol import InferRequest, InferResult
 
 __all__ = ["EnclaveBinding", "TaskReceipt", "sign_request", "verify_result"]
@@ -28,7 +33,8 @@ class EnclaveBinding:
 
 @dataclass(frozen=True)
 class TaskReceipt:
-    """One finished task: both signed records, plus the salts that open their commitments."""
+    """One finished task: both signed records, plus the salts that open their commitments
+    and the opening of the output commitment (None for a receipt from an older journal)."""
 
     request: TaskRequest
     result: TaskResult
@@ -37,6 +43,7 @@ class TaskReceipt:
     input_salt: bytes = field(repr=False)
     output_salt: bytes = field(repr=False)
     domain: LedgerDomain
+    opening: OutputOpening | None = field(default=None, repr=False)
 
 
 def sign_request(
@@ -95,17 +102,23 @@ def verify_result(
     *,
     enclave: EnclaveBinding,
     domain: LedgerDomain,
+    canonical: CanonicalRule = DEFAULT_CANONICAL,
+    max_bytes: int = 64 << 20,
 ) -> TaskReceipt:
-    """Check that the attested enclave signed ``result`` as the answer to ``record``.
+    """Check that the attested enclave signed ``result`` as the answer to ``record``, with
+    an output commitment that opens to the payload under the model's ``canonical`` rule
+    (``max_bytes``: decoded size limit).
 
     Raises :class:`SignatureError` if not. A failure status is signed evidence too: it is
     returned like success and the caller decides what it means.
     """
     try:
+        output = canonical_bytes(canonical, result.payload, max_bytes=max_bytes)
+        opening = open_output(result.salt, sent.salt, output, result.payload)
         signed = TaskResult(
             task_id=result.task_id,
             request_hash=record.struct_hash(),
-            output_commitment=commitment(result.salt, result.payload),
+            output_commitment=opening.commitment(),
             measurement=enclave.measurement,
             quote_id=enclave.quote_id,
             status=result.status,
@@ -113,7 +126,7 @@ def verify_result(
             edge_seq=result.edge_seq,
         )
         signer = signed.recover(result.signature, domain)
-    except RecordError as exc:
+    except (RecordError, CodecError) as exc:
         raise SignatureError(f"result record is malformed: {exc}") from None
     if signer != enclave.address or result.task_id != record.task_id:
         raise SignatureError("result is not signed by the attested enclave for this task")
@@ -125,4 +138,5 @@ def verify_result(
         input_salt=sent.salt,
         output_salt=result.salt,
         domain=domain,
+        opening=opening,
     )

@@ -22,6 +22,7 @@ import torch
 from secure_ci.edge._config import ModelSpec
 from secure_ci.exceptions import CodecError, ConfigError, ProtocolError
 from secure_ci.partition import Partitioner
+from secure_ci.partition._canonical import DEFAULT_CANONICAL, CanonicalRule
 from secure_ci.partition._codec import CODECS, decode_features, encode_features
 from secure_ci.partition._plan import TensorSpec
 from secure_ci.plan import EDGE_ONLY_CUT
@@ -81,6 +82,8 @@ class TailEntry:
     codecs: frozenset[str]
     output_codec: str = "float32"
     output_batch_dims: tuple[int, ...] | None = None
+    canonical: CanonicalRule = DEFAULT_CANONICAL
+    """The model's canonical output rule (from its package), which result commitments open."""
 
     def __post_init__(self) -> None:
         if len(self.model_id) != 32 or not 0 <= self.cut < 1 << 16:
@@ -104,10 +107,14 @@ class TailEntry:
         inputs: tuple[TensorSpec, ...],
         codecs: frozenset[str],
         output_codec: str = "float32",
+        canonical: CanonicalRule = DEFAULT_CANONICAL,
     ) -> TailEntry:
         """An entry that is batched when :func:`probe_batching` says the tail batches."""
         tail.eval()
-        return cls(model_id, cut, tail, inputs, codecs, output_codec, probe_batching(tail, inputs))
+        return cls(
+            model_id, cut, tail, inputs, codecs, output_codec, probe_batching(tail, inputs),
+            canonical,
+        )  # fmt: skip
 
     @property
     def batchable(self) -> bool:
@@ -254,7 +261,10 @@ class ModelRegistry:
 
 
 def tails_from_partitioner(
-    partitioner: Partitioner, cuts: Sequence[int], codecs: Sequence[str]
+    partitioner: Partitioner,
+    cuts: Sequence[int],
+    codecs: Sequence[str],
+    canonical: CanonicalRule = DEFAULT_CANONICAL,
 ) -> list[TailEntry]:
     """Split at each cut; the boundary specs come from the partitioner's analysis."""
     model_id = bytes.fromhex(partitioner.model_id)
@@ -262,7 +272,9 @@ def tails_from_partitioner(
     for cut in cuts:
         _, tail = partitioner.split(cut)
         specs = tuple(partitioner.cut(cut).boundary)
-        tails.append(TailEntry.build(model_id, cut, tail, specs, frozenset(codecs)))
+        tails.append(
+            TailEntry.build(model_id, cut, tail, specs, frozenset(codecs), canonical=canonical)
+        )
     return tails
 
 
@@ -308,6 +320,6 @@ def load_model_tails(spec: ModelSpec) -> list[TailEntry]:
     partitioner = package.partitioner()
     whole = TailEntry.build(
         package.model_id, EDGE_ONLY_CUT, partitioner.model, partitioner.input_specs,
-        frozenset(spec.codecs),
+        frozenset(spec.codecs), canonical=package.canonical,
     )  # fmt: skip
-    return [*tails_from_partitioner(partitioner, cuts, spec.codecs), whole]
+    return [*tails_from_partitioner(partitioner, cuts, spec.codecs, package.canonical), whole]

@@ -28,9 +28,11 @@ from secure_ci.edge._models import ModelRegistry, TailEntry
 from secure_ci.edge._requests import INLINE_DECODE_BYTES, Job, verify_request
 from secure_ci.edge._session import serve_session
 from secure_ci.exceptions import ChannelError, ConfigError, LedgerError, ProtocolError
+from secure_ci.ledger._canonical import open_output
 from secure_ci.ledger._journal import JournalEntry
-from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment
+from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult
 from secure_ci.ledger._signing import SigningPool
+from secure_ci.partition._canonical import DEFAULT_CANONICAL, CanonicalRule, canonical_bytes
 from secure_ci.protocol import ErrorCode, InferRequest, InferResult, Limits
 
 __all__ = ["EdgeService", "open_edge"]
@@ -233,7 +235,7 @@ class EdgeService:
                     answers.append(None)
                 except ProtocolError as exc:
                     answers.append(exc)
-            results = iter(self._sign_and_journal(checked, started, compute_us))
+            results = iter(self._sign_and_journal(checked, started, compute_us, entry.canonical))
             return [next(results) if a is None else a for a in answers]
 
         return run
@@ -253,10 +255,16 @@ class EdgeService:
             raise ProtocolError("internal error", code=ErrorCode.INTERNAL) from None
 
     def _sign_and_journal(
-        self, done: Sequence[tuple[Job, TaskRequest, bytes]], started: float, compute_us: int
+        self,
+        done: Sequence[tuple[Job, TaskRequest, bytes]],
+        started: float,
+        compute_us: int,
+        canonical: CanonicalRule = DEFAULT_CANONICAL,
     ) -> list[InferResult]:
         """Sign each result record and journal them in one group commit (worker thread);
-        the batch ``started`` then (monotonic) and its tail took ``compute_us``."""
+        the batch ``started`` then (monotonic) and its tail took ``compute_us``. Each output
+        commitment opens to the output's ``canonical`` digest and its payload digest, both
+        bound to the request's salt (see :mod:`secure_ci.ledger._canonical`)."""
         if not done:
             return []
         finished = time.monotonic()
@@ -269,7 +277,9 @@ class EdgeService:
                 TaskResult(
                     task_id=request.task_id,
                     request_hash=request.struct_hash(),
-                    output_commitment=commitment(salt, output),
+                    output_commitment=open_output(
+                        salt, job.request.salt, canonical_bytes(canonical, output), output
+                    ).commitment(),
                     measurement=self.identity.measurement,
                     quote_id=self.identity.quote_id,
                     status=0,

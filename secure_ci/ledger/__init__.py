@@ -12,6 +12,13 @@ from secure_ci.ledger._artifacts import ContractArtifact, decode_revert, load_ar
 from secure_ci.ledger._audit import AuditIndex, IndexedTask, VerifiedTask
 from secure_ci.ledger._backends import INPROCESS
 from secure_ci.ledger._calldata import AnchoredRecord, BatchRecords, decode_batch, encode_batch
+from secure_ci.ledger._canonical import (
+    CANONICAL_TAG,
+    OutputOpening,
+    canonical_digest,
+    open_output,
+    payload_digest,
+)
 from secure_ci.ledger._chain import (
     AnchorReceipt,
     BatchAnchoredEvent,
@@ -62,6 +69,7 @@ from secure_ci.ledger._records import (
 from secure_ci.ledger._releases import ReleaseCache, ReleaseView
 
 __all__ = [
+    "CANONICAL_TAG",
     "DEFAULT_CHALLENGE_WINDOW",
     "INPROCESS",
     "REFUSAL_NOT_RECEIVED",
@@ -92,6 +100,7 @@ __all__ = [
     "LedgerClient",
     "LedgerDomain",
     "MerkleTree",
+    "OutputOpening",
     "ProposalInfo",
     "Receipt",
     "ReceiptBook",
@@ -104,6 +113,7 @@ __all__ = [
     "TaskResult",
     "VerifiedTask",
     "address_of",
+    "canonical_digest",
     "chain_head",
     "commitment",
     "decode_batch",
@@ -116,6 +126,8 @@ __all__ = [
     "load_artifact",
     "new_salt",
     "open_ledger",
+    "open_output",
+    "payload_digest",
     "proposal_id",
     "recover_signer",
     "refusal_digest",

@@ -21,6 +21,7 @@ __all__ = [
     "EdgeState",
     "as_address",
     "as_bytes32",
+    "as_opening",
     "as_proof",
     "as_task_request",
     "as_task_result",
@@ -115,15 +116,33 @@ class ChallengeInfo:
 
 @dataclass(frozen=True)
 class DisputeInfo:
-    """Two conflicting results for one task (same device and input), signed by two edges."""
+    """A recorded k-way dispute: ``edges`` results of one task (same device and input)
+    whose opened canonical digests differ; ``majority`` is the strict majority's canonical
+    digest (zero without one) and ``dissenters`` how many edges differ from it (each
+    has a ``DissentRecorded`` event)."""
 
     task_id: bytes
     input_key: bytes  # keccak256(abi.encode(device, inputCommitment))
-    edge_a: str
-    edge_b: str
-    output_a: bytes
-    output_b: bytes
+    majority: bytes
     reporter: str
+    edges: int
+    dissenters: int
+
+
+def as_opening(opening: object) -> tuple[bytes, bytes, bytes]:
+    """The ABI tuple of an output commitment's opening (``OutputOpening`` or a 3-tuple)."""
+    if isinstance(opening, tuple | list) and len(opening) == 3:
+        salt, canonical, payload = opening
+    else:
+        try:
+            salt, canonical, payload = opening.salt, opening.canonical, opening.payload  # type: ignore[attr-defined]
+        except AttributeError as exc:
+            raise RecordError(f"opening: missing field ({exc})") from exc
+    return (
+        as_bytes32(salt, "opening salt"),
+        as_bytes32(canonical, "opening canonical"),
+        as_bytes32(payload, "opening payload"),
+    )
 
 
 def as_address(value: object, name: str = "address") -> ChecksumAddress:

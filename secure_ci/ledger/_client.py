@@ -31,6 +31,7 @@ from secure_ci.ledger._chain import (
     EdgeState,
     as_address,
     as_bytes32,
+    as_opening,
     as_proof,
     as_task_request,
     as_task_result,
@@ -396,38 +397,50 @@ class LedgerClient(GovernanceCalls, RegistryReads, IntegrityCalls):
         device, seq, state, edge, deadline, record_hash = await self._call(fn)
         return ChallengeInfo(device, edge, seq, state, deadline, bytes(record_hash))
 
-    async def dispute(
-        self,
-        caller: LocalAccount,
-        request_a: object,
-        a: object,
-        sig_a: bytes,
-        request_b: object,
-        b: object,
-        sig_b: bytes,
-    ) -> int:
-        """Record two conflicting edge-signed results for one task sent to two edges.
+    async def dispute(self, caller: LocalAccount, evidence: Sequence[object]) -> int:
+        """Record a k-way dispute (2 <= k <= 8) over one task's results; the dispute id.
 
-        ``request_a``/``request_b`` are the device's requests to each edge (the same task,
-        device, model, cut and input; each names its edge), ``a``/``b`` their results.
+        Each piece of ``evidence`` is a device's ``TaskReceipt`` (``request``, ``result``,
+        ``edge_sig``, ``opening``) or a tuple ``(request, result, edge signature, opening)``.
+        The contract checks the openings and compares canonical digests: agreeing results
+        revert ``SameOutput``; with a strict majority every other edge gets a dissent.
+        Anyone holding the openings may file.
         """
-        fn = self._contract.functions.dispute(
-            as_task_request(request_a), as_task_result(a), bytes(sig_a),
-            as_task_request(request_b), as_task_result(b), bytes(sig_b),
-        )  # fmt: skip
+        return (await self.dispute_gas(caller, evidence))[0]
+
+    async def dispute_gas(
+        self, caller: LocalAccount, evidence: Sequence[object]
+    ) -> tuple[int, int]:
+        """:meth:`dispute` and the gas its transaction used (a metric)."""
+        requests, results, signatures, openings = [], [], [], []
+        for item in evidence:
+            if isinstance(item, tuple | list):
+                if len(item) != 4:
+                    raise RecordError("dispute evidence: (request, result, signature, opening)")
+                request, result, signature, opening = item
+            else:
+                request, result = getattr(item, "request", None), getattr(item, "result", None)
+                signature, opening = getattr(item, "edge_sig", None), getattr(item, "opening", None)
+            if opening is None or not isinstance(signature, bytes):
+                raise RecordError("dispute evidence needs each result's signature and opening")
+            requests.append(as_task_request(request))
+            results.append(as_task_result(result))
+            signatures.append(bytes(signature))
+            openings.append(as_opening(opening))
+        fn = self._contract.functions.dispute(requests, results, signatures, openings)
         receipt = await self._transact(caller, fn)
-        return int(self._event_args("DisputeRecorded", receipt)["disputeId"])
+        return int(self._event_args("DisputeRecorded", receipt)["disputeId"]), int(
+            receipt["gasUsed"]
+        )
+
+    async def dissents(self, edge: object) -> int:
+        """Tasks on which a dispute found ``edge`` outside a strict majority."""
+        return int(await self._call(self._contract.functions.dissents(as_address(edge, "edge"))))
 
     async def dispute_info(self, dispute_id: int) -> DisputeInfo:
         """A recorded dispute (all zero when unknown)."""
         fn = self._contract.functions.getDispute(as_uint(dispute_id, "dispute_id", 256))
-        task_id, input_key, edge_a, edge_b, out_a, out_b, reporter = await self._call(fn)
+        task_id, input_key, majority, reporter, edges, dissenters = await self._call(fn)
         return DisputeInfo(
-            bytes(task_id),
-            bytes(input_key),
-            edge_a,
-            edge_b,
-            bytes(out_a),
-            bytes(out_b),
-            reporter,
+            bytes(task_id), bytes(input_key), bytes(majority), reporter, edges, dissenters
         )

@@ -14,9 +14,14 @@ JSON shape (canonical JSON in the file, see :mod:`secure_ci.package._format`)::
                 "rows": [{"cut": i, "codec": "int8", "bytes": b, "ratio": r,
                           "accuracy_drop_pt": d | null}, ...]},
      "exits": null | {...},                      see secure_ci.package._exit_manifest
+     "canonical": {"kind": "topk", "k": K} | {"kind": "quantize", "step": S},
+                                                 optional, see secure_ci.partition._canonical
      "created_with": {"secure_ci": "0.1.0", "torch": "2.13.0+cpu"}}
 
 A version 1 file's manifest has no ``"exits"`` key; a version 2 file's always has one.
+``"canonical"`` (the rule that maps an output to the bytes honest edges agree on, which
+disputes compare) is optional in both: without it the model's rule is
+:data:`~secure_ci.partition.DEFAULT_CANONICAL` (top-1 index of each output row).
 
 Each boundary tensor spec says which dimension follows the batch (``batch_dim``, null when
 samples cannot be batched).
@@ -34,6 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from secure_ci.exceptions import PackageError, PartitionError
+from secure_ci.partition._canonical import DEFAULT_CANONICAL, CanonicalRule
 from secure_ci.partition._plan import Cut, TensorSpec
 from secure_ci.partition._profiles import Profile
 
@@ -162,10 +168,18 @@ class PackageManifest:
     codecs: tuple[CodecRow, ...]
     created_with: Mapping[str, str]
     exits: ExitTable | None = None
+    canonical: CanonicalRule | None = None
+    """The model's canonical output rule; None: the manifest has no ``"canonical"`` key."""
+
+    @property
+    def canonical_rule(self) -> CanonicalRule:
+        """The rule in force: the manifest's, else :data:`DEFAULT_CANONICAL`."""
+        return DEFAULT_CANONICAL if self.canonical is None else self.canonical
 
     def to_json(self) -> dict[str, Any]:
         cuts = [cut.to_json() for cut in self.cuts]
-        return {
+        extra = {} if self.canonical is None else {"canonical": self.canonical.to_json()}
+        return extra | {
             "architecture": {"kind": "zoo", "name": self.architecture},
             "input": {"shape": list(self.input_shape), "dtype": "float32"},
             "model_id": self.model_id,
@@ -200,6 +214,8 @@ class PackageManifest:
 
         top = {"architecture", "input", "model_id", "weights", "analysis", "profiles"}
         top |= {"codecs", "created_with"} | ({"exits"} if exits_key else set())
+        if isinstance(value, dict) and "canonical" in value:
+            top.add("canonical")
         f = _fields(value, top, "manifest")
         arch = _fields(f["architecture"], {"kind", "name"}, "architecture")
         if arch["kind"] != "zoo":
@@ -245,6 +261,7 @@ class PackageManifest:
                 for k, v in created.items()
             },
             exits=None if f.get("exits") is None else ExitTable.from_json(f["exits"]),
+            canonical=None if "canonical" not in f else CanonicalRule.from_json(f["canonical"]),
         )
         manifest.check()
         return manifest

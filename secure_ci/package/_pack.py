@@ -29,6 +29,7 @@ from secure_ci.package._format import encode_container
 from secure_ci.package._manifest import MAX_INPUT_ELEMENTS, Calibration, PackageManifest
 from secure_ci.package._package import ModelPackage, build_zoo_model, read_package
 from secure_ci.package._weights import encode_weights
+from secure_ci.partition._canonical import CanonicalRule, default_canonical
 from secure_ci.partition._partitioner import Partitioner
 from secure_ci.partition._profiler import profile
 from secure_ci.partition._trace import outputs_match
@@ -69,6 +70,14 @@ def _rebuild(model: nn.Module, architecture: str, input_shape: tuple[int, ...]) 
     return rebuilt
 
 
+def _canonical_rule(model: nn.Module, shape: tuple[int, ...]) -> CanonicalRule:
+    """The default rule for ``model``'s outputs on one sample."""
+    with torch.no_grad():
+        out = model(torch.zeros(shape))
+    tensors = out if isinstance(out, tuple | list) else (out,)
+    return default_canonical([tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor)])
+
+
 def pack_bytes(
     model: nn.Module,
     *,
@@ -85,6 +94,7 @@ def pack_bytes(
     exit_training_source: str = "exit training set",
     exit_thresholds: Sequence[float] = DEFAULT_EXIT_THRESHOLDS,
     exit_seed: int = 0,
+    canonical: CanonicalRule | None = None,
 ) -> bytes:
     """The bytes of a package of ``model`` (see :func:`pack_model`); writes nothing."""
     shape = _check_shape(input_shape)
@@ -137,6 +147,7 @@ def pack_bytes(
         codecs=table.rows,
         created_with={"secure_ci": secure_ci.__version__, "torch": torch.__version__},
         exits=exit_table,
+        canonical=_canonical_rule(rebuilt, shape) if canonical is None else canonical,
     )
     manifest.check()
     if progress is not None:
@@ -173,6 +184,7 @@ def pack_model(
     exit_training_source: str = "exit training set",
     exit_thresholds: Sequence[float] = DEFAULT_EXIT_THRESHOLDS,
     exit_seed: int = 0,
+    canonical: CanonicalRule | None = None,
 ) -> ModelPackage:
     """Pack ``model`` (an instance of zoo ``architecture``) into the file ``out``.
 
@@ -187,6 +199,10 @@ def pack_model(
     otherwise on the even positions of the calibration set; they are calibrated on the
     calibration set's remaining samples, one row per max-softmax threshold in
     ``exit_thresholds`` (see :mod:`secure_ci.package._exit_heads`).
+
+    ``canonical`` is the model's canonical output rule, which disputes compare (default:
+    :func:`~secure_ci.partition.default_canonical` of the model's output shapes: top-1
+    for a classifier).
     """
     data = pack_bytes(
         model,
@@ -203,6 +219,7 @@ def pack_model(
         exit_training_source=exit_training_source,
         exit_thresholds=exit_thresholds,
         exit_seed=exit_seed,
+        canonical=canonical,
     )
     package = read_package(data)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")

@@ -25,6 +25,7 @@ from secure_ci.package._exit_heads import build_exit_head, model_classes, verify
 from secure_ci.package._format import MAX_PACKAGE_BYTES, decode_container
 from secure_ci.package._manifest import Calibration, CodecRow, PackageManifest
 from secure_ci.package._weights import decode_weights
+from secure_ci.partition._canonical import CanonicalRule
 from secure_ci.partition._exits import ExitHead
 from secure_ci.partition._partitioner import Partitioner
 from secure_ci.partition._plan import Cut
@@ -176,6 +177,12 @@ class ModelPackage:
         return build_exit_head(self.cuts[cut], info, self._exit_heads[cut])
 
     @property
+    def canonical(self) -> CanonicalRule:
+        """The model's canonical output rule (the manifest's, else the default): what
+        edges' results must agree on for a dispute (see :mod:`secure_ci.partition._canonical`)."""
+        return self._manifest.canonical_rule
+
+    @property
     def batchable_cuts(self) -> tuple[int, ...]:
         """Cuts whose every boundary tensor has a batch dimension: an edge batches requests
         for these across devices (other cuts are served one request per call)."""
@@ -232,6 +239,7 @@ class ModelPackage:
                 "rows": [row.to_json() for row in m.codecs],
             },
             "exits": None if m.exits is None else m.exits.to_json(),
+            "canonical": self.canonical.to_json(),
             "created_with": dict(m.created_with),
         }
 

@@ -11,6 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from secure_ci.partition._canonical import (
+    DEFAULT_CANONICAL,
+    CanonicalRule,
+    canonical_bytes,
+    default_canonical,
+    parse_canonical,
+)
 from secure_ci.partition._plan import Cut, ExitPolicy, PartitionPlan, TensorSpec
 from secure_ci.partition._profiles import CutProfile, Profile
 
@@ -21,6 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CODECS",
+    "DEFAULT_CANONICAL",
+    "CanonicalRule",
     "Cut",
     "CutProfile",
     "ExitHead",
@@ -31,8 +40,11 @@ __all__ = [
     "Stage",
     "TensorSpec",
     "attach_exit",
+    "canonical_bytes",
     "decode_features",
+    "default_canonical",
     "encode_features",
+    "parse_canonical",
     "profile",
     "should_exit",
     "train_exit_heads",

@@ -9,14 +9,17 @@ from dataclasses import dataclass
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from secure_ci.ledger._canonical import OutputOpening, open_output
 from secure_ci.ledger._chain import AnchorReceipt
 from secure_ci.ledger._client import LedgerClient
 from secure_ci.ledger._merkle import MerkleTree, leaf_hash
 from secure_ci.ledger._records import TaskRequest, TaskResult, commitment, keccak256
 
-__all__ = ["LedgerWorld", "ledger_world"]
+__all__ = ["DisputeEvidence", "LedgerWorld", "ledger_world"]
 
 _FUNDING = 10**19
+DisputeEvidence = tuple[TaskRequest, TaskResult, bytes, OutputOpening]
+"""One edge's answer to a task as a dispute takes it: (request, result, signature, opening)."""
 
 
 @dataclass(frozen=True)
@@ -47,34 +50,37 @@ class LedgerWorld:
 
     def redundant(
         self,
-        edges: tuple[LocalAccount, LocalAccount],
+        edges: Sequence[LocalAccount],
         *,
         task: bytes = b"redundant",
-        outputs: tuple[bytes, bytes] = (b"cat", b"dog"),
+        outputs: Sequence[bytes] = (b"cat", b"dog"),
         seq: int = 50,
-    ) -> tuple[tuple[TaskRequest, TaskResult, bytes], tuple[TaskRequest, TaskResult, bytes]]:
-        """One task a device sent to two edges, and each edge's signed answer: ((request,
-        result, edge signature) per edge), as a device holds them for a dispute."""
-        device = bytes.fromhex(self.devices[0].address[2:])
+        device: int = 0,
+    ) -> list[DisputeEvidence]:
+        """One task device ``device`` sent to each of ``edges``, and each edge's signed,
+        opened answer ``(request, result, edge signature, opening)``, as a device holds them
+        for a dispute: edge k's canonical output bytes are ``outputs[k]``."""
+        device_address = bytes.fromhex(self.devices[device].address[2:])
+        input_salt = keccak256(b"input salt" + task)
         answers = []
         for k, (edge, output) in enumerate(zip(edges, outputs, strict=True)):
             request = TaskRequest(
                 task_id=keccak256(b"task" + task),
-                device=device,
+                device=device_address,
                 device_seq=1,
                 model_id=keccak256(b"model"),
                 cut=3,
-                input_commitment=commitment(b"\x01" * 32, b"input" + task),
+                input_commitment=commitment(input_salt, b"input" + task),
                 edge=bytes.fromhex(edge.address[2:]),
                 deadline=2**40,
             )
+            opening = open_output(bytes([k + 2]) * 32, input_salt, output, b"payload" + output)
             result = TaskResult(
-                request.task_id, request.struct_hash(),
-                commitment(bytes([k + 2]) * 32, output), self.measurement, self.quote_id,
-                0, 7, seq + k,
+                request.task_id, request.struct_hash(), opening.commitment(), self.measurement,
+                self.quote_id, 0, 7, seq + k,
             )  # fmt: skip
-            answers.append((request, result, self.sign(edge, result)))
-        return answers[0], answers[1]
+            answers.append((request, result, self.sign(edge, result), opening))
+        return answers
 
     def sign(self, edge: LocalAccount, result: TaskResult) -> bytes:
         """The edge's EIP-712 signature over ``result`` on this ledger's domain."""

@@ -19,6 +19,7 @@ COSTS = {
     "signature_verify",
     "signature_sign",
     "journal_fsync",
+    "output_commitment",
     "thread_handoff",
     "device_sign_request",
     "device_verify_result",

@@ -107,6 +107,13 @@ def _check_ledger(result: dict[str, Any]) -> None:
     assert 21_000 < challenge["open"] < 500_000
     assert 21_000 < challenge["answer"] < 500_000
     assert challenge["proof_length"] == 11  # ceil(log2(2000)) siblings
+    disputes = result["dispute_gas"]
+    assert 21_000 < disputes["k2"] < disputes["k3"] < disputes["k8"] < 1_000_000
+    assert (disputes["k2_dissenters"], disputes["k3_dissenters"], disputes["k8_dissenters"]) == (
+        0,
+        1,
+        2,
+    )
     governance = result["governance"]
     assert governance["backend"] in ("inprocess", "anvil")
     gas = governance["gas"]

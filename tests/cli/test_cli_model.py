@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from secure_ci.cli import app
 from secure_ci.exceptions import ConfigError
 from secure_ci.package import load_package
+from secure_ci.partition import CanonicalRule
 from secure_ci.zoo import get
 from secure_ci.zoo._train import load_digits_data
 
@@ -131,9 +132,10 @@ def test_a_tampered_package_is_rejected_with_exit_1(digits_package: Path, workdi
 def test_pack_weights_file(transformer_weights: Path, workdir: Path) -> None:
     out = workdir / "transformer.scipkg"
     result = run("model", "pack", "transformer_encoder", "--weights", transformer_weights,
-                 "--out", out, "--repeats", "1", cwd=workdir)  # fmt: skip
+                 "--out", out, "--repeats", "1", "--canonical", "topk:3", cwd=workdir)  # fmt: skip
     assert result.returncode == 0, result.stderr
     package = load_package(out)
+    assert package.canonical == CanonicalRule("topk", k=3)
     torch.manual_seed(5)
     model = get("transformer_encoder").build().eval()
     x = torch.randn(3, 3, 32, 32)
@@ -173,6 +175,8 @@ USAGE_ERRORS = [
     (["pack", "digits_cnn", "--train", "--exits", "2", "--no-exits", "--out", "{w}/x.scipkg"],
      "at most one of"),
     (["pack", "digits_cnn", "--train", "--exits", "two", "--out", "{w}/x.scipkg"], "bad --exits"),
+    (["pack", "transformer_encoder", "--weights", "{t}", "--canonical", "topk:0",
+      "--out", "{w}/x.scipkg"], "bad --canonical"),
     (["pack", "transformer_encoder", "--weights", "{t}", "--exits", "2", "--out", "{w}/x.scipkg"],
      "need a calibration set"),
 ]  # fmt: skip

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,14 +19,23 @@ from secure_ci.device import (
     verify_result,
 )
 from secure_ci.exceptions import ConfigError, SignatureError
+from secure_ci.ledger import open_output
 from secure_ci.ledger._records import TaskResult, address_of, commitment
+from secure_ci.partition import DEFAULT_CANONICAL, CanonicalRule, canonical_bytes, encode_features
 from secure_ci.protocol import InferResult, channel_binding
 
 ENCLAVE_KEY = b"\x07" * 32
 ENCLAVE = EnclaveBinding(address_of(ENCLAVE_KEY), b"\x01" * 32, b"\x02" * 32)
+OUTPUT = encode_features([torch.tensor([[0.1, 0.9, 0.3, 0.9]])], "float32")
 
 
-def _signed_pair(identity: DeviceIdentity) -> tuple[object, object, InferResult]:
+def _signed_pair(
+    identity: DeviceIdentity,
+    rule: CanonicalRule = DEFAULT_CANONICAL,
+    canonical: bytes | None = None,
+) -> tuple[object, object, InferResult]:
+    """A signed request and an enclave's answer whose commitment opens to ``canonical``
+    (default: the output's canonical bytes under ``rule``)."""
     event, record = sign_request(
         identity,
         enclave=ENCLAVE,
@@ -41,7 +52,12 @@ def _signed_pair(identity: DeviceIdentity) -> tuple[object, object, InferResult]
     result_record = TaskResult(
         task_id=record.task_id,
         request_hash=record.struct_hash(),
-        output_commitment=commitment(b"\x13" * 32, b"output"),
+        output_commitment=open_output(
+            b"\x13" * 32,
+            b"\x12" * 32,
+            canonical_bytes(rule, OUTPUT) if canonical is None else canonical,
+            OUTPUT,
+        ).commitment(),
         measurement=ENCLAVE.measurement,
         quote_id=ENCLAVE.quote_id,
         status=0,
@@ -51,7 +67,7 @@ def _signed_pair(identity: DeviceIdentity) -> tuple[object, object, InferResult]
     result = InferResult(
         task_id=record.task_id,
         status=0,
-        payload=b"output",
+        payload=OUTPUT,
         salt=b"\x13" * 32,
         edge_seq=9,
         latency_ms=3,
@@ -73,12 +89,45 @@ def test_valid_result_becomes_a_receipt() -> None:
     receipt = verify_result(result, event, record, enclave=ENCLAVE, domain=DEFAULT_DOMAIN)  # type: ignore[arg-type]
     assert receipt.result.matches(receipt.request)
     assert receipt.output_salt == b"\x13" * 32
+    assert receipt.opening is not None
+    assert receipt.opening.commitment() == receipt.result.output_commitment
+    assert receipt.opening.salt == b"\x13" * 32
+
+
+def test_the_commitment_must_open_to_the_canonical_output_under_the_models_rule() -> None:
+    """The device recomputes the canonical digest from the payload: an edge that commits to
+    another canonical output (or under another rule) is refused."""
+    identity = DeviceIdentity.generate()
+    top2 = CanonicalRule("topk", k=2)
+    event, record, result = _signed_pair(identity, top2)
+    receipt = verify_result(
+        result, event, record, enclave=ENCLAVE, domain=DEFAULT_DOMAIN, canonical=top2
+    )  # type: ignore[arg-type]
+    assert receipt.opening is not None
+    with pytest.raises(SignatureError):  # the default rule (top-1) gives other bytes
+        verify_result(result, event, record, enclave=ENCLAVE, domain=DEFAULT_DOMAIN)  # type: ignore[arg-type]
+    lie = DEFAULT_CANONICAL.encode([np.array([[1.0, 0.0, 0.0, 0.0]])])  # "label 0"
+    event, record, result = _signed_pair(identity, canonical=lie)
+    with pytest.raises(SignatureError):
+        verify_result(result, event, record, enclave=ENCLAVE, domain=DEFAULT_DOMAIN)  # type: ignore[arg-type]
+
+
+def test_a_payload_that_does_not_decode_is_refused() -> None:
+    event, record, result = _signed_pair(DeviceIdentity.generate())
+    with pytest.raises(SignatureError, match="malformed"):
+        verify_result(
+            dataclasses.replace(result, payload=b"output"),
+            event,  # type: ignore[arg-type]
+            record,  # type: ignore[arg-type]
+            enclave=ENCLAVE,
+            domain=DEFAULT_DOMAIN,
+        )
 
 
 @pytest.mark.parametrize(
     "change",
     [
-        {"payload": b"outpuT"},
+        {"payload": OUTPUT[:-1] + bytes([OUTPUT[-1] ^ 1])},
         {"salt": b"\x14" * 32},
         {"edge_seq": 10},
         {"latency_ms": 4},

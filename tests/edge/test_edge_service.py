@@ -15,8 +15,9 @@ from edge_helpers import CUT, Served, registry
 
 from secure_ci.edge import EdgeConfig, EdgeLimits, open_edge
 from secure_ci.exceptions import ChannelError, RemoteProtocolError, SecureCIError
+from secure_ci.ledger import open_output
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment
-from secure_ci.partition import decode_features, encode_features
+from secure_ci.partition import DEFAULT_CANONICAL, canonical_bytes, decode_features, encode_features
 from secure_ci.protocol import Close, Error, ErrorCode, Hello, InferResult
 from secure_ci.testing import DEV_NOW, RawDevice, dev_enclave, new_device_key
 
@@ -66,7 +67,11 @@ async def test_pipelined_requests_match_local_inference_and_are_signed(served: S
             commitment(r.salt, r.payload), device.edge_address, r.deadline,
         )  # fmt: skip
         receipt = TaskResult(
-            r.task_id, record.struct_hash(), commitment(result.salt, result.payload),
+            r.task_id, record.struct_hash(),
+            open_output(
+                result.salt, r.salt, canonical_bytes(DEFAULT_CANONICAL, result.payload),
+                result.payload,
+            ).commitment(),
             served.edge.identity.measurement, bytes.fromhex(device.enclave.quote_id),
             0, result.latency_ms, result.edge_seq,
         )  # fmt: skip

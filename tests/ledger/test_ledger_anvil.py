@@ -77,9 +77,9 @@ async def test_whole_flow(ledger: LedgerClient) -> None:
     await ledger.finalize_challenge(device, missing)
     assert (await ledger.edge_state(edge.address)).omissions == 1
     # a device sent one task to two edges and they disagree
-    (req_a, a, sig_a), (req_b, b, sig_b) = world.redundant((edge, other), task=b"shared")
-    did = await ledger.dispute(world.devices[0], req_a, a, sig_a, req_b, b, sig_b)
-    assert (await ledger.dispute_info(did)).edge_b == other.address
+    evidence = world.redundant((edge, other), task=b"shared")
+    did = await ledger.dispute(world.devices[0], evidence)
+    assert (await ledger.dispute_info(did)).edges == 2
 
 
 @needs_anvil
