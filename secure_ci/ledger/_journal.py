@@ -96,6 +96,9 @@ class Journal:
         self.edge = edge
         # entries appended by this process and not yet anchored: saves reading them back
         self._recent: dict[int, JournalEntry] = {}
+        # batches this process closed and has not anchored: (first seq, count, root, records
+        # hash) and the calldata without an epoch link, as computed here, never read back
+        self._closed: dict[int, tuple[tuple[int, int, bytes, bytes], bytes]] = {}
         self._next_seq = self._scalar("SELECT COALESCE(MAX(seq) + 1, 0) FROM records")
         self._batched = self._scalar("SELECT COALESCE(SUM(count), 0) FROM batches")
         self._next_batch = self._scalar("SELECT COUNT(*) FROM batches")
@@ -301,10 +304,19 @@ class Journal:
                 " records_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (batch.batch_id, first, count, root, batch.prev_head, head, digest),
             )
+        self._closed[batch.batch_id] = ((first, count, root, digest), calldata)
         self._next_batch += 1
         self._batched += count
         self._head = head
         return batch
+
+    def closed_here(self, batch: Batch) -> bytes | None:
+        """The calldata (without an epoch link) of ``batch`` if this process closed it from
+        entries it journalled itself and the stored root and records hash are still what it
+        computed then (the host controls the file, not this memory); else None."""
+        known = self._closed.get(batch.batch_id)
+        stored = (batch.first_seq, batch.count, batch.root, batch.records_hash)
+        return known[1] if known is not None and known[0] == stored else None
 
     def rehead(self, batch_id: int, new_records_hash: bytes) -> Batch:
         """Batch ``batch_id`` is anchored with other calldata (an epoch link): store its
@@ -373,6 +385,7 @@ class Journal:
     def mark_anchored(self, batch_id: int, tx_hash: bytes | None, block_number: int | None) -> None:
         """Record that ``batch_id`` is on chain (tx unknown when found on chain after a crash)."""
         batch = self.batch(batch_id)
+        self._closed.pop(batch_id, None)
         for seq in range(batch.first_seq, batch.first_seq + batch.count):
             self._recent.pop(seq, None)
         with self._tx() as conn:

@@ -129,3 +129,37 @@ async def test_a_journal_rolled_back_behind_the_chain_is_refused(tmp_path: Path)
         pytest.raises(JournalError, match="chain has 2 batches"),
     ):
         await Anchorer(journal, ledger, EDGE, max_records=100).flush()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("root", b"\x01" * 32), ("records_hash", b"\x02" * 32), ("count", 11), ("first_seq", 1)],
+)
+async def test_a_batch_rewritten_while_the_edge_runs_is_never_anchored(
+    tmp_path: Path, column: str, value: object
+) -> None:
+    """The edge keeps what it computed when it closed a batch and anchors from that memory
+    only while the file still says the same; a row the host rewrote meanwhile is checked
+    against the records like any read back from disk."""
+    ledger = _ledger()
+    with Journal.open(tmp_path / "edge.db", edge=EDGE_ADDRESS) as journal:
+        journal.append_many(sample_tasks(12, edge_key=EDGE_KEY, domain=ledger.domain))
+        journal.close_batch(12)
+        sql = f"UPDATE batches SET {column} = ? WHERE batch_id = 0"
+        _edit(tmp_path / "edge.db", sql, value)
+        anchorer = Anchorer(journal, ledger, EDGE, max_records=100)
+        with pytest.raises(JournalError):
+            await anchorer.flush()
+    assert (await ledger.edge_state(EDGE.address)).next_seq == 0
+
+
+async def test_a_batch_closed_here_anchors_from_memory(tmp_path: Path) -> None:
+    ledger = _ledger()
+    with Journal.open(tmp_path / "edge.db", edge=EDGE_ADDRESS) as journal:
+        journal.append_many(sample_tasks(12, edge_key=EDGE_KEY, domain=ledger.domain))
+        batch = journal.close_batch(12)
+        assert batch is not None
+        assert journal.closed_here(batch) is not None
+        await Anchorer(journal, ledger, EDGE, max_records=100).flush()
+        assert journal.closed_here(batch) is None  # anchored: forgotten
+    assert (await ledger.edge_state(EDGE.address)).next_seq == 12
