@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -24,9 +23,8 @@ import torch
 from secure_ci.device import DeviceIdentity, open_device
 from secure_ci.device._journal import DeviceJournal
 from secure_ci.ledger._records import LedgerDomain, TaskRequest
-from secure_ci.package import ModelPackage, load_package
+from secure_ci.package import ModelPackage
 from secure_ci.testing import DEV_NOW, Link, open_link_shaper
-from secure_ci.testing._digits import digits_package
 from secure_ci.testing._digits import trained_digits as trained
 from secure_ci.testing._edge_process import EdgeProcess, dev_fleet_policy, spawn_edges
 
@@ -47,23 +45,6 @@ class GatedJournal(DeviceJournal):
     ) -> None:
         self.opened.append(self.gate.wait(GUARD))
         super().record_unanswered(request, device_sig, domain)
-
-
-@functools.cache
-def _package_file(directory: str) -> Path:
-    path = Path(directory) / "digits.scipkg"
-    path.write_bytes(digits_package())
-    return path
-
-
-@pytest.fixture(scope="module")
-def package_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _package_file(str(tmp_path_factory.mktemp("crash")))
-
-
-@pytest.fixture(scope="module")
-def package(package_path: Path) -> ModelPackage:
-    return load_package(package_path)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ wrong answer fails the test, never a clock.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -22,30 +21,12 @@ import torch
 
 from secure_ci.device import Device, DeviceIdentity, open_device
 from secure_ci.device._journal import DeviceJournal
-from secure_ci.package import ModelPackage, load_package
+from secure_ci.package import ModelPackage
 from secure_ci.testing import DEV_NOW
-from secure_ci.testing._digits import digits_package
 from secure_ci.testing._digits import trained_digits as trained
 from secure_ci.testing._edge_process import EdgeProcess, dev_fleet_policy, spawn_edges
 
 KEY = bytes.fromhex("5a" * 32)
-
-
-@functools.cache
-def _package_file(directory: str) -> Path:
-    path = Path(directory) / "digits.scipkg"
-    path.write_bytes(digits_package())
-    return path
-
-
-@pytest.fixture(scope="module")
-def package_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _package_file(str(tmp_path_factory.mktemp("fleet")))
-
-
-@pytest.fixture(scope="module")
-def package(package_path: Path) -> ModelPackage:
-    return load_package(package_path)
 
 
 @pytest.fixture

@@ -19,17 +19,9 @@ from secure_ci.device._journal import DeviceJournal
 from secure_ci.exceptions import AuthorizationError, ChainError, ConfigError
 from secure_ci.ledger import Deployment, LedgerClient, open_ledger
 from secure_ci.ledger._records import TaskRequest, task_id_for
-from secure_ci.package import ModelPackage, load_package
+from secure_ci.package import ModelPackage
 from secure_ci.testing import DEV_NOW, LedgerWorld, ledger_world
-from secure_ci.testing._digits import digits_package
 from secure_ci.testing._edge_process import dev_fleet_policy
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
-    path = tmp_path_factory.mktemp("reconcile") / "digits.scipkg"
-    path.write_bytes(digits_package())
-    return load_package(path)
 
 
 @pytest.fixture
