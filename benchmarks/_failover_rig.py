@@ -65,6 +65,7 @@ class Size:
     offline_s: float
     offline_rate: float
     after_resume: int
+    ledger_tasks: int = 60  # the ledger phase: tasks over three edges on a chain
 
 
 def figures(values: list[float]) -> dict[str, float | int | None]:

@@ -34,8 +34,12 @@ compared with the package's model run here (same class, values within 0.05).
   their fate (0 lost), and the time from the edges being back to the journal holding no
   unfinished task (device start-up, attestation and resume).
 
-The ledger is not part of this run: reassignments are shown from the device journal's
-attempts (each attempt is its own signed request naming its edge), not from the chain.
+* **ledger** (``_failover_ledger``): three edges in this process on an in-process chain, a
+  fleet device streaming digits, two edges killed in turn with a request at them; then every
+  edge anchors its journal (the killed ones from disk) and every attempt the device sent to
+  an edge and took elsewhere is looked for on the chain: anchored by that edge, or challenged
+  there with the device's signed request. ``ledger_covered``: there were such attempts and
+  none is invisible.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from typing import Any
 
 from _failover_chaos import detection, drive_faults
 from _failover_device import KEY as CHILD_KEY
+from _failover_ledger import ledger_phase
 from _failover_offline import offline_phase
 from _failover_rig import (
     ATTEMPT_CAP_S,
@@ -79,9 +84,9 @@ SPARES = 4
 TARGETS = {"lost": 0, "duplicates": 0, "no_recompute_share": 0.95, "crash_detect_ms": 5.0,
            "synced_within_s": 10.0}  # fmt: skip
 SIZES = {
-    "smoke": Size(20, 40, 8.0, 4, 0.8, 0.8, 3.0, 10.0, 10),
-    "quick": Size(100, 300, 20.0, 4, 1.5, 1.5, 4.0, 10.0, 20),
-    "full": Size(250, 1000, 25.0, 4, 2.5, 2.0, 30.0, 10.0, 40),
+    "smoke": Size(20, 40, 8.0, 4, 0.8, 0.8, 3.0, 10.0, 10, ledger_tasks=24),
+    "quick": Size(100, 300, 20.0, 4, 1.5, 1.5, 4.0, 10.0, 20, ledger_tasks=90),
+    "full": Size(250, 1000, 25.0, 4, 2.5, 2.0, 30.0, 10.0, 40, ledger_tasks=300),
 }
 
 
@@ -269,6 +274,8 @@ async def _run(size: Size, workdir: Path) -> dict[str, Any]:
         for e in edges:
             e.close()
         spares.close()
+    on_chain = await ledger_phase(digits, size.ledger_tasks, workdir)
+    moved = on_chain["reassignments"]
     return {
         "size": None,
         "setup": {"edges": len(edges), "spawn_s": round(spawn_s, 3), "spares": SPARES,
@@ -277,9 +284,10 @@ async def _run(size: Size, workdir: Path) -> dict[str, Any]:
                   "attempt_cap_s": ATTEMPT_CAP_S, "samples": len(digits.samples)},
         "chaos": chaos,
         "offline": offline,
-        "lost": chaos["lost"] + offline["lost"] + offline["wrong"],
+        "ledger": on_chain,
+        "lost": chaos["lost"] + offline["lost"] + offline["wrong"] + on_chain["lost"],
         "duplicates": chaos["duplicates"],
-        "ledger_covered": False,
+        "ledger_covered": moved["reassigned_attempts"] > 0 and moved["invisible"] == 0,
         "targets": TARGETS,
     }  # fmt: skip
 

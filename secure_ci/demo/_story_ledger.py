@@ -36,22 +36,30 @@ async def reassignments_on_ledger(
 ) -> dict[str, Any]:
     """``enclaves``: each edge's address as the device dials it -> its enclave address.
     Call after every edge has anchored: it moves the chain's clock past the requests'
-    deadlines to challenge the unanswered ones."""
-    attempts = {
-        (o.receipt.request.task_id, enclaves[a.edge])
-        for o in outcomes
-        if o.receipt is not None
-        for a in o.attempts
-        if a.sent and a.outcome != "ok" and a.edge in enclaves
-    }
-    with AuditIndex(index_path, ledger.domain) as index:
-        await index.sync(ledger, ["0x" + e.hex() for e in enclaves.values()])
-        anchored = {(t.record.request.task_id, t.edge) for t in index.tasks(limit=1_000_000)}
+    deadlines to challenge the unanswered ones.
+
+    The attempts are counted from ``outcomes`` (sent, not accepted) and found in the
+    journal, which keeps each one's signed request: unanswered, or superseded when its
+    result came after the task had moved on. An attempt the journal lacks is invisible.
+    """
+    sent = sum(
+        a.sent and a.outcome != "ok" and a.edge in enclaves for o in outcomes for a in o.attempts
+    )
+    mine = identity.address
     held = {
         (u.request.task_id, u.request.edge): u.request.deadline
         for u in journal.unanswered()
-        if u.request.device == identity.address
+        if u.request.device == mine
     }
+    late = {
+        (t.task_id, t.receipt.request.edge)
+        for t in journal.tasks(state="superseded")
+        if t.receipt.request.device == mine
+    }
+    attempts = set(held) | late
+    with AuditIndex(index_path, ledger.domain) as index:
+        await index.sync(ledger, ["0x" + e.hex() for e in enclaves.values()])
+        anchored = {(t.record.request.task_id, t.edge) for t in index.tasks(limit=1_000_000)}
     challenged: set[tuple[bytes, bytes]] = set()
     if held:
         overdue = max(held.values()) - await ledger.timestamp() + OVERDUE_MARGIN_S
@@ -65,9 +73,9 @@ async def reassignments_on_ledger(
             if info.request_hash == u.request.struct_hash():
                 challenged.add((u.request.task_id, u.request.edge))
     return {
-        "reassigned_attempts": len(attempts),
+        "reassigned_attempts": sent,
+        "in_journal": len(attempts),
         "anchored_by_first_edge": len(attempts & anchored),
         "request_challenged": len((attempts - anchored) & challenged),
-        "invisible": len(attempts - anchored - challenged),
-        "unanswered_requests_challenged": len(challenged),
+        "invisible": len(attempts - anchored - challenged) + max(0, sent - len(attempts)),
     }

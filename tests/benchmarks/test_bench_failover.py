@@ -105,7 +105,18 @@ def test_bench_failover_smoke(tmp_path: Path) -> None:
     assert figures["size"] == "smoke"
     assert figures["lost"] == 0
     assert figures["duplicates"] == 0
-    assert figures["ledger_covered"] is False
+    ledger = figures["ledger"]
+    assert ledger["lost"] == 0
+    assert ledger["tasks"] > 0
+    assert ledger["audit"]["findings"] == 0
+    assert ledger["audit"]["receipts"] == ledger["audit"]["receipts_audited"]
+    moved = ledger["reassignments"]
+    assert moved["invisible"] == 0
+    assert (
+        moved["anchored_by_first_edge"] + moved["request_challenged"]
+        == (moved["reassigned_attempts"])
+    )
+    assert figures["ledger_covered"] is (moved["reassigned_attempts"] > 0)
     assert figures["setup"]["edges"] == 3
     _check_chaos(figures["chaos"])
     _check_offline(figures["offline"])
