@@ -199,7 +199,13 @@ def _in_namespace() -> int:
     from secure_ci.testing._netns import in_namespace
 
     argv, env = in_namespace([sys.executable, "-m", "secure_ci", *sys.argv[1:]])
+    child = subprocess.Popen(argv, env=env)  # noqa: S603
     try:
-        return subprocess.run(argv, env=env, check=False).returncode  # noqa: S603
-    except KeyboardInterrupt:
+        return child.wait()
+    except KeyboardInterrupt:  # the child got the SIGINT too: let it clean up, then go
+        try:
+            child.wait(timeout=30)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            child.kill()
+            child.wait()
         return 130

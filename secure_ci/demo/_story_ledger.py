@@ -45,16 +45,16 @@ async def reassignments_on_ledger(
     sent = sum(
         a.sent and a.outcome != "ok" and a.edge in enclaves for o in outcomes for a in o.attempts
     )
-    mine = identity.address
+    mine, ours = identity.address, set(enclaves.values())
     held = {
         (u.request.task_id, u.request.edge): u.request.deadline
         for u in journal.unanswered()
-        if u.request.device == mine
+        if u.request.device == mine and u.request.edge in ours
     }
     late = {
         (t.task_id, t.receipt.request.edge)
         for t in journal.tasks(state="superseded")
-        if t.receipt.request.device == mine
+        if t.receipt.request.device == mine and t.receipt.request.edge in ours
     }
     attempts = set(held) | late
     with AuditIndex(index_path, ledger.domain) as index:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from secure_ci.exceptions import SecureCIError
+from secure_ci.exceptions import ContractRevertError, SecureCIError
 
 if TYPE_CHECKING:
     from secure_ci.device._identity import DeviceIdentity
@@ -61,10 +61,12 @@ async def reconcile(
     from secure_ci.ledger import ReceiptBook
 
     account = Account.from_key(identity.key)
+    # the accepted result of each task: a superseded one (a late answer to an attempt the
+    # task had left) shares its task id and must neither stand in for it nor lose its state
     tasks = [
         t
         for t in book.tasks()
-        if t.state != "challenged"
+        if t.state in ("answered", "anchored")
         and t.receipt.request.device == identity.address
         and t.receipt.domain == domain
     ]
@@ -97,7 +99,11 @@ async def reconcile(
             continue
         if now <= q.deadline + grace:
             continue
-        challenge_id = await ledger.challenge_request(account, q, u.device_sig)
+        try:
+            challenge_id = await ledger.challenge_request_once(account, q, u.device_sig)
+        except ContractRevertError as exc:  # this one is refused: the others still go
+            log.warning("request 0x%s not challenged: %s", q.task_id.hex(), exc)
+            continue
         book.mark_request_challenged(q, challenge_id)
         requests += 1
     return Reconciled(anchored, unanchored, challenged, requests, waiting)
@@ -120,6 +126,8 @@ async def keep_reconciled(
     while True:
         try:
             done = await reconcile(book, ledger, identity, domain=domain, grace=grace)
+            if on_pass is not None:
+                on_pass(done)
         except (SecureCIError, OSError, ValueError) as exc:  # the chain is down or refuses
             if not down:
                 log.warning("journal not reconciled with the ledger (will retry): %s", exc)
@@ -133,6 +141,4 @@ async def keep_reconciled(
             elif done != Reconciled(waiting=done.waiting):
                 log.info("journal reconciled: %s", done)
             down = False
-            if on_pass is not None:
-                on_pass(done)
         await asyncio.sleep(interval)

@@ -132,6 +132,16 @@ class IntegrityCalls(ContractSession):
         receipt = await self._transact(device, fn)
         return int(self._event_args("RequestChallengeOpened", receipt)["challengeId"])
 
+    async def challenge_request_once(
+        self, device: LocalAccount, request: object, device_sig: bytes
+    ) -> int:
+        """:meth:`challenge_request`, or the id of the challenge already open for this
+        request (a device that crashed after sending it, before writing it down, goes on)."""
+        checked = as_task_request(request)
+        request_hash = await self._call(self._contract.functions.hashTaskRequest(checked))
+        existing = int(await self._call(self._contract.functions.requestChallengeOf(request_hash)))
+        return existing or await self.challenge_request(device, request, device_sig)
+
     async def answer_request(
         self,
         caller: LocalAccount,

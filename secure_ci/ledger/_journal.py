@@ -38,6 +38,7 @@ _REQ, _RES = REQUEST_ROW, RESULT_ROW
 _GENESIS = bytes(32)
 _FORMAT = b"3"  # 2: TaskRequest with prevRequest; 3: heads chain the records hash
 MAX_CACHED = 1 << 14
+MAX_CLOSED = 8  # batches whose root and calldata are kept from closing until anchored
 """Unanchored entries kept in memory to save reading them back (older ones are read from
 disk): the cache stays bounded however long the chain is away."""
 _SCHEMA = """
@@ -304,7 +305,10 @@ class Journal:
                 " records_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (batch.batch_id, first, count, root, batch.prev_head, head, digest),
             )
-        self._closed[batch.batch_id] = ((first, count, root, digest), calldata)
+        if all(self.kept_in_memory(e) for e in entries):  # only then can it be used
+            while len(self._closed) >= MAX_CLOSED:  # anchoring stalls: keep the newest
+                del self._closed[min(self._closed)]
+            self._closed[batch.batch_id] = ((first, count, root, digest), calldata)
         self._next_batch += 1
         self._batched += count
         self._head = head

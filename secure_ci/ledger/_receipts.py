@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
 from secure_ci._encoding import canonical_cbor, decode_cbor
-from secure_ci.exceptions import ProofError, RecordError, SecureCIError, SignatureError
+from secure_ci.exceptions import (
+    ContractRevertError,
+    ProofError,
+    RecordError,
+    SecureCIError,
+    SignatureError,
+)
 from secure_ci.ledger._calldata import (
     BatchRecords,
     chain_links,
@@ -275,8 +281,12 @@ class ReceiptBook:
                 self.receipts[task_id] = receipt
                 del self.pending[task_id]
             elif p.challenge_id is None and overdue:
-                p.challenge_id = await self.ledger.challenge(
-                    self.device_account, p.result, p.edge_sig
-                )
+                try:
+                    p.challenge_id = await self.ledger.challenge(
+                        self.device_account, p.result, p.edge_sig
+                    )
+                except ContractRevertError as exc:  # refused for this task: check the rest
+                    log.warning("task 0x%s not challenged: %s", task_id.hex(), exc)
+                    continue
                 challenged.append(p.challenge_id)
         return challenged

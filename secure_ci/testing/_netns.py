@@ -45,8 +45,15 @@ Run = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
 def inside_namespace() -> bool:
-    """Whether this process runs in a namespace made by :func:`in_namespace`."""
-    return os.environ.get(ENV) == "1"
+    """Whether this process runs in a namespace made by :func:`in_namespace`: the marker
+    in the environment *and* a network namespace other than the host's (init's), so an
+    inherited marker never lets it shape the host's loopback."""
+    if os.environ.get(ENV) != "1":
+        return False
+    try:
+        return os.readlink("/proc/self/ns/net") != os.readlink("/proc/1/ns/net")
+    except OSError:  # init's namespace is not ours to read: a user namespace of our own
+        return True
 
 
 def in_namespace(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:

@@ -16,6 +16,7 @@ from eth_utils import keccak
 
 from secure_ci.device import Device, DeviceIdentity, open_device
 from secure_ci.device._journal import DeviceJournal
+from secure_ci.device._reconcile import reconcile
 from secure_ci.exceptions import AuthorizationError, ChainError, ConfigError
 from secure_ci.ledger import Deployment, LedgerClient, open_ledger
 from secure_ci.ledger._records import TaskRequest, task_id_for
@@ -165,3 +166,26 @@ async def test_a_deployment_without_a_usable_edge_is_refused(
                 collateral=pki.collateral, ledger=ledger,
             ):  # fmt: skip
                 pass
+
+
+async def test_a_challenge_sent_but_not_written_down_does_not_stall_the_rest(
+    world: LedgerWorld, tmp_path: Path
+) -> None:
+    """The device crashed after its challenge went out and before its journal said so: the
+    next pass finds that challenge on chain, writes it down, and challenges the others."""
+    identity = DeviceIdentity(bytes(world.devices[0].key))
+    ledger, account = world.ledger, world.devices[0]
+    now = await ledger.timestamp()
+    first, second = (_overdue(world, identity, now, tag) for tag in (b"crashed", b"next"))
+    with DeviceJournal.open(tmp_path / "d.db") as book:
+        for q in (first, second):
+            book.record_unanswered(q, q.sign(identity.key, ledger.domain), ledger.domain)
+        sent = await ledger.challenge_request(
+            account, first, first.sign(identity.key, ledger.domain)
+        )
+        done = await reconcile(book, ledger, identity, domain=ledger.domain, grace=0)
+        ids = {u.request.task_id: u.challenge_id for u in book.unanswered()}
+    assert done.requests_challenged == 2
+    assert ids[first.task_id] == sent
+    assert ids[second.task_id] is not None
+    assert ids[second.task_id] != sent
