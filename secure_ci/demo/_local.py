@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from secure_ci.exceptions import ConfigError, SecureCIError
+from secure_ci.partition._guard import running
 
 if TYPE_CHECKING:
     from secure_ci.zoo._train import TrainedDigits
@@ -72,13 +73,13 @@ def run_split_demo(
             raise ConfigError(f"no exit head at cut {cut_name!r}")
         policy = ExitPolicy(cut=cut.index, metric="max_softmax", threshold=EXIT_THRESHOLD)
         latencies, sizes, correct, failed, exits = [], [], 0, 0, 0
-        with torch.no_grad():  # warm-up, untimed: first calls allocate and dispatch
+        with running(), torch.no_grad():  # warm-up, untimed: first calls allocate and dispatch
             tail(*decode_features(encode_features(head(x[:1]), codec)))
         for task in range(tasks):
             sample = x[task % len(x)].unsqueeze(0)
             start = time.perf_counter()
             try:
-                with torch.no_grad():
+                with running(), torch.no_grad():
                     boundary = head(sample)
                     logits = exit_head(*boundary) if use_exit and exit_head else None
                     if logits is not None and bool(should_exit(logits, policy)[0]):

@@ -50,6 +50,7 @@ from secure_ci.exceptions import ConfigError, PackageError, SecureCIError
 from secure_ci.ledger import open_ledger
 from secure_ci.package import ModelPackage, load_package, pack_bytes
 from secure_ci.partition import PartitionPlan
+from secure_ci.partition._guard import running
 from secure_ci.plan import Configuration, Planner
 from secure_ci.testing import Link
 
@@ -157,7 +158,7 @@ class _Frames:
 
     def __init__(self, trained: TrainedDigits) -> None:
         self.x = trained.data.test_x
-        with torch.inference_mode():
+        with running(), torch.inference_mode():
             self.expected = trained.model(self.x).argmax(dim=1)
 
     def __getitem__(self, i: int) -> torch.Tensor:

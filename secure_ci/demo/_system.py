@@ -37,6 +37,7 @@ from secure_ci.edge import (
 from secure_ci.exceptions import ConfigError, SecureCIError
 from secure_ci.ledger import Anchorer, AuditIndex, Journal, ReceiptBook, open_ledger
 from secure_ci.partition import PartitionPlan
+from secure_ci.partition._guard import running
 from secure_ci.plan import EDGE_ONLY_CUT
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class _ModeStats:
 def _device_only(trained: TrainedDigits, samples: Sequence[int]) -> _ModeStats:
     x, y = trained.data.test_x, trained.data.test_y
     stats = _ModeStats("device-only", [])
-    with torch.inference_mode():
+    with running(), torch.inference_mode():
         trained.model(x[:1])  # warm-up
         for i in samples:
             start = time.perf_counter()

@@ -22,6 +22,7 @@ from secure_ci.exceptions import ConfigError, PartitionError
 from secure_ci.package import ModelPackage
 from secure_ci.partition import ExitPolicy, should_exit
 from secure_ci.partition._codec import decode_features, encode_features
+from secure_ci.partition._guard import running
 from secure_ci.partition._stage import check_inputs
 from secure_ci.plan import EDGE_ONLY_CUT, ModelCosts
 
@@ -73,7 +74,7 @@ class LocalModel:
         if cut == EDGE_ONLY_CUT:
             boundary: Any = inputs
         else:
-            with torch.inference_mode():
+            with running(), torch.inference_mode():
                 boundary = self.head(cut)(*inputs)
         head_ms = (time.perf_counter() - start) * 1e3
         tensors = boundary if isinstance(boundary, tuple) else (boundary,)
@@ -90,7 +91,7 @@ class LocalModel:
         started = time.perf_counter()
         boundary: Tensors | None = None
         if policy is not None:
-            with torch.inference_mode():
+            with running(), torch.inference_mode():
                 boundary = _tuple(self.head(policy.cut)(*inputs))
                 logits = self._exit_head(policy.cut)(*boundary)
             if bool(should_exit(logits, policy).all()):
@@ -98,7 +99,7 @@ class LocalModel:
         if codec is None:
             # the whole model, or its rest from the exit's boundary
             rest = self.full if boundary is None or policy is None else self.tail(policy.cut)
-            with torch.inference_mode():
+            with running(), torch.inference_mode():
                 out = rest(*(inputs if boundary is None else boundary))
             return Start(_tuple(out), None, _ms(started))
         if boundary is None or policy is None or policy.cut != cut:
@@ -120,14 +121,14 @@ class LocalModel:
 
     def finish(self, cut: int, payload: bytes) -> Tensors:
         """The tail at ``cut``, run here on features this device encoded."""
-        with torch.inference_mode():
+        with running(), torch.inference_mode():
             out = self.tail(cut)(*decode_features(payload))
         return out if isinstance(out, tuple) else (out,)
 
     def run(self, inputs: Tensors) -> Tensors:
         """The whole model on the device."""
         self.check(inputs)
-        with torch.inference_mode():
+        with running(), torch.inference_mode():
             out = self.full(*inputs)
         return out if isinstance(out, tuple) else (out,)
 

@@ -41,6 +41,7 @@ from secure_ci.exceptions import (
 from secure_ci.ledger._records import LedgerDomain, TaskRequest
 from secure_ci.partition import DEFAULT_CANONICAL, CanonicalRule, PartitionPlan
 from secure_ci.partition._codec import decode_features, encode_features
+from secure_ci.partition._guard import running
 from secure_ci.protocol import (
     Close,
     Error,
@@ -299,7 +300,7 @@ class Session:
             raise PartitionError(
                 f"input must be a torch.Tensor or a tuple of them, not {type(x).__name__}"
             )
-        with torch.inference_mode():
+        with running(), torch.inference_mode():
             out = self._head(*inputs)
         tensors = out if isinstance(out, tuple) else (out,)
         return encode_features(tensors, self.plan.codec)

@@ -24,6 +24,7 @@ from secure_ci.exceptions import CodecError, ConfigError, ProtocolError
 from secure_ci.partition import Partitioner
 from secure_ci.partition._canonical import DEFAULT_CANONICAL, CanonicalRule
 from secure_ci.partition._codec import CODECS, decode_features, encode_features
+from secure_ci.partition._guard import running
 from secure_ci.partition._plan import TensorSpec
 from secure_ci.plan import EDGE_ONLY_CUT
 from secure_ci.protocol._codes import ErrorCode
@@ -140,7 +141,7 @@ class TailEntry:
     def run_batch(self, batch: Sequence[Features]) -> list[bytes]:
         """Run the tail once over ``batch`` and return each request's encoded output."""
         if len(batch) == 1:  # no copies: the sample is the batch
-            with torch.inference_mode():
+            with running(), torch.inference_mode():
                 return [encode_features(_flatten(self.tail(*batch[0])), self.output_codec)]
         if self.output_batch_dims is None:
             raise ProtocolError("this tail runs one request at a time", code=ErrorCode.INTERNAL)
@@ -148,7 +149,7 @@ class TailEntry:
             torch.cat(parts, dim=_dim(spec))
             for parts, spec in zip(zip(*batch, strict=True), self.inputs, strict=True)
         ]
-        with torch.inference_mode():
+        with running(), torch.inference_mode():
             outputs = _flatten(self.tail(*columns))
         dims, codec = self.output_batch_dims, self.output_codec
         if len(outputs) != len(dims):
@@ -190,7 +191,7 @@ def probe_batching(tail: torch.nn.Module, inputs: Sequence[TensorSpec]) -> tuple
     generator = torch.Generator().manual_seed(0)
     samples = [tuple(_example(s, generator) for s in inputs) for _ in range(2)]
     try:
-        with torch.inference_mode():
+        with running(), torch.inference_mode():
             alone = [_flatten(tail(*sample)) for sample in samples]
             joined = _flatten(
                 tail(

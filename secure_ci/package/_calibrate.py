@@ -20,6 +20,7 @@ import torch
 from secure_ci.exceptions import ConfigError
 from secure_ci.package._manifest import CodecRow
 from secure_ci.partition._codec import CODECS, decode_features, encode_features
+from secure_ci.partition._guard import running
 from secure_ci.partition._partitioner import Partitioner
 from secure_ci.partition._plan import Cut, TensorSpec
 from secure_ci.partition._stage import Stage
@@ -118,7 +119,7 @@ def measure_codecs(
         raise ConfigError(f"codecs must be distinct names from: {', '.join(CODECS)}")
     x, y = _check_calibration(calibration, input_shape)
     accuracy = None
-    with torch.no_grad():
+    with running(), torch.no_grad():
         if y is not None:
             correct = sum(_correct([partitioner.model(c)], yc)
                           for c, yc in zip(_chunks(x), _chunks(y), strict=True))  # fmt: skip

@@ -37,6 +37,7 @@ from secure_ci.package._exit_manifest import (
 from secure_ci.package._manifest import Calibration
 from secure_ci.package._weights import decode_weights, encode_weights
 from secure_ci.partition._exits import ExitHead, should_exit, train_exit_heads
+from secure_ci.partition._guard import running
 from secure_ci.partition._partitioner import Partitioner
 from secure_ci.partition._plan import Cut, ExitPolicy
 from secure_ci.partition._profiler import median_ms as _median_ms
@@ -190,7 +191,7 @@ def fit_exits(
         x, y = x[1::2], y[1::2]
     tx, ty = _check_training(training, x)
     model = partitioner.model
-    with _threads(threads), torch.no_grad():
+    with running(), _threads(threads), torch.no_grad():
         full_logits = torch.cat([_logits(model(chunk)) for chunk in _chunks(x)])
     classes = int(full_logits.shape[1])
     if classes < 2 or int(y.max()) >= classes or int(ty.max()) >= classes:
@@ -207,7 +208,7 @@ def fit_exits(
         if progress is not None:
             progress("exit heads", done, len(chosen))
         cut, head = partitioner.cuts[index], heads[index]
-        with _threads(threads), torch.no_grad():
+        with running(), _threads(threads), torch.no_grad():
             boundary = _boundary(partitioner, cut, x)
             exit_logits = head(*boundary)
             one = tuple(t[:1] for t in boundary)
@@ -289,7 +290,7 @@ def build_exit_head(cut: Cut, info: ExitHeadInfo, state: Mapping[str, torch.Tens
 
 def model_classes(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int | None:
     """The number of classes of a classifier (output (1, K)), or None for any other output."""
-    with torch.no_grad():
+    with running(), torch.no_grad():
         out = model(torch.zeros(input_shape))
     if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 1:
         return int(out.shape[1])

@@ -30,6 +30,7 @@ from secure_ci.package._manifest import MAX_INPUT_ELEMENTS, Calibration, Package
 from secure_ci.package._package import ModelPackage, build_zoo_model, read_package
 from secure_ci.package._weights import encode_weights
 from secure_ci.partition._canonical import CanonicalRule, default_canonical
+from secure_ci.partition._guard import running
 from secure_ci.partition._partitioner import Partitioner
 from secure_ci.partition._profiler import profile
 from secure_ci.partition._trace import outputs_match
@@ -59,7 +60,7 @@ def _rebuild(model: nn.Module, architecture: str, input_shape: tuple[int, ...]) 
     training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with running(), torch.no_grad():
             same = outputs_match(model(example), rebuilt(example))
     except Exception as exc:  # the caller's own forward: translate anything
         raise ConfigError(f"model fails on an input of shape {input_shape}: {exc}") from exc
@@ -72,7 +73,7 @@ def _rebuild(model: nn.Module, architecture: str, input_shape: tuple[int, ...]) 
 
 def _canonical_rule(model: nn.Module, shape: tuple[int, ...]) -> CanonicalRule:
     """The default rule for ``model``'s outputs on one sample."""
-    with torch.no_grad():
+    with running(), torch.no_grad():
         out = model(torch.zeros(shape))
     tensors = out if isinstance(out, tuple | list) else (out,)
     return default_canonical([tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor)])

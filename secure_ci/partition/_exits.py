@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secure_ci.exceptions import PartitionError
+from secure_ci.partition._guard import running
 from secure_ci.partition._plan import Cut, ExitPolicy, TensorSpec
 
 __all__ = ["ExitHead", "HeadWithExit", "attach_exit", "should_exit", "train_exit_heads"]
@@ -172,11 +173,11 @@ def train_exit_heads(
         for item in cuts:
             cut = partitioner.cuts[item] if isinstance(item, int) else item
             split_head, _ = partitioner.split(cut)
-            with torch.no_grad():
+            with running(), torch.no_grad():
                 boundary = _as_tuple(split_head(inputs))
             torch.manual_seed(seed + cut.index)
             exit_head = ExitHead(cut.boundary, classes, pool=pool)
-            with torch.no_grad():
+            with running(), torch.no_grad():
                 pooled = exit_head.features(*boundary)
             _fit_linear(exit_head.linear, pooled, labels, epochs, seed, lr, batch_size)
             heads[cut.index] = exit_head.eval()
@@ -211,7 +212,7 @@ def _fit_linear(
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
-    with torch.no_grad():
+    with running(), torch.no_grad():
         linear.weight.copy_(standard.weight / std)
         linear.bias.copy_(standard.bias - (standard.weight / std) @ mean)
     if not math.isfinite(float(linear.weight.detach().abs().sum())):

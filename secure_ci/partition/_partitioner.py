@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from secure_ci.exceptions import PartitionError
+from secure_ci.partition._guard import running
 from secure_ci.partition._plan import Cut, TensorSpec
 from secure_ci.partition._stage import Stage
 from secure_ci.partition._trace import (
@@ -66,7 +67,7 @@ class Partitioner:
             )
         self._records, traced_out = analyse(self._gm, self._clone_inputs())
         try:
-            with torch.no_grad():
+            with running(), torch.no_grad():
                 self._reference = model(*self._clone_inputs())
         except Exception as exc:  # the model's own forward: translate anything
             raise PartitionError(f"model fails on the example inputs: {brief(exc)}") from exc
@@ -330,7 +331,7 @@ class Partitioner:
 
     def _verify(self, cut: Cut, head: Stage, tail: Stage) -> None:
         try:
-            with torch.no_grad():
+            with running(), torch.no_grad():
                 out = tail(*head(*self._clone_inputs()))
         except Exception as exc:
             raise PartitionError(f"split at cut {cut.name!r} fails to run: {brief(exc)}") from exc

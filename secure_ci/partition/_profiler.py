@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from secure_ci.exceptions import PartitionError
+from secure_ci.partition._guard import running
 from secure_ci.partition._partitioner import Partitioner
 from secure_ci.partition._profiles import CutProfile, Profile
 
@@ -52,7 +53,7 @@ def profile(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.no_grad():
+        with running(), torch.no_grad():
             full_ms = median_ms(lambda: partitioner.model(*inputs), repeats, clock)
             cuts = []
             for cut in partitioner.cuts:

@@ -19,6 +19,7 @@ from torch import fx, nn
 from secure_ci._encoding import digest
 from secure_ci.exceptions import PartitionError
 from secure_ci.partition._flops import node_flops
+from secure_ci.partition._guard import running, tracing
 from secure_ci.partition._plan import TensorSpec
 
 __all__ = [
@@ -84,14 +85,15 @@ def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Traced:
     torch.export handles Python that depends on shapes (``len(x)``, ``if x.shape[0]``) by
     specialising to the example; data-dependent control flow defeats both.
     """
-    try:
-        return Traced(fx.symbolic_trace(model), exported=False)
-    except Exception as exc:  # tracing runs arbitrary user code: translate everything
-        reason = f"cannot trace {type(model).__name__}{_where(exc)}: {brief(exc)}"
+    with tracing():
         try:
-            return _export(model, inputs)
-        except Exception as export_exc:
-            raise PartitionError(f"{reason} (torch.export: {brief(export_exc)})") from exc
+            return Traced(fx.symbolic_trace(model), exported=False)
+        except Exception as exc:  # tracing runs arbitrary user code: translate everything
+            reason = f"cannot trace {type(model).__name__}{_where(exc)}: {brief(exc)}"
+            try:
+                return _export(model, inputs)
+            except Exception as export_exc:
+                raise PartitionError(f"{reason} (torch.export: {brief(export_exc)})") from exc
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Traced:
@@ -159,7 +161,7 @@ def analyse(
 ) -> tuple[dict[fx.Node, NodeRecord], Any]:
     """Run ``gm`` on ``inputs`` once; return per-node records and the output."""
     recorder = _Recorder(gm)
-    with torch.no_grad():
+    with running(), torch.no_grad():
         out = recorder.run(*inputs)
     return recorder.records, out
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from secure_ci.exceptions import PartitionError
 from secure_ci.partition._exits import ExitHead, train_exit_heads
+from secure_ci.partition._guard import running
 from secure_ci.partition._partitioner import Partitioner
 from secure_ci.zoo._digits import DIGITS_CLASSES, DIGITS_INPUT_SHAPE, digits_cnn
 
@@ -121,7 +122,7 @@ def load_digits_data(*, test_size: float = 0.3, seed: int = 0) -> DigitsData:
 
 def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: Any) -> float:
     """Top-1 accuracy (0..1) of ``predict`` (returning logits) on ``x``, ``y``."""
-    with torch.no_grad():
+    with running(), torch.no_grad():
         return float((predict(x).argmax(dim=1) == y).float().mean())
 
 
