@@ -30,7 +30,7 @@ from secure_ci.edge._session import serve_session
 from secure_ci.exceptions import ChannelError, ConfigError, LedgerError, ProtocolError
 from secure_ci.ledger._canonical import open_output
 from secure_ci.ledger._journal import JournalEntry
-from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult
+from secure_ci.ledger._records import LedgerDomain, Signer, TaskRequest, TaskResult
 from secure_ci.ledger._signing import SigningPool
 from secure_ci.partition._canonical import DEFAULT_CANONICAL, CanonicalRule, canonical_bytes
 from secure_ci.protocol import ErrorCode, InferRequest, InferResult, Limits
@@ -88,6 +88,9 @@ class EdgeService:
         # Result records are signed inline (workers=0) or in worker processes, which keeps the
         # signatures off a GIL the event loop is busy with (see secure_ci.ledger._signing).
         self._signing = SigningPool(identity.signing_key, workers=limits.signing_workers)
+        # ...except a lone request's (nothing else in flight): its one signature costs less in
+        # the worker, whose GIL the idle loop leaves alone, than the round trip to a process.
+        self._lone_signer = Signer(identity.signing_key)
         self._checkers = ThreadPoolExecutor(2, thread_name_prefix="secure-ci-check")
         batch_limits = BatchLimits(
             max_batch=limits.max_batch,
@@ -235,7 +238,10 @@ class EdgeService:
                     answers.append(None)
                 except ProtocolError as exc:
                     answers.append(exc)
-            results = iter(self._sign_and_journal(checked, started, compute_us, entry.canonical))
+            lone = all(job.check is None for job in jobs)  # see _run_checked
+            results = iter(
+                self._sign_and_journal(checked, started, compute_us, entry.canonical, lone=lone)
+            )
             return [next(results) if a is None else a for a in answers]
 
         return run
@@ -260,11 +266,14 @@ class EdgeService:
         started: float,
         compute_us: int,
         canonical: CanonicalRule = DEFAULT_CANONICAL,
+        *,
+        lone: bool = False,
     ) -> list[InferResult]:
         """Sign each result record and journal them in one group commit (worker thread);
         the batch ``started`` then (monotonic) and its tail took ``compute_us``. Each output
         commitment opens to the output's ``canonical`` digest and its payload digest, both
-        bound to the request's salt (see :mod:`secure_ci.ledger._canonical`)."""
+        bound to the request's salt (see :mod:`secure_ci.ledger._canonical`). A ``lone``
+        request's result is signed right here."""
         if not done:
             return []
         finished = time.monotonic()
@@ -288,7 +297,7 @@ class EdgeService:
                 )
             )
         digests = [record.digest(self.domain) for record in records]  # the record hashes
-        signatures = self._sign(digests)
+        signatures = self._sign(digests, lone=lone)
         self.journal.append_many(
             [
                 JournalEntry(request, record, job.request.signature, signature, digest)
@@ -314,9 +323,12 @@ class EdgeService:
             )
         ]
 
-    def _sign(self, digests: list[bytes]) -> list[bytes]:
-        """Signatures of ``digests``; a signing process that fails or hangs (no answer within
-        half the ``request_timeout``) is replaced by inline signing: the edge keeps answering."""
+    def _sign(self, digests: list[bytes], *, lone: bool = False) -> list[bytes]:
+        """Signatures of ``digests`` (a ``lone`` request's inline); a signing process that fails
+        or hangs (no answer within half the ``request_timeout``) is replaced by inline signing:
+        the edge keeps answering."""
+        if lone:
+            return [self._lone_signer.sign(d) for d in digests]
         try:
             # half the request's time: a fallback still answers within request_timeout
             return self._signing.submit(digests).result(self.config.limits.request_timeout / 2)

@@ -18,7 +18,7 @@ from secure_ci.exceptions import ChannelError, RemoteProtocolError, SecureCIErro
 from secure_ci.ledger import open_output
 from secure_ci.ledger._records import LedgerDomain, TaskRequest, TaskResult, commitment
 from secure_ci.partition import DEFAULT_CANONICAL, canonical_bytes, decode_features, encode_features
-from secure_ci.protocol import Close, Error, ErrorCode, Hello, InferResult
+from secure_ci.protocol import Close, Error, ErrorCode, Hello, InferRequest, InferResult
 from secure_ci.testing import DEV_NOW, RawDevice, dev_enclave, new_device_key
 
 
@@ -246,28 +246,55 @@ async def test_a_failed_signing_process_falls_back_to_inline_signing(
     device = await _device(served)
     await device.handshake()
 
-    async def one() -> InferResult:
-        x = torch.randn(1, 1, 32, 32)
-        request = device.request(
-            _features(served, x), model_id=served.model_id, cut=CUT, codec="float32"
-        )
-        await device.send(request)
-        event = await device.receive()
-        assert isinstance(event, InferResult)
-        return event
+    async def four() -> None:  # in flight together: all but a first are not lone (see _service)
+        requests = [_request(served, device) for _ in range(4)]
+        for request in requests:
+            await device.send(request)
+        for _ in requests:
+            assert isinstance(await device.receive(), InferResult)
 
-    await one()
+    await four()
     worker = served.edge._signing._workers[0].process
     os.kill(worker.pid, fault)
     for _ in range(2):
-        await one()
+        await four()
     assert served.edge.stats["signing_fallbacks"] == 1
+    _assert_signed_by_the_enclave(served, 12)
+    await device.aclose()
+
+
+@pytest.mark.parametrize(
+    "served", [EdgeLimits(signing_workers=1, request_timeout=2.0)], indirect=True, ids=["process"]
+)
+async def test_a_lone_request_is_signed_without_the_signing_process(served: Served) -> None:
+    # One request with nothing else in flight skips the round trip to the signing process:
+    # a stopped process neither delays it nor triggers the fallback.
+    device = await _device(served)
+    await device.handshake()
+    worker = served.edge._signing._workers[0].process
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            await device.send(_request(served, device))
+            assert isinstance(await device.receive(), InferResult)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert served.edge.stats["signing_fallbacks"] == 0
+    _assert_signed_by_the_enclave(served, 3)
+    await device.aclose()
+
+
+def _request(served: Served, device: RawDevice) -> InferRequest:
+    x = _features(served, torch.randn(1, 1, 32, 32))
+    return device.request(x, model_id=served.model_id, cut=CUT, codec="float32")
+
+
+def _assert_signed_by_the_enclave(served: Served, count: int) -> None:
     entries = served.journal.entries
-    assert len(entries) == 3
+    assert len(entries) == count
     for entry in entries:
         signer = entry.result.recover(entry.edge_sig, served.edge.domain)
         assert signer == served.edge.identity.address
-    await device.aclose()
 
 
 async def test_a_port_in_use_is_a_channel_error_and_leaves_nothing_running() -> None:
