@@ -375,6 +375,13 @@ class LedgerClient(GovernanceCalls, RegistryReads, IntegrityCalls):
         receipt = await self._transact(device, fn)
         return int(self._event_args("ChallengeOpened", receipt)["challengeId"])
 
+    async def challenge_once(self, device: LocalAccount, result: object, edge_sig: bytes) -> int:
+        """:meth:`challenge`, or the id of the challenge already open for this record (a
+        device that crashed after sending it, before writing it down, goes on)."""
+        record_hash = await self.hash_task_result(result)
+        existing = int(await self._call(self._contract.functions.challengeOf(record_hash)))
+        return existing or await self.challenge(device, result, edge_sig)
+
     async def respond_challenge(
         self, edge: LocalAccount, challenge_id: int, batch_id: int, proof: Sequence[bytes]
     ) -> None:

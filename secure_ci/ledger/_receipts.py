@@ -48,7 +48,9 @@ class ReceiptLedger(Protocol):
     async def verify_task(
         self, addr: Any, batch_id: int, seq: int, record_hash: bytes, proof: list[bytes]
     ) -> bool: ...
-    async def challenge(self, device_acct: Any, result: TaskResult, edge_sig: bytes) -> int: ...
+    async def challenge_once(
+        self, device_acct: Any, result: TaskResult, edge_sig: bytes
+    ) -> int: ...
 
 
 BatchCache: TypeAlias = dict[tuple[bytes, int], tuple[Any, MerkleTree, BatchRecords, list[int]]]
@@ -282,7 +284,7 @@ class ReceiptBook:
                 del self.pending[task_id]
             elif p.challenge_id is None and overdue:
                 try:
-                    p.challenge_id = await self.ledger.challenge(
+                    p.challenge_id = await self.ledger.challenge_once(
                         self.device_account, p.result, p.edge_sig
                     )
                 except ContractRevertError as exc:  # refused for this task: check the rest

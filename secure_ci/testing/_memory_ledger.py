@@ -170,9 +170,19 @@ class MemoryLedger:
         edge = recover_signer(edge_sig, result.digest(self.domain))
         if edge not in self.edges:
             raise ContractRevertError("InvalidEdgeSignature")
+        digest = result.digest(self.domain)
+        if any(r.digest(self.domain) == digest for _, r, _, _ in self.challenges.values()):
+            raise ContractRevertError("ChallengeExists")
         cid = len(self.challenges)
         self.challenges[cid] = (edge, result, self.now + self.window, False)
         return cid
+
+    async def challenge_once(self, device_acct: Any, result: TaskResult, edge_sig: bytes) -> int:
+        digest = result.digest(self.domain)
+        for cid, (_, challenged, _, _) in self.challenges.items():
+            if challenged.digest(self.domain) == digest:
+                return cid
+        return await self.challenge(device_acct, result, edge_sig)
 
     async def respond_challenge(
         self, edge_acct: Any, challenge_id: int, batch_id: int, proof: Sequence[bytes]

@@ -229,6 +229,18 @@ async def test_challenge_answered(world: LedgerWorld) -> None:
     await reverts("UnknownChallenge", ledger.challenge_info(0))
 
 
+async def test_challenge_once_finds_the_open_challenge(world: LedgerWorld) -> None:
+    # A device that sent a challenge and crashed before writing its id down gets that id back.
+    ledger, edge, device = world.ledger, world.edges[3], world.devices[0]
+    state = await ledger.edge_state(edge.address)
+    sent, fresh = (world.result(state.next_seq + i, task=b"once%d" % i) for i in range(2))
+    cid = await ledger.challenge(device, sent, world.sign(edge, sent))
+    assert await ledger.challenge_once(device, sent, world.sign(edge, sent)) == cid
+    opened = await ledger.challenge_once(device, fresh, world.sign(edge, fresh))
+    assert opened not in (0, cid)
+    assert (await ledger.challenge_info(opened)).record_hash == fresh.digest(ledger.domain)
+
+
 async def test_challenge_omission(world: LedgerWorld) -> None:
     ledger, edge, device = world.ledger, world.edges[2], world.devices[1]
     state = await ledger.edge_state(edge.address)

@@ -88,6 +88,22 @@ async def test_omitting_edge_is_challenged_and_omission_recorded(tmp_path: Path)
     assert (await ledger.edge_state(EDGE.address)).omissions == 1
 
 
+async def test_a_challenge_sent_before_a_crash_is_found_not_refused(tmp_path: Path) -> None:
+    ledger, _, _ = await _anchored(tmp_path, n=10)
+    omitted = sample_tasks(2, edge_key=EDGE_KEY, domain=ledger.domain, first_seq=10)
+    sent = await ledger.challenge(DEVICE, omitted[0].result, omitted[0].edge_sig)  # then: crash
+    book = ReceiptBook(ledger, ledger.domain, DEVICE, grace_seconds=60)  # after the restart
+    for e in omitted:
+        book.track(e.request, e.result, e.device_sig, e.edge_sig)
+    late = max(e.request.deadline for e in omitted) + 61
+    challenged = await book.check(now=late)
+    assert challenged[0] == sent
+    assert len(set(challenged)) == 2  # the other task is challenged as usual
+    assert await book.check(now=late + 1) == []
+    with pytest.raises(ContractRevertError, match="ChallengeExists"):
+        await ledger.challenge(DEVICE, omitted[0].result, omitted[0].edge_sig)
+
+
 async def test_answered_challenge_is_resolved(tmp_path: Path) -> None:
     ledger, journal, _ = await _anchored(tmp_path, n=10)
     e = journal.entries(3, 1)[0]
