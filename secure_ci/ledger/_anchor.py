@@ -103,7 +103,7 @@ class Anchorer:
         self.max_records = max_records
         self.max_seconds = max_seconds
         self.clock = clock
-        self.epoch_store: EpochStore = epoch_state or MemoryEpochStore()
+        self.epoch_store: EpochStore = MemoryEpochStore() if epoch_state is None else epoch_state
         self._state: EpochState | None = None
         if journal not in _warned_legacy and any(journal.get_meta(k) for k in _LEGACY_META):
             _warned_legacy.add(journal)
@@ -139,6 +139,7 @@ class Anchorer:
 
     async def sync(self) -> int:
         """Reconcile journal and chain; return how many anchored batches the chain lost."""
+        current = self._epoch_state()  # first: a missing or unreadable one changes nothing
         state = await self.ledger.edge_state(self.account.address)
         if not state.registered or not getattr(state, "active", True):
             raise LedgerError("edge key is not registered (or revoked) on the ledger")
@@ -152,7 +153,6 @@ class Anchorer:
             if b < k:
                 self.journal.mark_anchored(b, None, None)
         lost = sorted(set(range(k, n)) - set(unanchored))
-        current = self._epoch_state()
         if lost:
             reached = self._reached_head(k, bytes(state.head) if k else _GENESIS, lost[-1])
             old = current.link
