@@ -255,17 +255,23 @@ async def test_appends_from_a_worker_thread_while_anchoring(tmp_path: Path) -> N
 # --- the epoch state is sealed: the host, who writes the journal file, cannot choose it ---
 
 
-class CrashAfterSave:
-    """An epoch store whose process is killed right after a save reached the disk."""
+class CrashingStore:
+    """An epoch store whose process is killed while it saves the first state that is not
+    epoch 0: just before the write or just after it reached the disk."""
 
-    def __init__(self, inner: SealedEpochStore) -> None:
+    def __init__(self, inner: SealedEpochStore, *, saved: bool) -> None:
         self.inner = inner
+        self.saved = saved
 
     def load(self) -> EpochState | None:
         return self.inner.load()
 
     def save(self, state: EpochState) -> None:
-        self.inner.save(state)
+        if state.epoch == 0:
+            self.inner.save(state)
+            return
+        if self.saved:
+            self.inner.save(state)
         raise Killed
 
 
@@ -356,11 +362,15 @@ async def test_a_head_changed_on_disk_does_not_start_an_epoch(tmp_path: Path) ->
     assert (await ledger.edge_state(EDGE.address)).next_batch_id == 0
 
 
-async def _crash_run(tmp_path: Path, *, crash: bool) -> tuple[bytes, list[Any]]:
-    tmp_path.mkdir()
+def _subdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+async def _crash_run(tmp_path: Path, *, crash: str) -> tuple[bytes, list[Any]]:
     ledger, journal, old_head = await _anchored_then_chain_lost(tmp_path)
-    if crash:  # killed between sealing the new epoch and marking the batches unanchored
-        store = CrashAfterSave(_sealed(tmp_path))
+    if crash:  # killed before or after sealing the new epoch, before marking the batches
+        store = CrashingStore(_sealed(tmp_path), saved=crash == "after sealing")
         with pytest.raises(Killed):
             await Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=store).sync()
         assert journal.unanchored() == []
@@ -380,7 +390,11 @@ async def _crash_run(tmp_path: Path, *, crash: bool) -> tuple[bytes, list[Any]]:
     return bytes(state.head), links
 
 
-async def test_a_crash_between_sealing_and_marking_redoes_the_same_epoch(tmp_path: Path) -> None:
-    assert await _crash_run(tmp_path / "a", crash=True) == await _crash_run(
-        tmp_path / "b", crash=False
-    )
+@pytest.mark.parametrize("crash", ["before sealing", "after sealing"])
+async def test_a_crash_around_sealing_the_epoch_reaches_the_same_outcome(
+    tmp_path: Path, crash: str
+) -> None:
+    """kill -9 while a new epoch starts, then a restart: the same epoch, link and heads as
+    without the crash (the link names the head the enclave reached, never a later one)."""
+    expected = await _crash_run(_subdir(tmp_path / "clean"), crash="")
+    assert await _crash_run(_subdir(tmp_path / "crashed"), crash=crash) == expected
