@@ -149,6 +149,7 @@ async def _run(
     journal: RecordSink,
     operator_key: bytes | None,
     anchor_only: bool,
+    sealed: SealedStore | None = None,
 ) -> int:
     """Serve; with [ledger], registered on the chain, its devices admitted, journal anchored."""
     from secure_ci.edge import open_edge_ledger
@@ -162,7 +163,7 @@ async def _run(
         raise ConfigError("with [ledger] the edge needs its journal (state_dir or journal_dir)")
     served = [entry.model_id for entry in models.entries()]
     async with open_edge_ledger(
-        config, identity, operator_key, journal=journal, models=served
+        config, identity, operator_key, journal=journal, models=served, sealed=sealed
     ) as ledger:
         typer.echo(f"ledger {ledger.contract}")
         typer.echo(f"chain_id {ledger.chain_id}")
@@ -263,9 +264,9 @@ def serve(
             path = edge_config.journal_dir / f"edge-{identity.address.hex()}.sqlite"
             journal = stack.enter_context(Journal.open(path, edge=identity.address))
             log.info("journal %s: %d records", path, journal.next_seq)
-        results = asyncio.run(
-            _run(edge_config, provider, pki, models, identity, journal, operator_key, anchor_only)
-        )
+        results = asyncio.run(_run(
+            edge_config, provider, pki, models, identity, journal, operator_key, anchor_only, store
+        ))  # fmt: skip
     typer.echo(f"stopped after {results} results")
     if signal.SIGINT in _STOPPED_BY:
         raise typer.Exit(130)  # drained and anchored first, then the Ctrl-C exit code

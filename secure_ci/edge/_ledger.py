@@ -37,10 +37,12 @@ from eth_account.signers.local import LocalAccount
 from secure_ci.edge._challenges import ChallengeResponder
 from secure_ci.edge._config import EdgeConfig, LedgerSettings, format_address
 from secure_ci.edge._identity import EnclaveIdentity
+from secure_ci.edge._state import SealedStore
 from secure_ci.exceptions import ConfigError, LedgerError, SecureCIError
 from secure_ci.ledger._anchor import Anchorer
 from secure_ci.ledger._client import LedgerClient
 from secure_ci.ledger._connect import open_ledger
+from secure_ci.ledger._epoch import EpochStore, MemoryEpochStore, SealedEpochStore
 from secure_ci.ledger._hints import explain
 from secure_ci.ledger._journal import Journal
 from secure_ci.ledger._registry import LOG_CHUNK_BLOCKS
@@ -156,6 +158,8 @@ class EdgeLedger:
     """Registration transactions sent (a restart of a registered edge sends none)."""
     connects: int = 0
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    epoch_store: EpochStore = field(default_factory=MemoryEpochStore)
+    """The anchorer's epoch state: sealed with the keys, so the host cannot choose it."""
 
     supervisor: asyncio.Task[None] | None = None
     """The background task; it ends early only on a configuration error (it raises it)."""
@@ -230,6 +234,7 @@ class EdgeLedger:
             self.anchorer = Anchorer(
                 self.journal, client, Account.from_key(self.identity.signing_key),
                 max_records=settings.batch_records, max_seconds=settings.batch_seconds,
+                epoch_state=self.epoch_store,
             )  # fmt: skip
             lost = await self.anchorer.sync()
             self.client = client
@@ -301,6 +306,7 @@ async def open_edge_ledger(
     *,
     journal: Journal,
     models: Iterable[bytes] = (),
+    sealed: SealedStore | None = None,
 ) -> AsyncIterator[EdgeLedger]:
     """Serve on the ledger of ``config.ledger`` (see the module docstring).
 
@@ -308,6 +314,8 @@ async def open_edge_ledger(
     for the registration and the enclave key's funding). Raises ConfigError when ``config``
     has no ``[ledger]``, the key is not a key, or the node's chain id is not the deployment's.
     Without a chain id in the settings, the chain must be reachable at start to learn it.
+    ``sealed`` (the store of the edge's keys) keeps the anchoring epoch state (see
+    ``secure_ci.ledger._epoch``); without it the state lives in memory until the block ends.
     """
     settings = config.ledger
     if settings is None:
@@ -337,6 +345,7 @@ async def open_edge_ledger(
         devices=RegisteredDevices(first_block=settings.deployment_block),
         endpoint=_endpoint(config, settings),
         models=tuple(sorted(set(models))),
+        epoch_store=MemoryEpochStore() if sealed is None else SealedEpochStore(sealed),
     )
     stop = asyncio.Event()
     ledger.supervisor = supervisor = asyncio.create_task(ledger._supervise(stop))

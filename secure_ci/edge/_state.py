@@ -18,7 +18,8 @@ Where the keys live (``sealed_dir``):
 
 The sealed identity is ``b"SCIK" || version (1) || signing key (32) || TLS key (PKCS#8 DER)``.
 A missing file means a new edge; a file that does not unseal is an error, never silently
-replaced (that would orphan the journal): the operator moves it away on purpose.
+replaced (that would orphan the journal): the operator moves it away on purpose. The same
+store keeps the anchorer's epoch state (name ``"epoch"``, see ``secure_ci.ledger._epoch``).
 """
 
 from __future__ import annotations

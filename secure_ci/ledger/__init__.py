@@ -36,6 +36,13 @@ from secure_ci.ledger._connect import (
     open_ledger,
 )
 from secure_ci.ledger._deployment import Deployment
+from secure_ci.ledger._epoch import (
+    EpochLink,
+    EpochState,
+    EpochStore,
+    MemoryEpochStore,
+    SealedEpochStore,
+)
 from secure_ci.ledger._governance import (
     RELEASE_MEASUREMENT,
     RELEASE_MODEL,
@@ -91,6 +98,9 @@ __all__ = [
     "DisputeInfo",
     "EdgeInfo",
     "EdgeState",
+    "EpochLink",
+    "EpochState",
+    "EpochStore",
     "GovernanceSettings",
     "GovernanceTx",
     "IndexedTask",
@@ -99,6 +109,7 @@ __all__ = [
     "KeyRegistration",
     "LedgerClient",
     "LedgerDomain",
+    "MemoryEpochStore",
     "MerkleTree",
     "OutputOpening",
     "ProposalInfo",
@@ -108,6 +119,7 @@ __all__ = [
     "ReleaseInfo",
     "ReleaseView",
     "RequestChallengeInfo",
+    "SealedEpochStore",
     "Signer",
     "TaskRequest",
     "TaskResult",

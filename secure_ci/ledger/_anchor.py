@@ -15,6 +15,12 @@ and re-anchors exactly the batches the chain lacks:
   batch and the ones after it get new heads (``Journal.rehead``). Records keep their sequence
   numbers and signatures; this needs the same chain id and contract address (a deterministic
   redeploy), which fix the EIP-712 domain.
+
+The epoch and its link live in an :class:`~secure_ci.ledger._epoch.EpochStore` (the edge's
+sealed store; in memory by default), never in the journal, whose file the host can write.
+:meth:`Anchorer.sync` saves a new epoch state before it marks the lost batches unanchored; a
+crash between the two is redone on the next sync as the same epoch (the saved link already
+names the head the journal's last anchored batch reached), not as one more.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from secure_ci.exceptions import JournalError, LedgerError
 from secure_ci.ledger._calldata import MAX_BATCH_RECORDS, BatchRecords, encode_batch
+from secure_ci.ledger._epoch import EpochLink, EpochState, EpochStore, MemoryEpochStore
 from secure_ci.ledger._journal import Batch, Journal, JournalEntry, verify_entry
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, records_hash
 from secure_ci.ledger._records import LedgerDomain
@@ -34,8 +42,9 @@ from secure_ci.ledger._records import LedgerDomain
 __all__ = ["MAX_ANCHOR_RECORDS", "AnchorLedger", "Anchorer"]
 
 log = logging.getLogger(__name__)
-_LINK_KEY = "epoch_link"  # value: batch id (8) || previous head (32) || previous epoch (4)
-_EPOCH_KEY = "epoch"
+_LEGACY_META = ("epoch", "epoch_link")  # older edges kept the epoch state in the journal
+_warned_legacy: weakref.WeakSet[Journal] = weakref.WeakSet()
+_GENESIS = bytes(32)
 MAX_ANCHOR_RECORDS = MAX_BATCH_RECORDS
 """The contract's ``MAX_BATCH_RECORDS``: a fraud proof decodes every record of a batch, so
 batches stay small enough for one to fit in a transaction."""
@@ -77,7 +86,10 @@ class Anchorer:
         max_records: int = 512,
         max_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        epoch_state: EpochStore | None = None,
     ) -> None:
+        """``epoch_state`` keeps the epoch and its link (see ``_epoch``): the edge passes its
+        sealed store's; without one they live in memory for this anchorer's lifetime."""
         if max_records < 1 or max_seconds <= 0:
             raise LedgerError("max_records and max_seconds must be positive")
         if max_records > MAX_ANCHOR_RECORDS:  # the contract's cap: every batch stays provable
@@ -91,6 +103,14 @@ class Anchorer:
         self.max_records = max_records
         self.max_seconds = max_seconds
         self.clock = clock
+        self.epoch_store: EpochStore = MemoryEpochStore() if epoch_state is None else epoch_state
+        self._state: EpochState | None = None
+        if journal not in _warned_legacy and any(journal.get_meta(k) for k in _LEGACY_META):
+            _warned_legacy.add(journal)
+            log.warning(
+                "the journal's meta table holds an epoch state from an older edge: ignored "
+                "(the host can write the journal; the epoch state is kept sealed now)"
+            )
         self._pending_since: float | None = None
         self._synced = False
         self.gas_used = 0
@@ -98,11 +118,28 @@ class Anchorer:
 
     @property
     def epoch(self) -> int:
-        raw = self.journal.get_meta(_EPOCH_KEY)
-        return int.from_bytes(raw, "big") if raw else 0
+        return self._epoch_state().epoch
+
+    def _epoch_state(self) -> EpochState:
+        """The epoch state, read once per anchorer (a fresh edge saves epoch 0 first)."""
+        if self._state is None:
+            state = self.epoch_store.load()
+            if state is None:
+                if self.journal.batch_count:
+                    raise JournalError(
+                        f"the sealed epoch state is missing but the journal has "
+                        f"{self.journal.batch_count} batches: it was deleted (or this journal "
+                        "was written by an edge older than the sealed epoch state); refusing "
+                        "to anchor: restore the sealed file, or move the journal away"
+                    )
+                state = EpochState()
+                self.epoch_store.save(state)
+            self._state = state
+        return self._state
 
     async def sync(self) -> int:
         """Reconcile journal and chain; return how many anchored batches the chain lost."""
+        current = self._epoch_state()  # first: a missing or unreadable one changes nothing
         state = await self.ledger.edge_state(self.account.address)
         if not state.registered or not getattr(state, "active", True):
             raise LedgerError("edge key is not registered (or revoked) on the ledger")
@@ -117,13 +154,16 @@ class Anchorer:
                 self.journal.mark_anchored(b, None, None)
         lost = sorted(set(range(k, n)) - set(unanchored))
         if lost:
-            last = self.journal.batch(lost[-1])
-            epoch = self.epoch
-            log.warning("chain lost %d anchored batches; starting epoch %d", len(lost), epoch + 1)
-            self.journal.set_meta(
-                _LINK_KEY, k.to_bytes(8, "big") + last.head + epoch.to_bytes(4, "big")
-            )
-            self.journal.set_meta(_EPOCH_KEY, (epoch + 1).to_bytes(4, "big"))
+            reached = self._reached_head(k, bytes(state.head) if k else _GENESIS, lost[-1])
+            old = current.link
+            if old is not None and old.prev_head == reached:  # saved, then a crash: redo it
+                new = EpochState(current.epoch, EpochLink(k, reached, old.prev_epoch))
+            else:
+                new = EpochState(current.epoch + 1, EpochLink(k, reached, current.epoch))
+            log.warning("chain lost %d anchored batches; epoch %d", len(lost), new.epoch)
+            if new != current:  # sealed before the journal changes: see the module docstring
+                await asyncio.to_thread(self.epoch_store.save, new)
+                self._state = new
             self.journal.mark_unanchored(k)
         self._synced = True
         return len(lost)
@@ -160,11 +200,26 @@ class Anchorer:
             receipts.append(await self._anchor(self.journal.batch(batch_id)))
         return receipts
 
+    def _reached_head(self, k: int, head: bytes, last: int) -> bytes:
+        """The head batch ``last`` reached, chained from ``head`` (the chain's, before batch
+        ``k``) through the journal's batches: a head changed on disk is refused."""
+        for batch_id in range(k, last + 1):
+            b = self.journal.batch(batch_id)
+            if b.prev_head != head or b.head != chain_head(
+                head, b.root, b.records_hash, b.first_seq, b.count
+            ):
+                raise JournalError(
+                    f"journal batch {batch_id} was changed on disk (its head does not chain "
+                    "from the chain's last head): refusing to start an epoch on it"
+                )
+            head = b.head
+        return head
+
     def _link_for(self, batch_id: int) -> tuple[bytes, int] | None:
-        raw = self.journal.get_meta(_LINK_KEY)
-        if raw is None or int.from_bytes(raw[:8], "big") != batch_id:
+        link = self._epoch_state().link
+        if link is None or link.batch_id != batch_id:
             return None
-        return raw[8:40], int.from_bytes(raw[40:44], "big")
+        return link.prev_head, link.prev_epoch
 
     def _checked(self, batch: Batch) -> list[JournalEntry]:
         """The batch's entries, each verified unless this process journalled it itself, and

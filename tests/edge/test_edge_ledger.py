@@ -38,6 +38,7 @@ from secure_ci.edge import (
     open_edge_ledger,
 )
 from secure_ci.edge._ledger import LOG_CHUNK_BLOCKS, EdgeLedger
+from secure_ci.edge._state import DevSealedStore
 from secure_ci.exceptions import (
     ChainError,
     ConfigError,
@@ -46,9 +47,11 @@ from secure_ci.exceptions import (
 from secure_ci.ledger import (
     AnvilNode,
     AuditIndex,
+    EpochState,
     Journal,
     LedgerClient,
     ReceiptBook,
+    SealedEpochStore,
     find_anvil,
     open_ledger,
     run_anvil,
@@ -377,8 +380,11 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
             await _logged(caplog, "NotPartyAdmin")
             assert not wrong.connected.is_set()
         xs = [torch.randn(1, 1, 32, 32) for _ in range(6)]
+        sealed = DevSealedStore(tmp_path / "sealed", identity.measurement)
         async with (
-            open_edge_ledger(config, identity, operator_key, journal=journal) as on_chain,
+            open_edge_ledger(
+                config, identity, operator_key, journal=journal, sealed=sealed
+            ) as on_chain,
             open_edge(
                 on_chain.edge_config, provider=enclave.provider, models=registry(),
                 allowed_devices=on_chain.devices, journal=journal, identity=identity,
@@ -414,6 +420,8 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
             await _until(lambda: late.address not in on_chain.devices)
             assert await _refused(edge.port, late, enclave, chain) == ErrorCode.UNAUTHORIZED
         tasks = len(xs) + 1
+        assert isinstance(on_chain.epoch_store, SealedEpochStore)
+        assert SealedEpochStore(sealed).load() == EpochState()  # sealed at the first sync
         assert journal.next_seq == tasks
         assert journal.pending == 0
         assert not journal.unanchored()
@@ -427,7 +435,9 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
     # a restart of the same edge re-registers, anchors nothing twice, and needs no funding
     again = dataclasses.replace(config, ledger=dataclasses.replace(settings, fund_wei=1))
     with Journal.open(tmp_path / "edge.sqlite", edge=identity.address) as journal:
-        async with open_edge_ledger(again, identity, operator_key, journal=journal) as on_chain:
+        async with open_edge_ledger(
+            again, identity, operator_key, journal=journal, sealed=sealed
+        ) as on_chain:
             await asyncio.wait_for(on_chain.wait_connected(), 60)
             assert on_chain.funded_wei == 0
             assert on_chain.registrations == 0  # the chain already has this registration
@@ -445,6 +455,7 @@ def _cli_config(tmp_path: Path, chain: Chain) -> Path:
     path.write_text(
         f"""
 provider = "simulated"
+state_dir = "state"
 journal_dir = "journal"
 
 [listen]
@@ -558,6 +569,8 @@ async def test_edge_serve_cli_on_the_ledger(chain: Chain, tmp_path: Path) -> Non
     assert retire.returncode == 0, out.decode()
     assert "then stopping" in out.decode()
     assert "unanchored 0 records" in out.decode()
+    assert "recovered sealed enclave key" in out.decode()  # the same edge and journal
+    assert (tmp_path / "state" / "sealed" / "epoch").is_file()  # the epoch state is sealed
     assert "listening" not in out.decode()  # it serves nothing
 
 

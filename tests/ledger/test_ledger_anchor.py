@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from eth_account import Account
 
-from secure_ci.exceptions import ContractRevertError, JournalError, LedgerError
+from secure_ci.edge._state import DevSealedStore, PlainSealedStore
+from secure_ci.exceptions import ContractRevertError, JournalError, LedgerError, SecureCIError
 from secure_ci.ledger._anchor import Anchorer
 from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
+from secure_ci.ledger._epoch import EpochLink, EpochState, SealedEpochStore
 from secure_ci.ledger._journal import Journal
 from secure_ci.ledger._merkle import MerkleTree, leaf_hash
 from secure_ci.ledger._records import LedgerDomain, keccak256
@@ -246,3 +250,151 @@ async def test_appends_from_a_worker_thread_while_anchoring(tmp_path: Path) -> N
         stop.set()
     state = await ledger.edge_state(EDGE.address)
     assert (state.next_seq, state.head) == (60, journal.head)
+
+
+# --- the epoch state is sealed: the host, who writes the journal file, cannot choose it ---
+
+
+class CrashingStore:
+    """An epoch store whose process is killed while it saves the first state that is not
+    epoch 0: just before the write or just after it reached the disk."""
+
+    def __init__(self, inner: SealedEpochStore, *, saved: bool) -> None:
+        self.inner = inner
+        self.saved = saved
+
+    def load(self) -> EpochState | None:
+        return self.inner.load()
+
+    def save(self, state: EpochState) -> None:
+        if state.epoch == 0:
+            self.inner.save(state)
+            return
+        if self.saved:
+            self.inner.save(state)
+        raise Killed
+
+
+class Killed(BaseException):
+    """kill -9 (nothing after it runs)."""
+
+
+def _sealed(tmp_path: Path) -> SealedEpochStore:
+    return SealedEpochStore(DevSealedStore(tmp_path / "sealed", MEASUREMENT))
+
+
+async def _anchored_then_chain_lost(tmp_path: Path) -> tuple[MemoryLedger, Journal, bytes]:
+    """30 records anchored in 3 batches (sealed epoch state), then the chain lost them."""
+    ledger, journal, domain = _setup(tmp_path)
+    journal.append_many(sample_tasks(30, edge_key=EDGE_KEY, domain=domain))
+    await Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path)).flush()
+    ledger.wipe()
+    return ledger, journal, journal.head
+
+
+def _host_writes_meta(tmp_path: Path, values: dict[str, bytes]) -> None:
+    with sqlite3.connect(tmp_path / "edge.db") as conn:
+        for key, value in values.items():
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
+async def test_forged_epoch_link_in_the_journal_meta_is_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger, journal, old_head = await _anchored_then_chain_lost(tmp_path)
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path))
+    assert await anchorer.sync() == 3
+    forged = b"\x66" * 32
+    # after the chain restart, before anchoring: a link for batch 0 and one for batch 1
+    _host_writes_meta(tmp_path, {"epoch_link": bytes(8) + forged + b"\x00\x00\x00\x07"})
+    _host_writes_meta(tmp_path, {"epoch": (41).to_bytes(4, "big")})
+    assert len(await anchorer.flush()) == 3
+    first = decode_batch(await ledger.batch_calldata(EDGE.address, 0))
+    assert first.epoch_link == (old_head, 0)
+    # a restarted edge on the forged journal: another loss links to the true epoch 1 head
+    head_1 = journal.head
+    _host_writes_meta(tmp_path, {"epoch_link": (1).to_bytes(8, "big") + forged + bytes(4)})
+    journal.close()
+    journal = Journal.open(tmp_path / "edge.db", edge=journal.edge)
+    ledger.wipe()
+    with caplog.at_level(logging.WARNING, logger="secure_ci.ledger._anchor"):
+        anchorer = Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path))
+        Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path))
+    assert sum("older edge: ignored" in r.message for r in caplog.records) == 1
+    assert await anchorer.sync() == 3
+    assert anchorer.epoch == 2
+    await anchorer.flush()
+    links = [
+        decode_batch(await ledger.batch_calldata(EDGE.address, b)).epoch_link for b in range(3)
+    ]
+    assert links == [(head_1, 1), None, None]
+    assert journal.get_meta("format") is not None  # the journal's own meta is untouched
+    journal.close()
+
+
+async def test_deleted_or_garbage_sealed_epoch_state_anchors_nothing(tmp_path: Path) -> None:
+    ledger, journal, _ = await _anchored_then_chain_lost(tmp_path)
+    sealed_file = tmp_path / "sealed" / "epoch"
+    await Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path)).sync()
+    for host_does in (sealed_file.unlink, lambda: sealed_file.write_bytes(b"\x00" * 64)):
+        host_does()
+        anchorer = Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path))
+        with pytest.raises(SecureCIError, match="sealed"):
+            await anchorer.flush()
+        assert (await ledger.edge_state(EDGE.address)).next_batch_id == 0
+    # plaintext garbage (a sealed mount that reads back as something else): the parser refuses
+    plain = SealedEpochStore(PlainSealedStore(tmp_path / "plain"))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "epoch").write_bytes(b"SCIE\x01\x01" + bytes(4))
+    with pytest.raises(JournalError, match="sealed epoch state"):
+        await Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=plain).flush()
+    assert (await ledger.edge_state(EDGE.address)).next_batch_id == 0
+
+
+async def test_a_head_changed_on_disk_does_not_start_an_epoch(tmp_path: Path) -> None:
+    ledger, journal, _ = await _anchored_then_chain_lost(tmp_path)
+    with sqlite3.connect(tmp_path / "edge.db") as conn:
+        conn.execute("UPDATE batches SET head = ? WHERE batch_id = 2", (b"\x66" * 32,))
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path))
+    with pytest.raises(JournalError, match="batch 2 was changed on disk"):
+        await anchorer.sync()
+    assert anchorer.epoch == 0
+    assert (await ledger.edge_state(EDGE.address)).next_batch_id == 0
+
+
+def _subdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+async def _crash_run(tmp_path: Path, *, crash: str) -> tuple[bytes, list[Any]]:
+    ledger, journal, old_head = await _anchored_then_chain_lost(tmp_path)
+    if crash:  # killed before or after sealing the new epoch, before marking the batches
+        store = CrashingStore(_sealed(tmp_path), saved=crash == "after sealing")
+        with pytest.raises(Killed):
+            await Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=store).sync()
+        assert journal.unanchored() == []
+        journal.close()
+        journal = Journal.open(tmp_path / "edge.db", edge=journal.edge)
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path))
+    assert await anchorer.sync() == 3
+    assert anchorer.epoch == 1
+    assert len(await anchorer.flush()) == 3
+    state = await ledger.edge_state(EDGE.address)
+    links = [
+        decode_batch(await ledger.batch_calldata(EDGE.address, b)).epoch_link for b in range(3)
+    ]
+    assert links[0] == (old_head, 0)
+    assert _sealed(tmp_path).load() == EpochState(1, EpochLink(0, old_head, 0))
+    journal.close()
+    return bytes(state.head), links
+
+
+@pytest.mark.parametrize("crash", ["before sealing", "after sealing"])
+async def test_a_crash_around_sealing_the_epoch_reaches_the_same_outcome(
+    tmp_path: Path, crash: str
+) -> None:
+    """kill -9 while a new epoch starts, then a restart: the same epoch, link and heads as
+    without the crash (the link names the head the enclave reached, never a later one)."""
+    expected = await _crash_run(_subdir(tmp_path / "clean"), crash="")
+    assert await _crash_run(_subdir(tmp_path / "crashed"), crash=crash) == expected
