@@ -215,6 +215,14 @@ class Anchorer:
             head = b.head
         return head
 
+    def _after_link(self, batch_id: int) -> bool:
+        """True for a batch re-anchored after this epoch's link: its stored records hash may
+        still hold the link an earlier epoch put in it (the chain lost batches again, further
+        back), so it is re-headed with its records as they are now. Everything anchored is
+        recomputed from verified entries either way: the stored hash is only a cache."""
+        link = self._epoch_state().link
+        return link is not None and batch_id > link.batch_id
+
     def _link_for(self, batch_id: int) -> tuple[bytes, int] | None:
         link = self._epoch_state().link
         if link is None or link.batch_id != batch_id:
@@ -262,7 +270,7 @@ class Anchorer:
             )
         digest = records_hash(calldata)
         if digest != batch.records_hash:
-            if link is None:  # the stored records hash is not the records': host tampering
+            if link is None and not self._after_link(batch.batch_id):  # host tampering
                 raise JournalError(
                     f"journal batch {batch.batch_id} was changed on disk (its records hash is"
                     " not its records'): refusing to anchor it"

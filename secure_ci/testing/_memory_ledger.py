@@ -94,6 +94,17 @@ class MemoryLedger:
         for edge in self.edges:
             self.edges[edge] = _Edge(self.edges[edge].measurement)
 
+    def rollback(self, keep: int) -> None:
+        """Lose every batch from ``keep`` on (a dev chain restarted from an older snapshot)."""
+        for edge, e in self.edges.items():
+            kept = _Edge(e.measurement, e.batches[:keep], e.calldata[:keep], omissions=e.omissions)
+            for info, records in zip(kept.batches, kept.calldata, strict=True):
+                kept.head = chain_head(
+                    kept.head, info.root, records_hash(records), info.first_seq, info.count
+                )
+                kept.next_seq = info.first_seq + info.count
+            self.edges[edge] = kept
+
     async def edge_state(self, addr: Any) -> _EdgeState:
         e = self.edges.get(_addr(addr))
         if e is None:

@@ -150,6 +150,31 @@ async def test_lost_chain_starts_a_linked_epoch(tmp_path: Path) -> None:
     assert decode_batch(await ledger.batch_calldata(EDGE.address, 1)).epoch_link is None
 
 
+async def test_a_chain_that_loses_batches_twice_is_linked_twice(tmp_path: Path) -> None:
+    # Epoch 1 links batch 2; the chain then loses from batch 1: batch 2 is anchored again
+    # without its old link, and batch 1 carries the new one.
+    ledger, journal, domain = _setup(tmp_path)
+    journal.append_many(sample_tasks(40, edge_key=EDGE_KEY, domain=domain))
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=10)
+    await anchorer.flush()
+    first_head = journal.head
+    ledger.rollback(2)
+    assert await anchorer.sync() == 2
+    assert len(await anchorer.flush()) == 2
+    assert decode_batch(await ledger.batch_calldata(EDGE.address, 2)).epoch_link == (first_head, 0)
+    second_head = journal.head
+    ledger.rollback(1)
+    assert await anchorer.sync() == 3
+    assert anchorer.epoch == 2
+    assert len(await anchorer.flush()) == 3
+    links = [
+        decode_batch(await ledger.batch_calldata(EDGE.address, b)).epoch_link for b in range(4)
+    ]
+    assert links == [None, (second_head, 1), None, None]
+    state = await ledger.edge_state(EDGE.address)
+    assert (state.next_batch_id, state.next_seq, state.head) == (4, 40, journal.head)
+
+
 async def test_divergence_is_refused(tmp_path: Path) -> None:
     ledger, journal, domain = _setup(tmp_path)
     entries = sample_tasks(10, edge_key=EDGE_KEY, domain=domain)
