@@ -138,7 +138,7 @@ class Device:
             started = self._monotonic()
             await asyncio.to_thread(self.local.run, (x,))
             times.append((self._monotonic() - started) * 1e3)
-        ms = await self._slow(statistics.median(times))
+        ms = await self._slow(statistics.median(times), self._costs.device_full_ms)
         if self._costs.device_full_ms > 0:
             self.speed.update(ms, self._costs.device_full_ms, self._monotonic())
         return self.speed.factor
@@ -200,7 +200,8 @@ class Device:
         self.stats["plan_switches"] += decision.switched and self.stats["tasks"] > 1
         policy = None if config.exit is None else config.exit.policy
         first = await asyncio.to_thread(self.local.start, inputs, config.cut, config.codec, policy)
-        self._observe_speed(config, first.exited, await self._slow(first.ms))
+        profiled = self._profiled_ms(config, first.exited)
+        self._observe_speed(profiled, await self._slow(first.ms, profiled))
         if first.output is not None:  # exited early, or the whole model ran here
             output = first.output[0] if len(first.output) == 1 else first.output
             mode = "exit" if first.exited else "device"
@@ -225,8 +226,8 @@ class Device:
             key, output, "local-tail", config, attempts, start, None, decision
         )
 
-    def _observe_speed(self, config: Configuration, exited: bool, ms: float) -> None:
-        """This device's measured time against what the package's profile predicts."""
+    def _profiled_ms(self, config: Configuration, exited: bool) -> float:
+        """What the package's profile predicts for this device's part of ``config``."""
         costs, ex = self._costs, config.exit
         if config.mode == "device":
             profiled = costs.device_full_ms
@@ -237,9 +238,13 @@ class Device:
         if ex is not None:
             exit_head = costs.head_ms[costs.position(ex.policy.cut)] + ex.head_ms
             profiled = exit_head if exited else profiled + ex.head_ms
+        return profiled
+
+    def _observe_speed(self, profiled: float, ms: float) -> None:
+        """This device's measured time against what the package's profile predicts."""
         # a head far smaller than the model is mostly fixed overhead (encoding, hand-offs):
         # its ratio says little of this device's speed, and would inflate the estimate
-        if profiled >= SPEED_SAMPLE_SHARE * costs.device_full_ms:
+        if profiled >= SPEED_SAMPLE_SHARE * self._costs.device_full_ms:
             self.speed.update(ms, profiled, self._monotonic())
 
     def _decide(self, deadline_ms: float | None) -> Decision:
@@ -396,16 +401,22 @@ class Device:
     ) -> Output:  # fmt: skip
         start = self._monotonic()
         out = await asyncio.to_thread(fn, inputs)
-        ms = await self._slow((self._monotonic() - start) * 1e3)
+        ms = await self._slow((self._monotonic() - start) * 1e3, profiled_ms)
         if profiled_ms > 0:
             self.speed.update(ms, profiled_ms, self._monotonic())
         return out[0] if len(out) == 1 else out
 
-    async def _slow(self, ms: float) -> float:
-        """Emulate a device ``slowdown`` times slower (demos and benchmarks)."""
-        if self._slowdown > 1:
-            await asyncio.sleep(ms * (self._slowdown - 1) / 1e3)
-        return ms * self._slowdown
+    async def _slow(self, ms: float, profiled_ms: float) -> float:
+        """Emulate a device ``slowdown`` times slower (demos and benchmarks): after work that
+        took ``ms`` here, sleep ``slowdown - 1`` times what the profile says it takes (its
+        measured time if it has no profile, like encoding alone), as the plan benchmark's rig
+        does: a busy moment of this host then delays the emulated device once, not a hundred
+        times. The emulated device's ms."""
+        if self._slowdown <= 1:
+            return ms
+        extra = (profiled_ms if profiled_ms > 0 else ms) * (self._slowdown - 1)
+        await asyncio.sleep(extra / 1e3)
+        return ms + extra
 
     async def _finish(
         self,

@@ -80,10 +80,11 @@ async def open_device(
     output is the whole model's), under ``accuracy_budget`` points and ``deadline_ms``, with
     the planner's hysteresis (``margin``, ``patience``, ``jump``: see
     :class:`~secure_ci.plan.Planner`). ``slowdown`` emulates a slower device (its head and
-    local runs take that many times longer). An attempt waits for its result twice the
-    predicted time plus four deviations, within [``attempt_floor``, ``attempt_cap``]
-    seconds. Sessions connect in the background and reconnect when their breaker lets them;
-    until one is up, tasks run on the device. An edge that completed no task for
+    local runs take that many times what the package's profile says: steadily, so a 100x
+    device does not swing by a hundred times this host's hiccups). An attempt waits for its
+    result twice the predicted time plus four deviations, within [``attempt_floor``,
+    ``attempt_cap``] seconds. Sessions connect in the background and reconnect when their
+    breaker lets them; until one is up, tasks run on the device. An edge that completed no task for
     ``probe_interval`` seconds is pinged (every other ping padded), so its estimates follow
     its link while the plan does not use it.
 
