@@ -208,7 +208,8 @@ def _fit_linear(
         order = torch.randperm(count, generator=generator)
         for start in range(0, count, batch_size):
             batch = order[start : start + batch_size]
-            loss = F.cross_entropy(standard((features[batch] - mean) / std), labels[batch])
+            with running():  # per step: a trace on another thread waits one step at most
+                loss = F.cross_entropy(standard((features[batch] - mean) / std), labels[batch])
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()

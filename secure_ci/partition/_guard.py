@@ -8,7 +8,10 @@ therefore holds :func:`tracing` (exclusive) and every model call holds :func:`ru
 (shared): calls run concurrently with each other, never with a trace.
 
 ``running`` is re-entrant per thread, so a waiting trace cannot deadlock a thread that
-already runs a model; a waiting trace is served before new callers so it cannot starve.
+already runs a model; a waiting trace is served before new callers so it cannot starve. A
+long hold (profiling or fitting exits while packing, seconds) with a trace queued behind it
+delays every new model call in the process: packing and serving belong in separate
+processes (training loops hold the guard one step at a time).
 """
 
 from __future__ import annotations

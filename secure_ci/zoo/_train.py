@@ -145,7 +145,8 @@ def train_digits(
             for start in range(0, count, config.batch_size):
                 batch = order[start : start + config.batch_size]
                 images = _shifted(data.train_x[batch], config.shift, generator)
-                loss = F.cross_entropy(model(images), data.train_y[batch])
+                with running():  # per step: a trace on another thread waits one step at most
+                    loss = F.cross_entropy(model(images), data.train_y[batch])
                 optimizer.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
