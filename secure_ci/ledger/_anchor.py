@@ -16,11 +16,12 @@ and re-anchors exactly the batches the chain lacks:
   numbers and signatures; this needs the same chain id and contract address (a deterministic
   redeploy), which fix the EIP-712 domain.
 
-The epoch and its link live in an :class:`~secure_ci.ledger._epoch.EpochStore` (the edge's
-sealed store; in memory by default), never in the journal, whose file the host can write.
-:meth:`Anchorer.sync` saves a new epoch state before it marks the lost batches unanchored; a
-crash between the two is redone on the next sync as the same epoch (the saved link already
-names the head the journal's last anchored batch reached), not as one more.
+The epoch, its link and the last batch anchored (with the head the chain returned) live in an
+:class:`~secure_ci.ledger._epoch.EpochStore` (the edge's sealed store; in memory by default),
+never in the journal, whose file the host can write. :meth:`Anchorer.sync` decides from them
+whether the chain lost what this enclave anchored and which head the link names, and saves a
+new epoch state before it marks the lost batches unanchored in the journal; a crash between
+the two finds the chain at the sealed batch on the next sync (no second epoch) and marks them.
 """
 
 from __future__ import annotations
@@ -30,11 +31,18 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 from secure_ci.exceptions import JournalError, LedgerError
 from secure_ci.ledger._calldata import MAX_BATCH_RECORDS, BatchRecords, encode_batch
-from secure_ci.ledger._epoch import EpochLink, EpochState, EpochStore, MemoryEpochStore
+from secure_ci.ledger._epoch import (
+    AnchoredHead,
+    EpochLink,
+    EpochState,
+    EpochStore,
+    MemoryEpochStore,
+)
 from secure_ci.ledger._journal import Batch, Journal, JournalEntry, verify_entry
 from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash, records_hash
 from secure_ci.ledger._records import LedgerDomain
@@ -44,7 +52,6 @@ __all__ = ["MAX_ANCHOR_RECORDS", "AnchorLedger", "Anchorer"]
 log = logging.getLogger(__name__)
 _LEGACY_META = ("epoch", "epoch_link")  # older edges kept the epoch state in the journal
 _warned_legacy: weakref.WeakSet[Journal] = weakref.WeakSet()
-_GENESIS = bytes(32)
 MAX_ANCHOR_RECORDS = MAX_BATCH_RECORDS
 """The contract's ``MAX_BATCH_RECORDS``: a fraud proof decodes every record of a batch, so
 batches stay small enough for one to fit in a transaction."""
@@ -121,24 +128,36 @@ class Anchorer:
         return self._epoch_state().epoch
 
     def _epoch_state(self) -> EpochState:
-        """The epoch state, read once per anchorer (a fresh edge saves epoch 0 first)."""
+        """The epoch state, read once per anchorer. A store that has none yet (a fresh edge, or
+        one older than the sealed state) starts from the journal's last anchored batch: the
+        host could have rewritten that, which is no worse than putting back an old sealed file
+        (see ``_epoch``)."""
         if self._state is None:
             state = self.epoch_store.load()
             if state is None:
-                if self.journal.batch_count:
-                    raise JournalError(
-                        f"the sealed epoch state is missing but the journal has "
-                        f"{self.journal.batch_count} batches: it was deleted (or this journal "
-                        "was written by an edge older than the sealed epoch state); refusing "
-                        "to anchor: restore the sealed file, or move the journal away"
+                state = EpochState(anchored=self._journal_anchored())
+                if state.anchored is not None:
+                    log.warning(
+                        "no epoch state in the store yet: starting it from the journal, whose "
+                        "batch %d is the last anchored (an edge older than the sealed epoch "
+                        "state, or the file was deleted)",
+                        state.anchored.batch_id,
                     )
-                state = EpochState()
                 self.epoch_store.save(state)
             self._state = state
         return self._state
 
+    def _journal_anchored(self) -> AnchoredHead | None:
+        unanchored = set(self.journal.unanchored())
+        for batch_id in reversed(range(self.journal.batch_count)):
+            if batch_id not in unanchored:
+                return AnchoredHead(batch_id, self.journal.batch(batch_id).head)
+        return None
+
     async def sync(self) -> int:
-        """Reconcile journal and chain; return how many anchored batches the chain lost."""
+        """Reconcile journal and chain; return how many batches the journal had as anchored
+        that the chain lacks. Whether the chain lost batches this enclave anchored, and the
+        head the last of them reached, come from the epoch state, not from the journal."""
         current = self._epoch_state()  # first: a missing or unreadable one changes nothing
         state = await self.ledger.edge_state(self.account.address)
         if not state.registered or not getattr(state, "active", True):
@@ -152,21 +171,22 @@ class Anchorer:
         for b in unanchored:  # anchored before a crash let us record it
             if b < k:
                 self.journal.mark_anchored(b, None, None)
-        lost = sorted(set(range(k, n)) - set(unanchored))
-        if lost:
-            reached = self._reached_head(k, bytes(state.head) if k else _GENESIS, lost[-1])
-            old = current.link
-            if old is not None and old.prev_head == reached:  # saved, then a crash: redo it
-                new = EpochState(current.epoch, EpochLink(k, reached, old.prev_epoch))
-            else:
-                new = EpochState(current.epoch + 1, EpochLink(k, reached, current.epoch))
-            log.warning("chain lost %d anchored batches; epoch %d", len(lost), new.epoch)
-            if new != current:  # sealed before the journal changes: see the module docstring
-                await asyncio.to_thread(self.epoch_store.save, new)
-                self._state = new
+        last = current.anchored
+        if last is not None and last.batch_id >= k:  # the chain lost what we anchored
+            on_chain = AnchoredHead(k - 1, bytes(state.head)) if k else None
+            new = EpochState(current.epoch + 1, EpochLink(k, last.head, current.epoch), on_chain)
+            log.warning(
+                "chain lost %d anchored batches; epoch %d", last.batch_id - k + 1, new.epoch
+            )
+            # sealed before the journal changes: a crash in between finds the chain at the
+            # sealed batch next time (no new epoch) and the journal's flags marked below
+            await asyncio.to_thread(self.epoch_store.save, new)
+            self._state = new
+        flagged = sorted(set(range(k, n)) - set(unanchored))
+        if flagged:
             self.journal.mark_unanchored(k)
         self._synced = True
-        return len(lost)
+        return len(flagged)
 
     def due(self) -> bool:
         """True when a batch should close now (size or age)."""
@@ -199,21 +219,6 @@ class Anchorer:
         for batch_id in self.journal.unanchored():
             receipts.append(await self._anchor(self.journal.batch(batch_id)))
         return receipts
-
-    def _reached_head(self, k: int, head: bytes, last: int) -> bytes:
-        """The head batch ``last`` reached, chained from ``head`` (the chain's, before batch
-        ``k``) through the journal's batches: a head changed on disk is refused."""
-        for batch_id in range(k, last + 1):
-            b = self.journal.batch(batch_id)
-            if b.prev_head != head or b.head != chain_head(
-                head, b.root, b.records_hash, b.first_seq, b.count
-            ):
-                raise JournalError(
-                    f"journal batch {batch_id} was changed on disk (its head does not chain "
-                    "from the chain's last head): refusing to start an epoch on it"
-                )
-            head = b.head
-        return head
 
     def _after_link(self, batch_id: int) -> bool:
         """True for a batch re-anchored after this epoch's link: its stored records hash may
@@ -290,6 +295,9 @@ class Anchorer:
         await asyncio.to_thread(
             self.journal.mark_anchored, batch.batch_id, bytes(receipt.tx_hash), receipt.block_number
         )
+        anchored = AnchoredHead(batch.batch_id, bytes(receipt.new_head))
+        self._state = replace(self._epoch_state(), anchored=anchored)
+        await asyncio.to_thread(self.epoch_store.save, self._state)
         self.gas_used += int(receipt.gas_used)
         log.info(
             "anchored batch %d (records %d..%d) in block %d",

@@ -15,9 +15,9 @@ from secure_ci.edge._state import DevSealedStore, PlainSealedStore
 from secure_ci.exceptions import ContractRevertError, JournalError, LedgerError, SecureCIError
 from secure_ci.ledger._anchor import Anchorer
 from secure_ci.ledger._calldata import BatchRecords, decode_batch, encode_batch
-from secure_ci.ledger._epoch import EpochLink, EpochState, SealedEpochStore
+from secure_ci.ledger._epoch import AnchoredHead, EpochLink, EpochState, SealedEpochStore
 from secure_ci.ledger._journal import Journal
-from secure_ci.ledger._merkle import MerkleTree, leaf_hash
+from secure_ci.ledger._merkle import MerkleTree, chain_head, leaf_hash
 from secure_ci.ledger._records import LedgerDomain, keccak256
 from secure_ci.testing import MemoryLedger, sample_tasks
 
@@ -357,16 +357,26 @@ async def test_forged_epoch_link_in_the_journal_meta_is_ignored(
     journal.close()
 
 
-async def test_deleted_or_garbage_sealed_epoch_state_anchors_nothing(tmp_path: Path) -> None:
-    ledger, journal, _ = await _anchored_then_chain_lost(tmp_path)
-    sealed_file = tmp_path / "sealed" / "epoch"
-    await Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path)).sync()
-    for host_does in (sealed_file.unlink, lambda: sealed_file.write_bytes(b"\x00" * 64)):
-        host_does()
+async def test_a_deleted_or_garbage_sealed_epoch_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deleted (or an edge older than the sealed state): started again from the journal, with
+    # a warning, which is no worse than the host putting back an old sealed file.
+    ledger, journal, old_head = await _anchored_then_chain_lost(tmp_path)
+    (tmp_path / "sealed" / "epoch").unlink()
+    with caplog.at_level(logging.WARNING, logger="secure_ci.ledger._anchor"):
         anchorer = Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path))
-        with pytest.raises(SecureCIError, match="sealed"):
-            await anchorer.flush()
-        assert (await ledger.edge_state(EDGE.address)).next_batch_id == 0
+        assert await anchorer.sync() == 3
+    assert any("starting it from the journal" in r.message for r in caplog.records)
+    assert len(await anchorer.flush()) == 3
+    assert decode_batch(await ledger.batch_calldata(EDGE.address, 0)).epoch_link == (old_head, 0)
+    # garbage: refused, nothing anchored
+    ledger.wipe()
+    (tmp_path / "sealed" / "epoch").write_bytes(b"\x00" * 64)
+    anchorer = Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path))
+    with pytest.raises(SecureCIError, match="sealed"):
+        await anchorer.flush()
+    assert (await ledger.edge_state(EDGE.address)).next_batch_id == 0
     # plaintext garbage (a sealed mount that reads back as something else): the parser refuses
     plain = SealedEpochStore(PlainSealedStore(tmp_path / "plain"))
     (tmp_path / "plain").mkdir()
@@ -376,15 +386,33 @@ async def test_deleted_or_garbage_sealed_epoch_state_anchors_nothing(tmp_path: P
     assert (await ledger.edge_state(EDGE.address)).next_batch_id == 0
 
 
-async def test_a_head_changed_on_disk_does_not_start_an_epoch(tmp_path: Path) -> None:
-    ledger, journal, _ = await _anchored_then_chain_lost(tmp_path)
+async def test_a_consistently_rewritten_journal_cannot_steer_the_link(tmp_path: Path) -> None:
+    # The host rewrites the lost batches' rows so they still chain (a forged records hash and
+    # the heads recomputed from it) and clears their anchored flags: the link still names the
+    # head the chain returned for the last batch anchored, which is sealed, and a new epoch
+    # starts all the same.
+    ledger, journal, old_head = await _anchored_then_chain_lost(tmp_path)
     with sqlite3.connect(tmp_path / "edge.db") as conn:
-        conn.execute("UPDATE batches SET head = ? WHERE batch_id = 2", (b"\x66" * 32,))
+        prev = bytes(32)
+        for b in range(3):
+            batch = journal.batch(b)
+            forged = keccak256(b"forged records %d" % b)
+            head = chain_head(prev, batch.root, forged, batch.first_seq, batch.count)
+            conn.execute(
+                "UPDATE batches SET prev_head = ?, head = ?, records_hash = ?, anchored = 0"
+                " WHERE batch_id = ?",
+                (prev, head, forged, b),
+            )
+            prev = head
+    journal.close()
+    journal = Journal.open(tmp_path / "edge.db", edge=journal.edge)
     anchorer = Anchorer(journal, ledger, EDGE, max_records=10, epoch_state=_sealed(tmp_path))
-    with pytest.raises(JournalError, match="batch 2 was changed on disk"):
-        await anchorer.sync()
-    assert anchorer.epoch == 0
-    assert (await ledger.edge_state(EDGE.address)).next_batch_id == 0
+    await anchorer.sync()
+    assert anchorer.epoch == 1
+    assert len(await anchorer.flush()) == 3
+    assert decode_batch(await ledger.batch_calldata(EDGE.address, 0)).epoch_link == (old_head, 0)
+    state = await ledger.edge_state(EDGE.address)
+    assert (state.next_batch_id, state.next_seq) == (3, 30)
 
 
 def _subdir(path: Path) -> Path:
@@ -410,7 +438,8 @@ async def _crash_run(tmp_path: Path, *, crash: str) -> tuple[bytes, list[Any]]:
         decode_batch(await ledger.batch_calldata(EDGE.address, b)).epoch_link for b in range(3)
     ]
     assert links[0] == (old_head, 0)
-    assert _sealed(tmp_path).load() == EpochState(1, EpochLink(0, old_head, 0))
+    after = AnchoredHead(2, bytes(state.head))
+    assert _sealed(tmp_path).load() == EpochState(1, EpochLink(0, old_head, 0), after)
     journal.close()
     return bytes(state.head), links
 

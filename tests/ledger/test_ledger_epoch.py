@@ -16,18 +16,22 @@ from secure_ci.ledger import (
     MemoryEpochStore,
     SealedEpochStore,
 )
-from secure_ci.ledger._epoch import EPOCH_SEALED_NAME
+from secure_ci.ledger._epoch import EPOCH_SEALED_NAME, AnchoredHead
 
 
 @st.composite
 def states(draw: st.DrawFn) -> EpochState:
     epoch = draw(st.integers(0, 2**32 - 1))
+    anchored = draw(
+        st.none()
+        | st.builds(AnchoredHead, st.integers(0, 2**64 - 1), st.binary(min_size=32, max_size=32))
+    )
     if epoch == 0:
-        return EpochState()
+        return EpochState(anchored=anchored)
     link = EpochLink(
         draw(st.integers(0, 2**64 - 1)), draw(st.binary(min_size=32, max_size=32)), epoch - 1
     )
-    return EpochState(epoch, link)
+    return EpochState(epoch, link, anchored)
 
 
 def _decodes_or_refuses(data: bytes) -> None:
@@ -43,7 +47,7 @@ def _decodes_or_refuses(data: bytes) -> None:
 @given(states())
 def test_round_trip(state: EpochState) -> None:
     data = state.encode()
-    assert len(data) == (10 if state.link is None else 54)
+    assert len(data) == 10 + 44 * (state.link is not None) + 40 * (state.anchored is not None)
     assert EpochState.decode(data) == state
 
 
@@ -75,9 +79,10 @@ def test_framing_errors_are_specific() -> None:
         b"\x00" * (1 << 20): "length",  # oversized
         b"XCIE" + good[4:]: "magic",
         good[:4] + b"\x02" + good[5:]: "version",
-        good[:5] + b"\x03" + good[6:]: "flags",
-        good[:5] + b"\x00" + good[6:]: "link flag",
-        EpochState().encode()[:5] + b"\x01" + EpochState().encode()[6:]: "link flag",
+        good[:5] + b"\x05" + good[6:]: "flags",
+        good[:5] + b"\x00" + good[6:]: "flags say 10",
+        good[:5] + b"\x03" + good[6:]: "flags say 94",
+        EpochState().encode()[:5] + b"\x01" + EpochState().encode()[6:]: "flags say 54",
         good[:6] + (0).to_bytes(4, "big") + good[10:]: "iff",  # epoch 0 with a link
         good[:-4] + (1).to_bytes(4, "big"): "previous epoch",
         EpochState().encode()[:6] + (1).to_bytes(4, "big"): "iff",  # epoch 1, no link
@@ -97,6 +102,8 @@ def test_states_are_validated() -> None:
         lambda: EpochLink(2**64, bytes(32), 0),
         lambda: EpochLink(0, bytes(31), 0),
         lambda: EpochLink(0, bytes(32), -1),
+        lambda: AnchoredHead(-1, bytes(32)),
+        lambda: AnchoredHead(0, bytes(33)),
     ):
         with pytest.raises(JournalError):
             bad()
@@ -104,8 +111,8 @@ def test_states_are_validated() -> None:
 
 def test_stores(tmp_path: Path) -> None:
     memory = MemoryEpochStore()
-    assert memory.load() == EpochState()
-    state = EpochState(1, EpochLink(4, b"\x05" * 32, 0))
+    assert memory.load() is None  # like a sealed store that has none yet
+    state = EpochState(1, EpochLink(4, b"\x05" * 32, 0), AnchoredHead(3, b"\x06" * 32))
     memory.save(state)
     assert memory.load() == state
     sealed = SealedEpochStore(DevSealedStore(tmp_path / "dev", b"\x11" * 32))
