@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--indices", default="")
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--window", type=int, default=4)
-    parser.add_argument("--slowdown", type=float, default=20.0)
+    parser.add_argument("--slowdown", type=float, default=100.0)
     parser.add_argument("--deadline-ms", type=float, default=1000.0)
     parser.add_argument("--attempt-cap", type=float, default=2.0)
     parser.add_argument("--resume", action="store_true")

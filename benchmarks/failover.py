@@ -2,7 +2,7 @@
 
 Everything is real: three edge processes (``secure_ci.testing._edge_process``: attested TLS
 1.3, signed requests and results) serving the trained digits CNN's package, each reached
-through its own link shaper (5 ms each way), and one fleet device (``open_device``, 20x
+through its own link shaper (5 ms each way), and one fleet device (``open_device``, 100x
 slowed so that it offloads, split cuts only, a write-ahead journal) running a paced stream
 of held-out digits (``rate`` per second, at most ``window`` in flight). Every output is
 compared with the package's model run here (same class, values within 0.05).

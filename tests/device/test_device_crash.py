@@ -75,7 +75,7 @@ async def test_a_killed_edge_fails_its_task_over_on_connection_lost_before_any_t
             open_device(
                 [s.address for s in shapers], package=package, identity=DeviceIdentity(KEY),
                 policy=policy, collateral=pki.collateral, journal=journal,
-                clock=lambda: float(DEV_NOW), slowdown=20.0, early_exits=False,
+                clock=lambda: float(DEV_NOW), slowdown=100.0, early_exits=False,
                 attempt_floor=HOUR, attempt_cap=HOUR, probe_interval=HOUR,
                 margin=0.9, patience=10**6, jump=0.99,  # the plan stays on its edge
             )

@@ -75,7 +75,7 @@ async def test_tasks_are_planned_and_split_with_the_edges(
 ) -> None:
     xs = _samples(12)
     async with _device(
-        [e.address for e in edges], package, slowdown=20.0, probe_interval=0.1
+        [e.address for e in edges], package, slowdown=100.0, probe_interval=0.1
     ) as device:
         await device.wait_ready()
         assert sorted(device.healthy()) == sorted(e.address for e in edges)
@@ -108,7 +108,7 @@ async def test_a_killed_edge_is_failed_over_without_recomputing_the_head(
     xs = _samples(40)
     with DeviceJournal.open(tmp_path / "device.db") as journal:
         async with _device(
-            [e.address for e in edges], package, slowdown=20.0, journal=journal
+            [e.address for e in edges], package, slowdown=100.0, journal=journal
         ) as device:
             await device.wait_ready()
             first = await device.infer_many(xs[:10], max_in_flight=4)
@@ -144,7 +144,7 @@ async def test_a_hung_edge_times_out_and_its_tasks_go_elsewhere(
 ) -> None:
     xs = _samples(16)
     async with _device(
-        [e.address for e in edges], package, slowdown=20.0, attempt_cap=2.0,
+        [e.address for e in edges], package, slowdown=100.0, attempt_cap=2.0,
         margin=0.9, patience=10**6, jump=0.99,  # the plan stays on its edge unless it breaks
     ) as device:  # fmt: skip
         await device.wait_ready()
@@ -171,7 +171,7 @@ async def test_with_every_edge_hung_the_tail_runs_here_on_the_same_features(
     edges: list[EdgeProcess], package: ModelPackage
 ) -> None:
     xs = _samples(4)
-    async with _device([e.address for e in edges], package, slowdown=20.0) as device:
+    async with _device([e.address for e in edges], package, slowdown=100.0) as device:
         await device.wait_ready()
         await device.infer(xs[0])
         for e in edges:
@@ -204,7 +204,7 @@ async def test_a_device_killed_mid_task_resumes_from_its_journal(
         keys = [journal.begin(encode_features((x,), "float32"), bytes(32), 0.0) for x in xs]
     with DeviceJournal.open(tmp_path / "device.db") as journal:
         async with _device(
-            [e.address for e in edges], package, slowdown=20.0, journal=journal
+            [e.address for e in edges], package, slowdown=100.0, journal=journal
         ) as device:
             await device.wait_ready()
             resumed = await device.resume()
@@ -344,7 +344,7 @@ async def test_a_lying_edge_is_caught_and_its_tasks_go_to_an_honest_one(
     xs = _samples(8)
     try:
         async with _device(
-            [liar.address, honest.address], package, slowdown=20.0, cuts=[0]
+            [liar.address, honest.address], package, slowdown=100.0, cuts=[0]
         ) as fleet:
             await fleet.wait_ready()
             outputs = await fleet.infer_many(xs, max_in_flight=2)
