@@ -37,6 +37,7 @@ from secure_ci.ledger._connect import (
 )
 from secure_ci.ledger._deployment import Deployment
 from secure_ci.ledger._epoch import (
+    AnchoredHead,
     EpochLink,
     EpochState,
     EpochStore,
@@ -83,6 +84,7 @@ __all__ = [
     "RELEASE_MEASUREMENT",
     "RELEASE_MODEL",
     "AnchorReceipt",
+    "AnchoredHead",
     "AnchoredRecord",
     "Anchorer",
     "AnvilNode",

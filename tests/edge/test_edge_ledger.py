@@ -45,6 +45,7 @@ from secure_ci.exceptions import (
     RemoteProtocolError,
 )
 from secure_ci.ledger import (
+    AnchoredHead,
     AnvilNode,
     AuditIndex,
     EpochState,
@@ -421,13 +422,15 @@ async def test_edge_registers_admits_registered_devices_and_anchors(
             assert await _refused(edge.port, late, enclave, chain) == ErrorCode.UNAUTHORIZED
         tasks = len(xs) + 1
         assert isinstance(on_chain.epoch_store, SealedEpochStore)
-        assert SealedEpochStore(sealed).load() == EpochState()  # sealed at the first sync
+        epoch_state = SealedEpochStore(sealed).load()  # sealed at the first sync, then per batch
         assert journal.next_seq == tasks
         assert journal.pending == 0
         assert not journal.unanchored()
     state = await chain.ledger.edge_state(identity.address_text)
     assert state.registered
     assert state.next_seq == tasks
+    last_anchored = AnchoredHead(state.next_batch_id - 1, bytes(state.head))
+    assert epoch_state == EpochState(anchored=last_anchored)
     info = await chain.ledger.edge_info(identity.address_text)
     assert (info.party_id, info.quote_id, info.endpoint) == (
         chain.party, identity.quote_id, "edge.test:7443"
